@@ -1,0 +1,192 @@
+"""Box-op timings beside torchvision's, measured in the same run on the same inputs.
+
+    python experiments/bench_ops.py [--repeats 30]
+
+Prints one row per case: frcnn_jax's median time (jitted, after compilation), torchvision's median
+time, their ratio (lower is better for us), frcnn_jax's compile time, and whether both kept the
+same result. Timings are wall-clock medians on this machine; rerun both sides together when
+comparing machines.
+"""
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from frcnn_jax import ops
+
+
+def median_ms(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def compile_s(fn, *args):
+    """Trace + compile time of `fn` on a fresh `jax.jit` (nothing cached from earlier calls)."""
+    start = time.perf_counter()
+    jax.jit(fn).lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def spread_boxes(rng, n, image=1000.0):
+    """Small boxes all over the image: most survive NMS at 0.7 (like early RPN proposals)."""
+    xy = rng.uniform(0, image, (n, 2))
+    wh = rng.uniform(8, 64, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+def overlapping_boxes(rng, n, num_objects=150, image=1000.0):
+    """Boxes piled on a few objects: far fewer than 2000 survive NMS at 0.7."""
+    corners = rng.uniform(0, image, (num_objects, 2))
+    sizes = rng.uniform(32, 300, (num_objects, 2))
+    which = rng.integers(0, num_objects, n)
+    centre = corners[which] + sizes[which] / 2 + rng.normal(0, 4, (n, 2))
+    wh = sizes[which] * rng.uniform(0.85, 1.15, (n, 2))
+    return np.concatenate([centre - wh / 2, centre + wh / 2], 1).astype(np.float32)
+
+
+def nms_case(boxes, scores, *, threshold, max_output, repeats):
+    op = functools.partial(ops.nms, iou_threshold=threshold, max_output_size=max_output)
+    jb, js = jnp.asarray(boxes), jnp.asarray(scores)
+    compiled = compile_s(op, jb, js)
+    fn = jax.jit(op)
+    ours = fn(jb, js)
+    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+    theirs = torchvision.ops.nms(tb, ts, threshold)[:max_output].numpy()
+    same = np.array_equal(np.asarray(ours.indices)[np.asarray(ours.valid)], theirs)
+    return (
+        median_ms(lambda: jax.block_until_ready(fn(jb, js)), repeats),
+        median_ms(lambda: torchvision.ops.nms(tb, ts, threshold)[:max_output], repeats),
+        compiled,
+        same,
+        f"{len(torchvision.ops.nms(tb, ts, threshold))} of {len(boxes)} survive",
+    )
+
+
+def batched_images_case(boxes, scores, *, threshold, max_output, repeats):
+    op = jax.vmap(functools.partial(ops.nms, iou_threshold=threshold, max_output_size=max_output))
+    jb, js = jnp.asarray(boxes), jnp.asarray(scores)
+    compiled = compile_s(op, jb, js)
+    fn = jax.jit(op)
+    ours = fn(jb, js)
+    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+
+    def torchvision_fn():
+        return [torchvision.ops.nms(tb[i], ts[i], threshold)[:max_output] for i in range(len(tb))]
+
+    same = all(
+        np.array_equal(np.asarray(ours.indices[i])[np.asarray(ours.valid[i])], kept.numpy())
+        for i, kept in enumerate(torchvision_fn())
+    )
+    return (
+        median_ms(lambda: jax.block_until_ready(fn(jb, js)), repeats),
+        median_ms(torchvision_fn, repeats),
+        compiled,
+        same,
+        f"{len(boxes)} images",
+    )
+
+
+def sampling_case(rng, repeats):
+    num_anchors = 38 * 63 * 9  # VGG-16 at 600 x 1000
+    labels = rng.choice([-1, 0, 1], size=num_anchors, p=[0.6, 0.398, 0.002])
+    positive, negative = jnp.asarray(labels == 1), jnp.asarray(labels == 0)
+    op = functools.partial(ops.sample_balanced, num_samples=256, positive_fraction=0.5)
+    key = jax.random.key(0)
+    compiled = compile_s(op, key, positive, negative)
+    fn = jax.jit(op)
+    ours = fn(key, positive, negative)
+    sampler = BalancedPositiveNegativeSampler(256, 0.5)
+    tl = [torch.from_numpy(labels)]
+    (pos_mask,), (neg_mask,) = sampler(tl)
+    same_counts = int(ours.valid.sum()) == int(pos_mask.sum() + neg_mask.sum())
+    return (
+        median_ms(lambda: jax.block_until_ready(fn(key, positive, negative)), repeats),
+        median_ms(lambda: sampler(tl), repeats),
+        compiled,
+        same_counts,
+        f"{num_anchors} anchors, random draws: counts compared",
+    )
+
+
+def iou_case(rng, repeats):
+    boxes1, boxes2 = spread_boxes(rng, 20000), overlapping_boxes(rng, 100)
+    j1, j2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
+    compiled = compile_s(ops.pairwise_iou, j1, j2)
+    fn = jax.jit(ops.pairwise_iou)
+    t1, t2 = torch.from_numpy(boxes1), torch.from_numpy(boxes2)
+    same = np.allclose(fn(j1, j2), torchvision.ops.box_iou(t1, t2).numpy(), atol=1e-6)
+    return (
+        median_ms(lambda: jax.block_until_ready(fn(j1, j2)), repeats),
+        median_ms(lambda: torchvision.ops.box_iou(t1, t2), repeats),
+        compiled,
+        same,
+        "20000 x 100",
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+
+    def scores(*shape):
+        return rng.permutation(int(np.prod(shape))).reshape(shape).astype(np.float32)
+
+    cases = {
+        "nms 12000->2000 @0.7, spread": lambda: nms_case(
+            spread_boxes(rng, 12000),
+            scores(12000),
+            threshold=0.7,
+            max_output=2000,
+            repeats=args.repeats,
+        ),
+        "nms 12000->2000 @0.7, heavy overlap": lambda: nms_case(
+            overlapping_boxes(rng, 12000),
+            scores(12000),
+            threshold=0.7,
+            max_output=2000,
+            repeats=args.repeats,
+        ),
+        "nms 6000->300 @0.7, 2 images (vmap)": lambda: batched_images_case(
+            np.stack([spread_boxes(rng, 6000), overlapping_boxes(rng, 6000)]),
+            scores(2, 6000),
+            threshold=0.7,
+            max_output=300,
+            repeats=args.repeats,
+        ),
+        "sample_balanced 256 of ~20k anchors": lambda: sampling_case(rng, args.repeats),
+        "pairwise_iou 20k x 100": lambda: iou_case(rng, args.repeats),
+    }
+    print(
+        f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, torchvision {torchvision.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(f"| {'case':<38} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
+    print(f"|{'-' * 40}|-------------:|---------------:|------:|----------:|:----:|------")
+    for name, case in cases.items():
+        ours, theirs, compiled, same, note = case()
+        print(
+            f"| {name:<38} | {ours:12.3f} | {theirs:14.3f} | {ours / theirs:5.3f} | "
+            f"{compiled:9.2f} | {'yes' if same else 'NO':^4} | {note}"
+        )
+
+
+if __name__ == "__main__":
+    main()
