@@ -55,3 +55,12 @@ def test_demo_rejects_unknown_config_field():
     )
     assert result.returncode != 0
     assert "no_such_field" in result.stderr
+
+
+def test_readme_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["proposals"].shape == (2000, 4)
+    assert int(namespace["kept"].valid.sum()) == 2000

@@ -102,7 +102,7 @@ def _tiled_nms(boxes, scores, classes, valid, *, iou_threshold, max_output_size)
     _checks.check_non_negative_int("max_output_size", max_output_size)
     _checks.check_unit_interval("iou_threshold", iou_threshold)
 
-    num_boxes = boxes.shape[0]
+    num_boxes = _checks.shape_of(boxes)[0]
     if num_boxes == 0 or max_output_size == 0:
         return NMSResult(
             jnp.zeros((max_output_size,), jnp.int32), jnp.zeros((max_output_size,), bool)
