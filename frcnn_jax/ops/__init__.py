@@ -18,6 +18,7 @@ from frcnn_jax.ops.boxes import (
 from frcnn_jax.ops.coding import decode_boxes, encode_boxes
 from frcnn_jax.ops.matching import IGNORE, NEGATIVE, POSITIVE, MatchResult, match_boxes
 from frcnn_jax.ops.nms import NMSResult, batched_nms, nms
+from frcnn_jax.ops.roi import map_levels, multilevel_roi_align, roi_align, roi_pool
 from frcnn_jax.ops.sampling import SampleResult, sample_balanced
 
 __all__ = [
@@ -37,10 +38,14 @@ __all__ = [
     "decode_boxes",
     "encode_boxes",
     "legacy_base_anchors",
+    "map_levels",
     "match_boxes",
+    "multilevel_roi_align",
     "nms",
     "normalized_yxyx_to_xyxy",
     "pairwise_iou",
+    "roi_align",
+    "roi_pool",
     "sample_balanced",
     "xyxy_to_cxcywh",
     "xyxy_to_normalized_yxyx",
