@@ -1,6 +1,6 @@
 """Box-op timings beside torchvision's, measured in the same run on the same inputs.
 
-    python experiments/bench_ops.py [--repeats 30]
+    python experiments/bench_ops.py [--repeats 30] [--only nms,roi]
 
 Prints one row per case: frcnn_jax's median time (jitted, after compilation), torchvision's median
 time, their ratio (lower is better for us), frcnn_jax's compile time, and whether both kept the
@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
@@ -139,9 +140,105 @@ def iou_case(rng, repeats):
     )
 
 
+def proposals(rng, n, image_hw):
+    """RPN-like RoIs inside the image: corners anywhere, sides from 16 px to 60% of the image."""
+    height, width = image_hw
+    xy = rng.uniform(0, 1, (n, 2)) * [width, height]
+    wh = np.exp(rng.uniform(np.log(16), np.log(0.6 * min(height, width)), (n, 2)))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+
+
+def roi_case(jax_op, torch_op, features, boxes, *, repeats, atol):
+    """Forward and forward+backward (a given output cotangent, as in training) of a RoI op."""
+    rng = np.random.default_rng(1)
+    jf, jb = jax.tree.map(jnp.asarray, (features, boxes))
+    compiled = compile_s(jax_op, jf, jb)
+    forward = jax.jit(jax_op)
+    out = forward(jf, jb)
+    cotangent = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    backward = jax.jit(lambda f, b, g: jax.vjp(lambda x: jax_op(x, b), f)[1](g)[0])
+
+    tf = jax.tree.map(lambda f: torch.from_numpy(np.array(f)).permute(2, 0, 1)[None], features)
+    tb = [torch.from_numpy(boxes)]
+    tg = torch.from_numpy(np.array(cotangent)).permute(0, 3, 1, 2).contiguous()
+    same = np.abs(np.asarray(out) - torch_op(tf, tb).permute(0, 2, 3, 1).numpy()).max() <= atol
+
+    def torch_forward_backward():
+        leaves = tf if isinstance(tf, list) else [tf]
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+            leaf.grad = None
+        torch_op(tf, tb).backward(tg)
+
+    jax_fwd = median_ms(lambda: jax.block_until_ready(forward(jf, jb)), repeats)
+    jax_both = median_ms(lambda: jax.block_until_ready(backward(jf, jb, cotangent)), repeats)
+    with torch.no_grad():
+        torch_fwd = median_ms(lambda: torch_op(tf, tb), repeats)
+    torch_both = median_ms(torch_forward_backward, repeats)
+    return [
+        (jax_fwd, torch_fwd, compiled, same, "forward"),
+        (jax_both, torch_both, compiled, same, "forward + backward"),
+    ]
+
+
+def vgg_roi_cases(rng, repeats):
+    """512 RoIs on VGG-16's conv5_3 at 600 x 1000: [38, 63, 512], stride 16."""
+    features = rng.normal(size=(38, 63, 512)).astype(np.float32)
+    boxes = proposals(rng, 512, (600, 1000))
+    align = functools.partial(
+        ops.roi_align, output_size=7, spatial_scale=1 / 16, sampling_ratio=2, aligned=False
+    )
+    pool = functools.partial(ops.roi_pool, output_size=7, spatial_scale=1 / 16)
+    rows = {}
+    for name, jax_op, torch_op, atol, note in (
+        (
+            "roi_align 512 RoIs, VGG-16 map",
+            align,
+            lambda f, b: torchvision.ops.roi_align(f, b, 7, 1 / 16, 2, False),
+            1e-4,
+            "[38, 63, 512], 7x7, sampling 2",
+        ),
+        (
+            "roi_pool 512 RoIs, VGG-16 map",
+            pool,
+            lambda f, b: torchvision.ops.roi_pool(f, b, 7, 1 / 16),
+            0.0,
+            "[38, 63, 512], 7x7, same = bit for bit",
+        ),
+    ):
+        for row in roi_case(jax_op, torch_op, features, boxes, repeats=repeats, atol=atol):
+            rows[f"{name}, {row[-1]}"] = (*row[:-1], note)
+    return rows
+
+
+def fpn_roi_cases(rng, repeats):
+    """512 RoIs over R50-FPN's P2-P5 at 800 x 1333 (padded to 800 x 1344), 256 channels."""
+    strides = (4, 8, 16, 32)
+    features = [rng.normal(size=(800 // s, 1344 // s, 256)).astype(np.float32) for s in strides]
+    boxes = proposals(rng, 512, (800, 1333))
+    jax_op = functools.partial(
+        ops.multilevel_roi_align,
+        output_size=7,
+        spatial_scales=[1 / s for s in strides],
+        sampling_ratio=2,
+        aligned=False,
+    )
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+
+    def torch_op(maps, b):
+        return pooler(OrderedDict((str(i), m) for i, m in enumerate(maps)), b, [(800, 1344)])
+
+    rows = {}
+    for row in roi_case(jax_op, torch_op, features, boxes, repeats=repeats, atol=1e-4):
+        rows[f"multilevel_roi_align 512 RoIs, FPN, {row[-1]}"] = (*row[:-1], "P2-P5, 256 ch")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", default="", help="comma-separated groups: nms,sampling,iou,roi")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 
@@ -149,43 +246,49 @@ def main():
         return rng.permutation(int(np.prod(shape))).reshape(shape).astype(np.float32)
 
     cases = {
-        "nms 12000->2000 @0.7, spread": lambda: nms_case(
-            spread_boxes(rng, 12000),
-            scores(12000),
-            threshold=0.7,
-            max_output=2000,
-            repeats=args.repeats,
-        ),
-        "nms 12000->2000 @0.7, heavy overlap": lambda: nms_case(
-            overlapping_boxes(rng, 12000),
-            scores(12000),
-            threshold=0.7,
-            max_output=2000,
-            repeats=args.repeats,
-        ),
-        "nms 6000->300 @0.7, 2 images (vmap)": lambda: batched_images_case(
-            np.stack([spread_boxes(rng, 6000), overlapping_boxes(rng, 6000)]),
-            scores(2, 6000),
-            threshold=0.7,
-            max_output=300,
-            repeats=args.repeats,
-        ),
-        "sample_balanced 256 of ~20k anchors": lambda: sampling_case(rng, args.repeats),
-        "pairwise_iou 20k x 100": lambda: iou_case(rng, args.repeats),
+        "nms": lambda: {
+            "nms 12000->2000 @0.7, spread": nms_case(
+                spread_boxes(rng, 12000),
+                scores(12000),
+                threshold=0.7,
+                max_output=2000,
+                repeats=args.repeats,
+            ),
+            "nms 12000->2000 @0.7, heavy overlap": nms_case(
+                overlapping_boxes(rng, 12000),
+                scores(12000),
+                threshold=0.7,
+                max_output=2000,
+                repeats=args.repeats,
+            ),
+            "nms 6000->300 @0.7, 2 images (vmap)": batched_images_case(
+                np.stack([spread_boxes(rng, 6000), overlapping_boxes(rng, 6000)]),
+                scores(2, 6000),
+                threshold=0.7,
+                max_output=300,
+                repeats=args.repeats,
+            ),
+        },
+        "sampling": lambda: {
+            "sample_balanced 256 of ~20k anchors": sampling_case(rng, args.repeats)
+        },
+        "iou": lambda: {"pairwise_iou 20k x 100": iou_case(rng, args.repeats)},
+        "roi": lambda: {**vgg_roi_cases(rng, args.repeats), **fpn_roi_cases(rng, args.repeats)},
     }
+    selected = args.only.split(",") if args.only else list(cases)
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads, torchvision {torchvision.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
-    print(f"| {'case':<38} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
-    print(f"|{'-' * 40}|-------------:|---------------:|------:|----------:|:----:|------")
-    for name, case in cases.items():
-        ours, theirs, compiled, same, note = case()
-        print(
-            f"| {name:<38} | {ours:12.3f} | {theirs:14.3f} | {ours / theirs:5.3f} | "
-            f"{compiled:9.2f} | {'yes' if same else 'NO':^4} | {note}"
-        )
+    print(f"| {'case':<52} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
+    print(f"|{'-' * 54}|-------------:|---------------:|------:|----------:|:----:|------")
+    for group in selected:
+        for name, (ours, theirs, compiled, same, note) in cases[group]().items():
+            print(
+                f"| {name:<52} | {ours:12.3f} | {theirs:14.3f} | {ours / theirs:5.3f} | "
+                f"{compiled:9.2f} | {'yes' if same else 'NO':^4} | {note}"
+            )
 
 
 if __name__ == "__main__":
