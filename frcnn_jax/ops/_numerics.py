@@ -20,6 +20,11 @@ def rounded(x):
 
 
 def true_divide(x, divisor):
-    """x / divisor as a real division, even when `divisor` is a compile-time constant."""
-    divisor = jnp.broadcast_to(jnp.asarray(divisor, x.dtype), jnp.shape(x))
-    return x / jax.lax.optimization_barrier(divisor)
+    """x / divisor as a real division, even when `divisor` is a compile-time constant.
+
+    The divisor is made to depend on `x` (`divisor + 0 * x`, which IEEE arithmetic forbids
+    folding: 0 * inf is NaN), so no compiler pass can prove it constant, under jit or vmap.
+    Where x is inf or NaN the result is NaN.
+    """
+    x = jnp.asarray(x)
+    return x / (jnp.asarray(divisor, x.dtype) + 0 * x)

@@ -358,3 +358,32 @@ def test_bad_input_is_named():
             sampling_ratio=2,
             aligned=True,
         )
+
+
+def test_roi_pool_vmap_bfloat16_and_gradient_under_vmap():
+    rng = np.random.default_rng(10)
+    features = rng.normal(size=(2, 20, 30, 4)).astype(np.float32)
+    boxes = np.stack([adversarial_boxes(rng, 12, image=(320, 480)) for _ in range(2)])
+    pool = jax.vmap(functools.partial(ops.roi_pool, output_size=3, spatial_scale=1 / 16))
+    out = jax.jit(pool)(features, boxes)
+    for i in range(2):
+        want = torchvision.ops.roi_pool(nchw(features[i]), [torch.from_numpy(boxes[i])], 3, 1 / 16)
+        np.testing.assert_array_equal(out[i], want.permute(0, 2, 3, 1).numpy())
+    # bfloat16: the maximum of bfloat16 values is one of them, so pooling commutes with the cast.
+    low = jax.jit(pool)(jnp.asarray(features, jnp.bfloat16), boxes)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(low, jnp.asarray(out, jnp.bfloat16))
+    # Gradients through vmap sum to the number of non-empty bins (each routes 1 to one pixel).
+    grads = jax.grad(lambda f: jnp.sum(pool(f, boxes)))(features)
+    nonempty = sum(
+        int(
+            (
+                torchvision.ops.roi_pool(
+                    nchw(features[i]) * 0 + 1, [torch.from_numpy(boxes[i])], 3, 1 / 16
+                )
+                != 0
+            ).sum()
+        )
+        for i in range(2)
+    )
+    assert float(jnp.sum(grads)) == nonempty
