@@ -209,7 +209,9 @@ def _tiled_nms(boxes, scores, classes, valid, *, iou_threshold, max_output_size)
 
     def more_tiles(state):
         tile_index, num_kept = state[:2]
-        return (tile_index < num_tiles) & (num_kept < max_output_size)
+        # Invalid boxes sort last: a tile that starts with one holds nothing to keep.
+        first_valid = s_valid[jnp.minimum(tile_index, num_tiles - 1) * tile]
+        return (tile_index < num_tiles) & (num_kept < max_output_size) & first_valid
 
     # The kept boxes, in the same (coords, area, classes) layout as a tile. (Loading the chunk
     # after the last one clamps to the buffer's end; that chunk is never used.)

@@ -1,0 +1,52 @@
+import functools
+
+import jax
+import numpy as np
+import torch
+from torchvision.models.detection.roi_heads import RoIHeads
+
+from frcnn_jax import postprocess
+from tests.ops.helpers import random_boxes
+
+
+def test_detect_equals_torchvision_postprocess_detections():
+    rng = np.random.default_rng(0)
+    num, classes = 300, 6
+    proposals = random_boxes(rng, num, size=400, min_side=8, max_side=150)
+    logits = (rng.normal(size=(num, classes + 1)) * 2.5).astype(np.float32)
+    deltas = rng.normal(0, 0.5, (num, classes + 1, 4)).astype(np.float32)
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
+    (boxes,), (scores,), (labels,) = heads.postprocess_detections(
+        torch.from_numpy(logits),
+        torch.from_numpy(deltas.reshape(num, -1)),
+        [torch.from_numpy(proposals)],
+        [(420, 500)],
+    )
+    got = jax.jit(
+        functools.partial(postprocess.detect, image_height=420, image_width=500, nms_threshold=0.5)
+    )(logits, deltas, proposals, np.ones(num, bool))
+    count = int(np.asarray(got.valid).sum())
+    assert count == len(scores) == 100  # enough candidates to fill every slot
+    np.testing.assert_array_equal(got.classes[:count], labels.numpy())
+    np.testing.assert_allclose(got.scores[:count], scores.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got.boxes[:count], boxes.numpy(), atol=1e-3)
+
+
+def test_detect_scales_to_original_pixels_and_pads():
+    proposals = np.array([[10, 10, 50, 50], [0, 0, 0, 0]], np.float32)
+    logits = np.array([[0.0, 9.0, 0.0], [0.0, 9.0, 0.0]], np.float32)
+    deltas = np.zeros((2, 2, 4), np.float32)  # classes 1..K layout
+    got = postprocess.detect(
+        logits,
+        deltas,
+        proposals,
+        np.array([True, False]),
+        image_height=100,
+        image_width=100,
+        scale=2.0,
+        max_detections=3,
+    )
+    np.testing.assert_array_equal(got.valid, [True, False, False])
+    np.testing.assert_allclose(got.boxes[0], [5, 5, 25, 25])  # back to original pixels
+    np.testing.assert_array_equal(got.classes, [1, 0, 0])
+    assert not np.asarray(got.boxes[1:]).any()
