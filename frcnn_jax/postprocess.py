@@ -20,8 +20,18 @@ class Detections(NamedTuple):
 
 
 def detect(
-    class_logits, box_deltas, proposals, proposal_valid, *, image_height, image_width,
-    scale=1.0, score_threshold=0.05, nms_threshold=0.3, max_detections=100, min_size=1e-2,
+    class_logits,
+    box_deltas,
+    proposals,
+    proposal_valid,
+    *,
+    image_height,
+    image_width,
+    scale=1.0,
+    score_threshold=0.05,
+    nms_threshold=0.3,
+    max_detections=100,
+    min_size=1e-2,
     pre_nms_top_n=None,
 ):
     """Detections of one image: torchvision's `RoIHeads.postprocess_detections` semantics.
@@ -63,7 +73,11 @@ def detect(
         _, top = jax.lax.top_k(jnp.where(valid, scores, -1.0), pre_nms_top_n)
         boxes, scores, classes, valid = boxes[top], scores[top], classes[top], valid[top]
     kept = ops.batched_nms(
-        boxes, scores, classes, iou_threshold=nms_threshold, max_output_size=max_detections,
+        boxes,
+        scores,
+        classes,
+        iou_threshold=nms_threshold,
+        max_output_size=max_detections,
         valid=valid,
     )
     mask = kept.valid

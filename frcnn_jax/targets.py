@@ -29,8 +29,9 @@ class Proposals(NamedTuple):
     valid: jax.Array
 
 
-def _select_proposals(boxes, scores, levels, *, image_height, image_width, post_nms_top_n,
-                      nms_threshold, min_size):
+def _select_proposals(
+    boxes, scores, levels, *, image_height, image_width, post_nms_top_n, nms_threshold, min_size
+):
     """Clip, mask small boxes, NMS (per level when `levels` is given), keep the best P."""
     boxes = ops.clip_boxes(boxes, height=image_height, width=image_width)
     sides = boxes[:, 2:] - boxes[:, :2]
@@ -38,12 +39,19 @@ def _select_proposals(boxes, scores, levels, *, image_height, image_width, post_
     valid = large_enough & jnp.isfinite(scores)
     if levels is None:
         kept = ops.nms(
-            boxes, scores, iou_threshold=nms_threshold, max_output_size=post_nms_top_n,
+            boxes,
+            scores,
+            iou_threshold=nms_threshold,
+            max_output_size=post_nms_top_n,
             valid=valid,
         )
     else:
         kept = ops.batched_nms(
-            boxes, scores, levels, iou_threshold=nms_threshold, max_output_size=post_nms_top_n,
+            boxes,
+            scores,
+            levels,
+            iou_threshold=nms_threshold,
+            max_output_size=post_nms_top_n,
             valid=valid,
         )
     return Proposals(
@@ -54,8 +62,16 @@ def _select_proposals(boxes, scores, levels, *, image_height, image_width, post_
 
 
 def generate_proposals(
-    objectness, deltas, anchors, *, image_height, image_width, pre_nms_top_n, post_nms_top_n,
-    nms_threshold=0.7, min_size=0.0,
+    objectness,
+    deltas,
+    anchors,
+    *,
+    image_height,
+    image_width,
+    pre_nms_top_n,
+    post_nms_top_n,
+    nms_threshold=0.7,
+    min_size=0.0,
 ):
     """RPN proposals from one feature level (the paper: 12000 -> NMS 0.7 -> 2000 when training,
     6000 -> 300 when testing).
@@ -79,14 +95,28 @@ def generate_proposals(
     top_scores, top = jax.lax.top_k(objectness, min(pre_nms_top_n, objectness.shape[0]))
     boxes = ops.decode_boxes(deltas[top], anchors[top], weights=RPN_BOX_WEIGHTS)
     return _select_proposals(
-        boxes, top_scores, None, image_height=image_height, image_width=image_width,
-        post_nms_top_n=post_nms_top_n, nms_threshold=nms_threshold, min_size=min_size,
+        boxes,
+        top_scores,
+        None,
+        image_height=image_height,
+        image_width=image_width,
+        post_nms_top_n=post_nms_top_n,
+        nms_threshold=nms_threshold,
+        min_size=min_size,
     )
 
 
 def generate_multilevel_proposals(
-    objectness: Sequence, deltas: Sequence, anchors: Sequence, *, image_height, image_width,
-    pre_nms_top_n, post_nms_top_n, nms_threshold=0.7, min_size=0.0,
+    objectness: Sequence,
+    deltas: Sequence,
+    anchors: Sequence,
+    *,
+    image_height,
+    image_width,
+    pre_nms_top_n,
+    post_nms_top_n,
+    nms_threshold=0.7,
+    min_size=0.0,
 ):
     """FPN proposals: top `pre_nms_top_n` per level, NMS within each level, best P overall.
 
@@ -102,9 +132,14 @@ def generate_multilevel_proposals(
         scores.append(top_scores)
         levels.append(jnp.full(top.shape, level, jnp.int32))
     return _select_proposals(
-        jnp.concatenate(boxes), jnp.concatenate(scores), jnp.concatenate(levels),
-        image_height=image_height, image_width=image_width, post_nms_top_n=post_nms_top_n,
-        nms_threshold=nms_threshold, min_size=min_size,
+        jnp.concatenate(boxes),
+        jnp.concatenate(scores),
+        jnp.concatenate(levels),
+        image_height=image_height,
+        image_width=image_width,
+        post_nms_top_n=post_nms_top_n,
+        nms_threshold=nms_threshold,
+        min_size=min_size,
     )
 
 
@@ -118,8 +153,18 @@ class RPNTargets(NamedTuple):
 
 
 def rpn_targets(
-    key, anchors, gt_boxes, gt_valid, *, image_height, image_width, positive_iou=0.7,
-    negative_iou=0.3, batch_size=256, positive_fraction=0.5, allowed_border=0.0,
+    key,
+    anchors,
+    gt_boxes,
+    gt_valid,
+    *,
+    image_height,
+    image_width,
+    positive_iou=0.7,
+    negative_iou=0.3,
+    batch_size=256,
+    positive_fraction=0.5,
+    allowed_border=0.0,
 ):
     """The RPN's training targets for one image (the paper's section 3.1.2 and 3.1.3).
 
@@ -140,7 +185,10 @@ def rpn_targets(
     gt_valid = gt_valid & (ops.box_area(gt_boxes) > 0)  # degenerate boxes never match
     iou = ops.pairwise_iou(anchors, gt_boxes)  # [A, G]
     match = ops.match_boxes(
-        iou, gt_valid, high_threshold=positive_iou, low_threshold=negative_iou,
+        iou,
+        gt_valid,
+        high_threshold=positive_iou,
+        low_threshold=negative_iou,
         allow_low_quality=True,
     )
     usable = jnp.ones(anchors.shape[0], bool)
@@ -163,17 +211,28 @@ def rpn_targets(
 class RoITargets(NamedTuple):
     """rois float32 [R, 4] sampled boxes; classes int32 [R] 1..K foreground, 0 background;
     box_targets float32 [R, 4] deltas (weights 10, 10, 5, 5) to the matched ground truth, zeros
-    for background; valid bool [R] (padding when too few candidates)."""
+    for background; valid bool [R] (padding when too few candidates); sources int32 [R] the
+    row of each RoI in concat(proposals, gt_boxes), to re-gather it differentiably."""
 
     rois: jax.Array
     classes: jax.Array
     box_targets: jax.Array
     valid: jax.Array
+    sources: jax.Array | None = None
 
 
 def sample_proposals(
-    key, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, *, batch_size=128,
-    positive_fraction=0.25, foreground_iou=0.5, background_iou=(0.1, 0.5),
+    key,
+    proposals,
+    proposal_valid,
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    *,
+    batch_size=128,
+    positive_fraction=0.25,
+    foreground_iou=0.5,
+    background_iou=(0.1, 0.5),
 ):
     """Fast R-CNN's RoI sampling for one image (the paper: 128 RoIs, 25% foreground).
 
@@ -195,15 +254,16 @@ def sample_proposals(
     candidate_valid = jnp.concatenate([proposal_valid, gt_valid])
     iou = ops.pairwise_iou(candidates, gt_boxes)  # [P + G, G]
     match = ops.match_boxes(
-        iou, gt_valid, high_threshold=foreground_iou, low_threshold=foreground_iou,
+        iou,
+        gt_valid,
+        high_threshold=foreground_iou,
+        low_threshold=foreground_iou,
         allow_low_quality=False,
     )
     best_iou = jnp.max(jnp.where(gt_valid[None, :], iou, 0.0), axis=1, initial=0.0)
     low, high = background_iou
     foreground = candidate_valid & (match.labels == ops.POSITIVE)
-    background = (
-        candidate_valid & (best_iou < high) & ((best_iou >= low) | ~jnp.any(gt_valid))
-    )
+    background = candidate_valid & (best_iou < high) & ((best_iou >= low) | ~jnp.any(gt_valid))
     sample = ops.sample_balanced(
         key, foreground, background, num_samples=batch_size, positive_fraction=positive_fraction
     )
@@ -217,4 +277,5 @@ def sample_proposals(
         classes=classes,
         box_targets=jnp.where(is_foreground[:, None], deltas, 0.0),
         valid=sample.valid,
+        sources=sample.indices,
     )

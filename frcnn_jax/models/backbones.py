@@ -1,0 +1,78 @@
+"""Backbones: images [B, H, W, 3] (already normalized) -> a feature map [B, H/s, W/s, C].
+
+Each backbone states its `stride` and output `channels`, and names its layers like the
+reference so weights can later be imported (VGG-16: torchvision's `vgg16().features`).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def _max_pool(x, *, window=2, stride=2, padding="VALID"):
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+class TinyBackbone(nn.Module):
+    """A small stride-16 convnet for tests, the offline demo and CPU experiments."""
+
+    widths: Sequence[int] = (16, 32, 64, 128)
+    dtype: jnp.dtype = jnp.float32
+    stride = 16
+
+    @property
+    def channels(self):
+        return self.widths[-1]
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        x = images.astype(self.dtype)
+        for i, width in enumerate(self.widths):
+            # Four stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
+            x = nn.relu(nn.Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
+            x = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+        return x
+
+
+_VGG16_LAYOUT = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class VGG16(nn.Module):
+    """VGG-16 up to conv5_3 (stride 16, 512 channels): the paper's headline backbone.
+
+    Layers are named `conv{block}_{layer}` like the Caffe model; the paper freezes conv1 and
+    conv2 (done by the optimizer's trainable mask, see `frozen_prefixes`).
+    """
+
+    dtype: jnp.dtype = jnp.float32
+    stride = 16
+    channels = 512
+    frozen_prefixes = ("conv1_", "conv2_")
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        x = images.astype(self.dtype)
+        for block, widths in enumerate(_VGG16_LAYOUT, start=1):
+            for layer, width in enumerate(widths, start=1):
+                conv = nn.Conv(
+                    width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{block}_{layer}"
+                )
+                x = nn.relu(conv(x))
+            if block < len(_VGG16_LAYOUT):  # no pool5: conv5_3 is the shared feature map
+                x = _max_pool(x)
+        return x
+
+
+def get_backbone(name: str, *, dtype=jnp.float32) -> nn.Module:
+    """The backbone module called `name` ("tiny", "vgg16")."""
+    backbones = {"tiny": TinyBackbone, "vgg16": VGG16}
+    if name not in backbones:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")
+    return backbones[name](dtype=dtype)

@@ -1,0 +1,237 @@
+"""The Faster R-CNN detector (Ren et al., 2015) as one Flax module with static shapes.
+
+`FasterRCNN.losses` gives the training losses of a padded batch and `FasterRCNN.detect` a fixed
+number of detections per image; both trace once per input shape. Images are float [B, H, W, 3]
+RGB in 0-255 on a padded canvas; `image_sizes` int32 [B, 2] gives each image's true (height,
+width) on that canvas. Ground truth is padded to G slots with a `valid` mask.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax import losses as losses_lib
+from frcnn_jax import ops, postprocess, targets
+from frcnn_jax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from frcnn_jax.models.roi_heads import FastRCNNPredictor, MLPHead
+from frcnn_jax.models.rpn import RPNHead, objectness_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNSettings:
+    """The RPN's hyper-parameters; paper values as defaults (torchvision's in comments)."""
+
+    anchor_sizes: tuple = (128, 256, 512)
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    channels: int = 512  # 3x3 conv width (256 for ZF / FPN)
+    objectness: str = "softmax"  # 2k scores; torchvision: "sigmoid"
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    batch_size: int = 256
+    positive_fraction: float = 0.5
+    allowed_border: float | None = 0.0  # cross-boundary anchors ignored; torchvision: None
+    train_pre_nms_top_n: int = 12000  # torchvision: 2000
+    train_post_nms_top_n: int = 2000
+    test_pre_nms_top_n: int = 6000  # torchvision: 1000
+    test_post_nms_top_n: int = 300  # torchvision: 1000
+    nms_threshold: float = 0.7
+    min_size: float = 16.0  # resized pixels; torchvision: 1e-3
+    box_weight: float = 10.0  # lambda in equation (1); torchvision: 1 with box_normalizer None
+    box_normalizer: float | None = 2400.0  # N_reg ~ anchor locations; None: sampled anchors
+    beta: float = 1 / 9  # py-faster-rcnn's sigma = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSettings:
+    """The Fast R-CNN head's hyper-parameters; paper values as defaults."""
+
+    pooler: str = "pool"  # the paper's RoIPool; "align" for RoIAlign (torchvision)
+    output_size: int = 7
+    sampling_ratio: int = 2
+    aligned: bool = False
+    widths: tuple = (4096, 4096)  # fc6 / fc7; FPN: (1024, 1024)
+    dropout: float = 0.5
+    batch_size: int = 128  # RoIs per image; torchvision: 512
+    positive_fraction: float = 0.25
+    foreground_iou: float = 0.5
+    background_iou: tuple = (0.1, 0.5)  # torchvision: (0.0, 0.5)
+    beta: float = 1.0
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.3  # torchvision: 0.5
+    max_detections: int = 100
+    proposal_gradients: bool = False  # True: non-approximate joint training (needs "align")
+
+
+class FasterRCNN(nn.Module):
+    backbone: nn.Module
+    num_classes: int  # K object classes, background excluded
+    rpn: RPNSettings = RPNSettings()
+    head: HeadSettings = HeadSettings()
+    pixel_mean: tuple = IMAGENET_MEAN
+    pixel_std: tuple = IMAGENET_STD
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        if self.head.pooler not in ("pool", "align"):
+            raise ValueError(f"head.pooler must be 'pool' or 'align'; got {self.head.pooler!r}")
+        if self.head.proposal_gradients and self.head.pooler != "align":
+            raise ValueError("head.proposal_gradients needs head.pooler='align' (RoIPool rounds)")
+        num_anchors = len(self.rpn.anchor_sizes) * len(self.rpn.aspect_ratios)
+        self.rpn_head = RPNHead(
+            num_anchors, self.rpn.channels, self.rpn.objectness, dtype=self.dtype
+        )
+        self.box_head = MLPHead(self.head.widths, self.head.dropout, dtype=self.dtype)
+        self.predictor = FastRCNNPredictor(self.num_classes, dtype=self.dtype)
+
+    # -- shared pieces ---------------------------------------------------------------------
+
+    def _features(self, images, *, train):
+        mean = jnp.asarray(self.pixel_mean, jnp.float32)
+        std = jnp.asarray(self.pixel_std, jnp.float32)
+        return self.backbone((images.astype(jnp.float32) - mean) / std, train=train)
+
+    def _anchors(self, features):
+        base = ops.base_anchors(sizes=self.rpn.anchor_sizes, aspect_ratios=self.rpn.aspect_ratios)
+        return ops.anchor_grid(
+            base,
+            feature_height=features.shape[1],
+            feature_width=features.shape[2],
+            stride=self.backbone.stride,
+        )  # [A, 4]
+
+    def _proposals(self, logits, deltas, anchors, image_sizes, *, train):
+        pre, post = (
+            (self.rpn.train_pre_nms_top_n, self.rpn.train_post_nms_top_n)
+            if train
+            else (self.rpn.test_pre_nms_top_n, self.rpn.test_post_nms_top_n)
+        )
+        generate = functools.partial(
+            targets.generate_proposals,
+            pre_nms_top_n=pre,
+            post_nms_top_n=post,
+            nms_threshold=self.rpn.nms_threshold,
+            min_size=self.rpn.min_size,
+        )
+        return jax.vmap(
+            lambda s, d, size: generate(s, d, anchors, image_height=size[0], image_width=size[1])
+        )(objectness_scores(logits), deltas, image_sizes)
+
+    def _box_predictions(self, features, rois, *, train):
+        """Pool [B, R, 4] RoIs from features [B, Hf, Wf, C]; logits [B, R, K+1], deltas
+        [B, R, K+1, 4]."""
+        scale = 1.0 / self.backbone.stride
+        size = self.head.output_size
+        if self.head.pooler == "align":
+            pool = functools.partial(
+                ops.roi_align,
+                output_size=size,
+                spatial_scale=scale,
+                sampling_ratio=self.head.sampling_ratio,
+                aligned=self.head.aligned,
+            )
+        else:
+            pool = functools.partial(ops.roi_pool, output_size=size, spatial_scale=scale)
+        pooled = jax.vmap(pool)(features, rois)  # [B, R, S, S, C]
+        batch, num_rois = rois.shape[:2]
+        x = self.box_head(pooled.reshape(batch * num_rois, *pooled.shape[2:]), train=train)
+        logits, deltas = self.predictor(x)
+        return logits.reshape(batch, num_rois, -1), deltas.reshape(batch, num_rois, -1, 4)
+
+    # -- entry points ----------------------------------------------------------------------
+
+    def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
+        """Training losses of a batch (approximate joint training unless
+        `head.proposal_gradients`), averaged over images.
+
+        Args:
+          images: float [B, H, W, 3] RGB 0-255; image_sizes: int32 [B, 2] (height, width).
+          gt_boxes: float32 [B, G, 4]; gt_classes: int32 [B, G] in 1..K; gt_valid: bool [B, G].
+          key: PRNG key for anchor and RoI sampling (dropout takes the 'dropout' rng).
+
+        Returns:
+          {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
+        """
+        features = self._features(images, train=True)
+        logits, deltas = self.rpn_head(features)
+        anchors = self._anchors(features)
+        batch = images.shape[0]
+        rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * batch), 2)
+
+        def rpn_image_targets(k, boxes, valid, size):
+            return targets.rpn_targets(
+                k,
+                anchors,
+                boxes,
+                valid,
+                image_height=size[0],
+                image_width=size[1],
+                positive_iou=self.rpn.positive_iou,
+                negative_iou=self.rpn.negative_iou,
+                batch_size=self.rpn.batch_size,
+                positive_fraction=self.rpn.positive_fraction,
+                allowed_border=self.rpn.allowed_border,
+            )
+
+        rpn_targets = jax.vmap(rpn_image_targets)(rpn_keys, gt_boxes, gt_valid, image_sizes)
+        rpn_terms = jax.vmap(
+            functools.partial(
+                losses_lib.rpn_loss,
+                box_weight=self.rpn.box_weight,
+                box_normalizer=self.rpn.box_normalizer,
+                beta=self.rpn.beta,
+            )
+        )(logits, deltas, rpn_targets)
+
+        proposals = self._proposals(logits, deltas, anchors, image_sizes, train=True)
+        boxes = proposals.boxes
+        if not self.head.proposal_gradients:
+            boxes = jax.lax.stop_gradient(boxes)
+        roi_targets = jax.vmap(
+            functools.partial(
+                targets.sample_proposals,
+                batch_size=self.head.batch_size,
+                positive_fraction=self.head.positive_fraction,
+                foreground_iou=self.head.foreground_iou,
+                background_iou=self.head.background_iou,
+            )
+        )(roi_keys, jax.lax.stop_gradient(boxes), proposals.valid, gt_boxes, gt_classes, gt_valid)
+        rois = roi_targets.rois
+        if self.head.proposal_gradients:
+            # Re-gather the sampled RoIs from the differentiable proposals, so that gradients
+            # flow through RoIAlign into the boxes (non-approximate joint training).
+            candidates = jnp.concatenate([boxes, gt_boxes], axis=1)  # [B, P + G, 4]
+            rois = jnp.take_along_axis(candidates, roi_targets.sources[..., None], axis=1)
+            rois = jnp.where(roi_targets.valid[..., None], rois, 0.0)
+        class_logits, box_deltas = self._box_predictions(features, rois, train=True)
+        head_terms = jax.vmap(functools.partial(losses_lib.fast_rcnn_loss, beta=self.head.beta))(
+            class_logits, box_deltas, roi_targets
+        )
+        return jax.tree.map(jnp.mean, {**rpn_terms, **head_terms})
+
+    def detect(self, images, image_sizes, scales=None):
+        """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,
+        1 when omitted)."""
+        features = self._features(images, train=False)
+        logits, deltas = self.rpn_head(features)
+        anchors = self._anchors(features)
+        proposals = self._proposals(logits, deltas, anchors, image_sizes, train=False)
+        class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
+        if scales is None:
+            scales = jnp.ones(images.shape[0], jnp.float32)
+        detect = functools.partial(
+            postprocess.detect,
+            score_threshold=self.head.score_threshold,
+            nms_threshold=self.head.nms_threshold,
+            max_detections=self.head.max_detections,
+        )
+        return jax.vmap(
+            lambda c, d, p, v, size, s: detect(
+                c, d, p, v, image_height=size[0], image_width=size[1], scale=s
+            )
+        )(class_logits, box_deltas, proposals.boxes, proposals.valid, image_sizes, scales)
+
+    def __call__(self, images, image_sizes):
+        return self.detect(images, image_sizes)
