@@ -6,11 +6,15 @@ import jax.numpy as jnp
 
 from frcnn_jax.models.backbones import VGG16, TinyBackbone, get_backbone
 from frcnn_jax.models.faster_rcnn import FasterRCNN, HeadSettings, RPNSettings
+from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
 
 __all__ = [
     "FasterRCNN",
+    "FrozenBatchNorm",
     "HeadSettings",
     "RPNSettings",
+    "Res5Head",
+    "ResNet",
     "TinyBackbone",
     "VGG16",
     "build_model",

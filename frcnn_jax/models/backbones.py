@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from frcnn_jax.models.resnet import ResNet
+
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -71,8 +73,14 @@ class VGG16(nn.Module):
 
 
 def get_backbone(name: str, *, dtype=jnp.float32) -> nn.Module:
-    """The backbone module called `name` ("tiny", "vgg16")."""
-    backbones = {"tiny": TinyBackbone, "vgg16": VGG16}
+    """The backbone module called `name`: "tiny", "vgg16", "resnet50_c4" or "resnet101_c4"
+    (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`)."""
+    backbones = {
+        "tiny": lambda: TinyBackbone(dtype=dtype),
+        "vgg16": lambda: VGG16(dtype=dtype),
+        "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype),
+        "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype),
+    }
     if name not in backbones:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")
-    return backbones[name](dtype=dtype)
+    return backbones[name]()

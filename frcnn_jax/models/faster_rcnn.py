@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from frcnn_jax import losses as losses_lib
 from frcnn_jax import ops, postprocess, targets
 from frcnn_jax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from frcnn_jax.models.resnet import Res5Head, ResNet
 from frcnn_jax.models.roi_heads import FastRCNNPredictor, MLPHead
 from frcnn_jax.models.rpn import RPNHead, objectness_scores
 
@@ -49,7 +50,8 @@ class HeadSettings:
     """The Fast R-CNN head's hyper-parameters; paper values as defaults."""
 
     pooler: str = "pool"  # the paper's RoIPool; "align" for RoIAlign (torchvision)
-    output_size: int = 7
+    output_size: int = 7  # 14 for the C4 head (res5 halves it)
+    box_head: str = "mlp"  # fc layers; "res5": a ResNet C4 backbone's last stage
     sampling_ratio: int = 2
     aligned: bool = False
     widths: tuple = (4096, 4096)  # fc6 / fc7; FPN: (1024, 1024)
@@ -83,7 +85,14 @@ class FasterRCNN(nn.Module):
         self.rpn_head = RPNHead(
             num_anchors, self.rpn.channels, self.rpn.objectness, dtype=self.dtype
         )
-        self.box_head = MLPHead(self.head.widths, self.head.dropout, dtype=self.dtype)
+        if self.head.box_head == "res5":
+            if not isinstance(self.backbone, ResNet):
+                raise ValueError("head.box_head='res5' needs a ResNet C4 backbone")
+            self.box_head = Res5Head(self.backbone.depth, dtype=self.dtype)
+        elif self.head.box_head == "mlp":
+            self.box_head = MLPHead(self.head.widths, self.head.dropout, dtype=self.dtype)
+        else:
+            raise ValueError(f"head.box_head must be 'mlp' or 'res5'; got {self.head.box_head!r}")
         self.predictor = FastRCNNPredictor(self.num_classes, dtype=self.dtype)
 
     # -- shared pieces ---------------------------------------------------------------------

@@ -2,9 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from frcnn_jax.models import VGG16, TinyBackbone, get_backbone
+from frcnn_jax.models import VGG16, FrozenBatchNorm, Res5Head, ResNet, TinyBackbone, get_backbone
 
 
 def count(params):
@@ -22,7 +24,7 @@ def test_vgg16_matches_torchvision_features_parameter_count_and_stride():
     assert out.shape == (1, 64 // 16, 96 // 16, 512)
 
 
-@pytest.mark.parametrize("name", ["tiny", "vgg16"])
+@pytest.mark.parametrize("name", ["tiny", "vgg16", "resnet50_c4"])
 def test_backbones_give_stride_16_maps(name):
     backbone = get_backbone(name)
     images = jnp.zeros((2, 96, 160, 3))
@@ -42,3 +44,46 @@ def test_bfloat16_compute_keeps_float32_parameters():
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
         get_backbone("resnet9000")
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_resnet_c4_matches_torchvision_parameter_count(depth):
+    # C4 split: stem..res4 as the backbone, res5 as the box head. torchvision's detection
+    # ResNets use FrozenBatchNorm2d, whose terms are buffers, not parameters; so are ours
+    # (the `batch_stats` collection).
+    backbone = ResNet(depth=depth, num_stages=3)
+    head = Res5Head(depth=depth)
+    images = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(backbone.init, jax.random.key(0), images)
+    features = jax.eval_shape(backbone.apply, variables, images)
+    assert features.shape == (1, 4, 4, 1024) and backbone.stride == 16
+    pooled = jnp.zeros((2, 14, 14, 1024))
+    head_variables = jax.eval_shape(lambda k: head.init(k, pooled, train=False), jax.random.key(0))
+    reference = getattr(torchvision.models, f"resnet{depth}")(norm_layer=FrozenBatchNorm2d)
+    want = sum(p.numel() for name, p in reference.named_parameters() if not name.startswith("fc"))
+    assert count(variables["params"]) + count(head_variables["params"]) == want
+    # ... and the frozen statistics mirror torchvision's buffers one for one.
+    buffers = sum(
+        b.numel()
+        for name, b in reference.named_buffers()
+        if not name.endswith("num_batches_tracked")
+    )
+    assert count(variables["batch_stats"]) + count(head_variables["batch_stats"]) == buffers
+    out = jax.eval_shape(lambda v: head.apply(v, pooled, train=False), head_variables)
+    assert out.shape == (2, 2048)
+
+
+def test_frozen_batch_norm_equals_torchvision():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 5, 8)).astype(np.float32)
+    stats = {
+        k: rng.uniform(0.5, 2.0, 8).astype(np.float32) for k in ("weight", "bias", "mean", "var")
+    }
+    got = FrozenBatchNorm().apply({"batch_stats": stats}, x)
+    reference = FrozenBatchNorm2d(8)
+    reference.weight.copy_(torch.from_numpy(stats["weight"]))
+    reference.bias.copy_(torch.from_numpy(stats["bias"]))
+    reference.running_mean.copy_(torch.from_numpy(stats["mean"]))
+    reference.running_var.copy_(torch.from_numpy(stats["var"]))
+    want = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

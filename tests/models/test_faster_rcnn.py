@@ -184,3 +184,37 @@ def test_build_model_rejects_unknown_fields():
     images, sizes = one_image()
     with pytest.raises(ValueError, match="proposal_gradients needs"):
         model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+
+
+@pytest.mark.parametrize(
+    "backbone, head",
+    [
+        ("tiny", {}),
+        ("vgg16", dict(pooler="pool", widths=(4096, 4096), dropout=0.5)),  # the paper's
+        ("resnet50_c4", dict(box_head="res5", output_size=14, widths=())),
+    ],
+)
+def test_every_backbone_composes_with_static_output_shapes(backbone, head):
+    config = tiny_config(**head)
+    config.model.backbone = backbone
+    config.model.rpn.channels = 32
+    model = build_model(config)
+    images = jnp.zeros((2, 96, 128, 3))
+    sizes = jnp.array([[96, 128], [80, 128]], jnp.int32)
+    gt = (jnp.zeros((2, 5, 4)), jnp.ones((2, 5), jnp.int32), jnp.zeros((2, 5), bool))
+    variables = jax.eval_shape(
+        lambda k: model.init(k, images, sizes, method=FasterRCNN.detect), jax.random.key(0)
+    )
+    terms = jax.eval_shape(
+        lambda v, k: model.apply(
+            v, images, sizes, *gt, k, method=FasterRCNN.losses, rngs={"dropout": k}
+        ),
+        variables,
+        jax.random.key(1),
+    )
+    assert all(t.shape == () and t.dtype == jnp.float32 for t in terms.values())
+    detections = jax.eval_shape(
+        lambda v: model.apply(v, images, sizes, method=FasterRCNN.detect), variables
+    )
+    assert detections.boxes.shape == (2, 100, 4) and detections.boxes.dtype == jnp.float32
+    assert detections.classes.dtype == jnp.int32 and detections.valid.dtype == jnp.bool_

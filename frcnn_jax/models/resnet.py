@@ -1,0 +1,134 @@
+"""ResNet-50/101 (torchvision's v1.5 layout: stride on the 3x3 conv) with frozen BatchNorm.
+
+`ResNet` runs the stem and stages up to `num_stages` (3 for the C4 detector: stride 16, 1024
+channels); `ResNetStage` builds any single stage, which the C4 detector applies after RoI
+pooling as its box head (res5, stride 2, 2048 channels). Layer names follow torchvision
+(`conv1`, `bn1`, `layer1`.. `layer4`, `downsample_conv`/`downsample_bn`) so weights can be
+imported; BatchNorm statistics and affine terms live in the `batch_stats` collection and are
+never trained (torchvision's `FrozenBatchNorm2d`).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+_WIDTHS = (64, 128, 256, 512)
+
+
+class FrozenBatchNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with fixed statistics and affine terms."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+
+        def stat(name, init):
+            return self.variable("batch_stats", name, lambda: init(channels, jnp.float32)).value
+
+        weight, bias = stat("weight", jnp.ones), stat("bias", jnp.zeros)
+        mean, var = stat("mean", jnp.zeros), stat("var", jnp.ones)
+        scale = weight * jax.lax.rsqrt(var + self.eps)
+        return (x * scale.astype(self.dtype) + (bias - mean * scale).astype(self.dtype)).astype(
+            self.dtype
+        )
+
+
+class Bottleneck(nn.Module):
+    width: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        def conv(features, kernel, stride, name):
+            return nn.Conv(
+                features,
+                (kernel, kernel),
+                strides=stride,
+                padding=kernel // 2,
+                use_bias=False,
+                dtype=self.dtype,
+                name=name,
+            )
+
+        def norm(name):
+            return FrozenBatchNorm(dtype=self.dtype, name=name)
+
+        y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
+        y = nn.relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
+        y = norm("bn3")(conv(self.width * 4, 1, 1, "conv3")(y))
+        if self.downsample:
+            x = norm("downsample_bn")(conv(self.width * 4, 1, self.stride, "downsample_conv")(x))
+        return nn.relu(x + y)
+
+
+class ResNetStage(nn.Module):
+    """Stage `index` (0-3 = torchvision's layer1-layer4) of a ResNet of `depth`."""
+
+    depth: int
+    index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = _WIDTHS[self.index]
+        stride = 1 if self.index == 0 else 2
+        for block in range(DEPTHS[self.depth][self.index]):
+            x = Bottleneck(
+                width,
+                stride if block == 0 else 1,
+                downsample=block == 0,
+                dtype=self.dtype,
+                name=f"block{block}",
+            )(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet stem + the first `num_stages` stages: stride 16 and 1024 channels for 3 (C4)."""
+
+    depth: int = 50
+    num_stages: int = 3
+    dtype: jnp.dtype = jnp.float32
+    # torchvision's default for detection trains layer2-4 (trainable_backbone_layers=3).
+    frozen_prefixes = ("conv1", "bn1", "layer1")
+
+    @property
+    def stride(self):
+        return 2 ** (self.num_stages + 1)
+
+    @property
+    def channels(self):
+        return _WIDTHS[self.num_stages - 1] * 4
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train  # frozen BatchNorm: the same computation in training and inference
+        if self.depth not in DEPTHS:
+            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {self.depth}")
+        x = nn.Conv(
+            64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1"
+        )(images.astype(self.dtype))
+        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for index in range(self.num_stages):
+            x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"layer{index + 1}")(x)
+        return x
+
+
+class Res5Head(nn.Module):
+    """The C4 detector's box head: res5 (stride 2) on pooled RoIs, then average pooling."""
+
+    depth: int = 50
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled, *, train):
+        del train
+        x = ResNetStage(self.depth, 3, dtype=self.dtype, name="layer4")(pooled.astype(self.dtype))
+        return jnp.mean(x, axis=(1, 2))  # [R, 2048]
