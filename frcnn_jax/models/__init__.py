@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from frcnn_jax.models.backbones import VGG16, TinyBackbone, get_backbone
 from frcnn_jax.models.faster_rcnn import FasterRCNN, HeadSettings, RPNSettings
+from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "RPNSettings",
     "Res5Head",
     "ResNet",
+    "ResNetFPN",
     "TinyBackbone",
     "VGG16",
     "build_model",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import ResNet
 
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
@@ -73,13 +74,16 @@ class VGG16(nn.Module):
 
 
 def get_backbone(name: str, *, dtype=jnp.float32) -> nn.Module:
-    """The backbone module called `name`: "tiny", "vgg16", "resnet50_c4" or "resnet101_c4"
-    (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`)."""
+    """The backbone module called `name`: "tiny", "vgg16", "resnet50_c4" / "resnet101_c4"
+    (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`) or
+    "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps)."""
     backbones = {
         "tiny": lambda: TinyBackbone(dtype=dtype),
         "vgg16": lambda: VGG16(dtype=dtype),
         "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype),
         "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype),
+        "resnet50_fpn": lambda: ResNetFPN(depth=50, dtype=dtype),
+        "resnet101_fpn": lambda: ResNetFPN(depth=101, dtype=dtype),
     }
     if name not in backbones:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")

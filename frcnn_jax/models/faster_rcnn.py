@@ -25,7 +25,7 @@ from frcnn_jax.models.rpn import RPNHead, objectness_scores
 class RPNSettings:
     """The RPN's hyper-parameters; paper values as defaults (torchvision's in comments)."""
 
-    anchor_sizes: tuple = (128, 256, 512)
+    anchor_sizes: tuple = (128, 256, 512)  # or one tuple per pyramid level: ((32,), (64,), ...)
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     channels: int = 512  # 3x3 conv width (256 for ZF / FPN)
     objectness: str = "softmax"  # 2k scores; torchvision: "sigmoid"
@@ -81,7 +81,7 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"head.pooler must be 'pool' or 'align'; got {self.head.pooler!r}")
         if self.head.proposal_gradients and self.head.pooler != "align":
             raise ValueError("head.proposal_gradients needs head.pooler='align' (RoIPool rounds)")
-        num_anchors = len(self.rpn.anchor_sizes) * len(self.rpn.aspect_ratios)
+        num_anchors = len(self._anchor_sizes(0)) * len(self.rpn.aspect_ratios)
         self.rpn_head = RPNHead(
             num_anchors, self.rpn.channels, self.rpn.objectness, dtype=self.dtype
         )
@@ -97,53 +97,88 @@ class FasterRCNN(nn.Module):
 
     # -- shared pieces ---------------------------------------------------------------------
 
+    def _strides(self):
+        """Stride of each feature map the backbone returns."""
+        strides = getattr(self.backbone, "strides", None)  # multi-level backbones
+        return tuple(strides) if strides is not None else (self.backbone.stride,)
+
+    def _anchor_sizes(self, level):
+        sizes = self.rpn.anchor_sizes
+        return sizes[level] if isinstance(sizes[0], (tuple, list)) else sizes
+
     def _features(self, images, *, train):
+        """The backbone's maps as a list, finest first (one entry for single-level backbones)."""
         mean = jnp.asarray(self.pixel_mean, jnp.float32)
         std = jnp.asarray(self.pixel_std, jnp.float32)
-        return self.backbone((images.astype(jnp.float32) - mean) / std, train=train)
+        out = self.backbone((images.astype(jnp.float32) - mean) / std, train=train)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def _anchors(self, features):
-        base = ops.base_anchors(sizes=self.rpn.anchor_sizes, aspect_ratios=self.rpn.aspect_ratios)
-        return ops.anchor_grid(
-            base,
-            feature_height=features.shape[1],
-            feature_width=features.shape[2],
-            stride=self.backbone.stride,
-        )  # [A, 4]
+    def _rpn(self, features):
+        """Per level: (anchors [A_l, 4], logits [B, A_l] or [B, A_l, 2], deltas [B, A_l, 4])."""
+        levels = []
+        for level, (feature, stride) in enumerate(zip(features, self._strides(), strict=True)):
+            base = ops.base_anchors(
+                sizes=self._anchor_sizes(level), aspect_ratios=self.rpn.aspect_ratios
+            )
+            anchors = ops.anchor_grid(
+                base,
+                feature_height=feature.shape[1],
+                feature_width=feature.shape[2],
+                stride=stride,
+            )
+            levels.append((anchors, *self.rpn_head(feature)))  # one head shared by all levels
+        return levels
 
-    def _proposals(self, logits, deltas, anchors, image_sizes, *, train):
+    def _proposals(self, levels, image_sizes, *, train):
         pre, post = (
             (self.rpn.train_pre_nms_top_n, self.rpn.train_post_nms_top_n)
             if train
             else (self.rpn.test_pre_nms_top_n, self.rpn.test_post_nms_top_n)
         )
-        generate = functools.partial(
-            targets.generate_proposals,
+        kwargs = dict(
             pre_nms_top_n=pre,
             post_nms_top_n=post,
             nms_threshold=self.rpn.nms_threshold,
             min_size=self.rpn.min_size,
         )
-        return jax.vmap(
-            lambda s, d, size: generate(s, d, anchors, image_height=size[0], image_width=size[1])
-        )(objectness_scores(logits), deltas, image_sizes)
+        anchors = [a for a, _, _ in levels]
+
+        def one_image(scores, deltas, size):
+            hw = dict(image_height=size[0], image_width=size[1])
+            if len(anchors) == 1:
+                return targets.generate_proposals(scores[0], deltas[0], anchors[0], **hw, **kwargs)
+            return targets.generate_multilevel_proposals(scores, deltas, anchors, **hw, **kwargs)
+
+        scores = [objectness_scores(logits) for _, logits, _ in levels]
+        return jax.vmap(one_image)(scores, [d for _, _, d in levels], image_sizes)
 
     def _box_predictions(self, features, rois, *, train):
-        """Pool [B, R, 4] RoIs from features [B, Hf, Wf, C]; logits [B, R, K+1], deltas
+        """Pool [B, R, 4] RoIs from the feature maps; logits [B, R, K+1], deltas
         [B, R, K+1, 4]."""
-        scale = 1.0 / self.backbone.stride
         size = self.head.output_size
-        if self.head.pooler == "align":
+        strides = self._strides()
+        if len(features) > 1:  # FPN: each RoI from its own level (P2-P5)
+            num_levels = getattr(self.backbone, "roi_levels", len(features))
             pool = functools.partial(
-                ops.roi_align,
+                ops.multilevel_roi_align,
                 output_size=size,
-                spatial_scale=scale,
+                spatial_scales=[1.0 / s for s in strides[:num_levels]],
                 sampling_ratio=self.head.sampling_ratio,
                 aligned=self.head.aligned,
             )
+            pooled = jax.vmap(pool)(features[:num_levels], rois)
+        elif self.head.pooler == "align":
+            pool = functools.partial(
+                ops.roi_align,
+                output_size=size,
+                spatial_scale=1.0 / strides[0],
+                sampling_ratio=self.head.sampling_ratio,
+                aligned=self.head.aligned,
+            )
+            pooled = jax.vmap(pool)(features[0], rois)  # [B, R, S, S, C]
         else:
-            pool = functools.partial(ops.roi_pool, output_size=size, spatial_scale=scale)
-        pooled = jax.vmap(pool)(features, rois)  # [B, R, S, S, C]
+            pool = functools.partial(ops.roi_pool, output_size=size, spatial_scale=1.0 / strides[0])
+            pooled = jax.vmap(pool)(features[0], rois)
         batch, num_rois = rois.shape[:2]
         x = self.box_head(pooled.reshape(batch * num_rois, *pooled.shape[2:]), train=train)
         logits, deltas = self.predictor(x)
@@ -164,8 +199,10 @@ class FasterRCNN(nn.Module):
           {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
         """
         features = self._features(images, train=True)
-        logits, deltas = self.rpn_head(features)
-        anchors = self._anchors(features)
+        levels = self._rpn(features)
+        anchors = jnp.concatenate([a for a, _, _ in levels])  # [A, 4] over all levels
+        logits = jnp.concatenate([lg for _, lg, _ in levels], axis=1)
+        deltas = jnp.concatenate([d for _, _, d in levels], axis=1)
         batch = images.shape[0]
         rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * batch), 2)
 
@@ -194,7 +231,7 @@ class FasterRCNN(nn.Module):
             )
         )(logits, deltas, rpn_targets)
 
-        proposals = self._proposals(logits, deltas, anchors, image_sizes, train=True)
+        proposals = self._proposals(levels, image_sizes, train=True)
         boxes = proposals.boxes
         if not self.head.proposal_gradients:
             boxes = jax.lax.stop_gradient(boxes)
@@ -224,9 +261,7 @@ class FasterRCNN(nn.Module):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,
         1 when omitted)."""
         features = self._features(images, train=False)
-        logits, deltas = self.rpn_head(features)
-        anchors = self._anchors(features)
-        proposals = self._proposals(logits, deltas, anchors, image_sizes, train=False)
+        proposals = self._proposals(self._rpn(features), image_sizes, train=False)
         class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
         if scales is None:
             scales = jnp.ones(images.shape[0], jnp.float32)

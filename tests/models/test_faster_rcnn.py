@@ -192,12 +192,15 @@ def test_build_model_rejects_unknown_fields():
         ("tiny", {}),
         ("vgg16", dict(pooler="pool", widths=(4096, 4096), dropout=0.5)),  # the paper's
         ("resnet50_c4", dict(box_head="res5", output_size=14, widths=())),
+        ("resnet50_fpn", dict(widths=(1024, 1024), dropout=0.0)),
     ],
 )
 def test_every_backbone_composes_with_static_output_shapes(backbone, head):
     config = tiny_config(**head)
     config.model.backbone = backbone
     config.model.rpn.channels = 32
+    if backbone.endswith("fpn"):  # one anchor size per pyramid level, 3 ratios
+        config.model.rpn.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
     model = build_model(config)
     images = jnp.zeros((2, 96, 128, 3))
     sizes = jnp.array([[96, 128], [80, 128]], jnp.int32)
@@ -218,3 +221,59 @@ def test_every_backbone_composes_with_static_output_shapes(backbone, head):
     )
     assert detections.boxes.shape == (2, 100, 4) and detections.boxes.dtype == jnp.float32
     assert detections.classes.dtype == jnp.int32 and detections.valid.dtype == jnp.bool_
+
+
+def torchvision_r50_fpn_config(num_classes=90):
+    """frcnn_jax's equivalent of torchvision's `fasterrcnn_resnet50_fpn` (91 = 90 + background)."""
+    return ml_collections.ConfigDict(
+        {
+            "model": {
+                "backbone": "resnet50_fpn",
+                "num_classes": num_classes,
+                "rpn": {
+                    "anchor_sizes": ((32,), (64,), (128,), (256,), (512,)),
+                    "channels": 256,
+                    "objectness": "sigmoid",
+                },
+                "head": {"pooler": "align", "widths": (1024, 1024), "dropout": 0.0},
+            }
+        }
+    )
+
+
+def test_r50_fpn_matches_torchvision_fasterrcnn_resnet50_fpn_parameter_count():
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    # The layout of the pretrained `fasterrcnn_resnet50_fpn` (frozen BatchNorm: buffers, not
+    # parameters); its published parameter count is 41,755,286.
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
+    reference = TorchvisionFasterRCNN(backbone, num_classes=91)
+    model = build_model(torchvision_r50_fpn_config())
+    images = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(
+        lambda k: model.init(k, images, jnp.array([[64, 64]]), method=FasterRCNN.detect),
+        jax.random.key(0),
+    )
+
+    def count(tree):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+    sections = {
+        "backbone": "backbone",
+        "rpn_head": "rpn",
+        "box_head": "roi_heads",
+        "predictor": "roi_heads",
+    }
+    ours = {}
+    for ours_name, theirs_name in sections.items():
+        ours[theirs_name] = ours.get(theirs_name, 0) + count(variables["params"][ours_name])
+    theirs = {
+        name: sum(p.numel() for n, p in reference.named_parameters() if n.startswith(name))
+        for name in ("backbone", "rpn", "roi_heads")
+    }
+    assert ours == theirs
+    assert sum(ours.values()) == 41_755_286

@@ -1,0 +1,63 @@
+"""ResNet-FPN backbone laid out like torchvision's `resnet_fpn_backbone` (Lin et al., 2017).
+
+Returns P2-P6: 256-channel maps at strides 4, 8, 16, 32 and 64 (P6 = P5 subsampled, the
+`LastLevelMaxPool` extra block). Layer names follow torchvision (`body`, `fpn/inner{i}`,
+`fpn/layer{i}`) so its weights can be imported.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from frcnn_jax.models.resnet import FrozenBatchNorm, ResNetStage
+
+
+def _upsample_nearest(x, height, width):
+    """torchvision's F.interpolate(mode="nearest") to (height, width): source = floor(i * in /
+    out), an exact 2x repeat when sizes halve."""
+    rows = (jnp.arange(height) * x.shape[1]) // height
+    cols = (jnp.arange(width) * x.shape[2]) // width
+    return x[:, rows][:, :, cols]
+
+
+class ResNetFPN(nn.Module):
+    depth: int = 50
+    channels: int = 256
+    dtype: jnp.dtype = jnp.float32
+    strides = (4, 8, 16, 32, 64)
+    roi_levels = 4  # RoIs are pooled from P2-P5 (torchvision's MultiScaleRoIAlign)
+    frozen_prefixes = ("body_conv1", "body_bn1", "body_layer1")
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        stages = []
+        x = nn.Conv(
+            64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="body_conv1"
+        )(images.astype(self.dtype))
+        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="body_bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for index in range(4):
+            x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"body_layer{index + 1}")(x)
+            stages.append(x)  # C2..C5
+
+        # Kaiming-uniform with a = 1, zero bias: torchvision's FPN initialization.
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+        def conv(kernel, name):
+            return nn.Conv(
+                self.channels,
+                (kernel, kernel),
+                padding=kernel // 2,
+                kernel_init=init,
+                dtype=self.dtype,
+                name=name,
+            )
+
+        last = conv(1, "fpn_inner3")(stages[3])
+        outputs = [conv(3, "fpn_layer3")(last)]
+        for index in (2, 1, 0):
+            lateral = conv(1, f"fpn_inner{index}")(stages[index])
+            last = lateral + _upsample_nearest(last, lateral.shape[1], lateral.shape[2])
+            outputs.insert(0, conv(3, f"fpn_layer{index}")(last))
+        outputs.append(outputs[-1][:, ::2, ::2])  # P6: max_pool2d(kernel 1, stride 2)
+        return outputs
