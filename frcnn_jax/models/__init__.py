@@ -4,7 +4,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from frcnn_jax.models.backbones import VGG16, TinyBackbone, get_backbone
+from frcnn_jax.models.backbones import VGG16, ZF, TinyBackbone, get_backbone
 from frcnn_jax.models.faster_rcnn import FasterRCNN, HeadSettings, RPNSettings
 from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
@@ -19,6 +19,7 @@ __all__ = [
     "ResNetFPN",
     "TinyBackbone",
     "VGG16",
+    "ZF",
     "build_model",
     "get_backbone",
 ]

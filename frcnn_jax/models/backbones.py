@@ -73,13 +73,53 @@ class VGG16(nn.Module):
         return x
 
 
+def _local_response_norm(x, *, size=3, alpha=5e-5, beta=0.75):
+    """Caffe's LRN with norm_region WITHIN_CHANNEL: x / (1 + alpha * mean_{size x size} x^2)^beta
+    (the mean over a zero-padded window, as Caffe's average pooling computes it)."""
+    squares = nn.avg_pool(
+        jnp.square(x.astype(jnp.float32)), (size, size), padding="SAME", count_include_pad=True
+    )
+    return (x / jnp.power(1.0 + alpha * squares, beta)).astype(x.dtype)
+
+
+class ZF(nn.Module):
+    """Zeiler and Fergus's net up to conv5 (stride 16, 256 channels): the paper's fast model,
+    as in py-faster-rcnn's ZF prototxt (LRN after conv1 and conv2)."""
+
+    dtype: jnp.dtype = jnp.float32
+    stride = 16
+    channels = 256
+    frozen_prefixes = ()
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        x = images.astype(self.dtype)
+        for name, width, kernel, stride in (("conv1", 96, 7, 2), ("conv2", 256, 5, 2)):
+            x = nn.relu(
+                nn.Conv(
+                    width,
+                    (kernel, kernel),
+                    strides=stride,
+                    padding=kernel // 2,
+                    dtype=self.dtype,
+                    name=name,
+                )(x)
+            )
+            x = _max_pool(_local_response_norm(x), window=3, padding=((1, 1), (1, 1)))
+        for name, width in (("conv3", 384), ("conv4", 384), ("conv5", 256)):
+            x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+        return x
+
+
 def get_backbone(name: str, *, dtype=jnp.float32) -> nn.Module:
-    """The backbone module called `name`: "tiny", "vgg16", "resnet50_c4" / "resnet101_c4"
+    """The backbone module called `name`: "tiny", "vgg16", "zf", "resnet50_c4" / "resnet101_c4"
     (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`) or
     "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps)."""
     backbones = {
         "tiny": lambda: TinyBackbone(dtype=dtype),
         "vgg16": lambda: VGG16(dtype=dtype),
+        "zf": lambda: ZF(dtype=dtype),
         "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype),
         "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype),
         "resnet50_fpn": lambda: ResNetFPN(depth=50, dtype=dtype),

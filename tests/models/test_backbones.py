@@ -24,7 +24,7 @@ def test_vgg16_matches_torchvision_features_parameter_count_and_stride():
     assert out.shape == (1, 64 // 16, 96 // 16, 512)
 
 
-@pytest.mark.parametrize("name", ["tiny", "vgg16", "resnet50_c4"])
+@pytest.mark.parametrize("name", ["tiny", "vgg16", "zf", "resnet50_c4"])
 def test_backbones_give_stride_16_maps(name):
     backbone = get_backbone(name)
     images = jnp.zeros((2, 96, 160, 3))
@@ -87,3 +87,14 @@ def test_frozen_batch_norm_equals_torchvision():
     reference.running_var.copy_(torch.from_numpy(stats["var"]))
     want = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zf_parameter_count_matches_the_prototxt():
+    # conv1 96x3x7x7, conv2 256x96x5x5, conv3 384x256x3x3, conv4 384x384x3x3,
+    # conv5 256x384x3x3, each with biases: py-faster-rcnn's ZF.
+    want = sum(
+        o * i * k * k + o
+        for o, i, k in ((96, 3, 7), (256, 96, 5), (384, 256, 3), (384, 384, 3), (256, 384, 3))
+    )
+    params = jax.eval_shape(get_backbone("zf").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert count(params) == want == 3_726_464
