@@ -38,12 +38,15 @@ def _settings(cls, overrides, section):
 
 def build_model(config) -> FasterRCNN:
     """The detector described by `config.model`: backbone (name), num_classes, dtype
-    ("float32" or "bfloat16" for conv/matmul compute), and the `rpn` / `head` sections whose
-    fields are those of `RPNSettings` / `HeadSettings` (paper values by default)."""
+    ("float32" or "bfloat16" for conv/matmul compute), frozen_stages (optional: leading
+    backbone stages without gradient), and the `rpn` / `head` sections whose fields are those
+    of `RPNSettings` / `HeadSettings` (paper values by default)."""
     model = config.model
     dtype = jnp.dtype(model.get("dtype", "float32"))
     return FasterRCNN(
-        backbone=get_backbone(model.backbone, dtype=dtype),
+        backbone=get_backbone(
+            model.backbone, dtype=dtype, frozen_stages=model.get("frozen_stages")
+        ),
         num_classes=model.num_classes,
         rpn=_settings(RPNSettings, model.get("rpn"), "rpn"),
         head=_settings(HeadSettings, model.get("head"), "head"),

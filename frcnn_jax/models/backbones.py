@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from frcnn_jax.models.fpn import ResNetFPN
-from frcnn_jax.models.resnet import ResNet
+from frcnn_jax.models.resnet import ResNet, freeze_if
 
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -49,14 +49,15 @@ _VGG16_LAYOUT = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 5
 class VGG16(nn.Module):
     """VGG-16 up to conv5_3 (stride 16, 512 channels): the paper's headline backbone.
 
-    Layers are named `conv{block}_{layer}` like the Caffe model; the paper freezes conv1 and
-    conv2 (done by the optimizer's trainable mask, see `frozen_prefixes`).
+    Layers are named `conv{block}_{layer}` like the Caffe model. The first `frozen_blocks`
+    blocks get no gradient (the paper freezes conv1 and conv2): the backward pass stops at
+    their output, which also skips its costliest, highest-resolution part.
     """
 
     dtype: jnp.dtype = jnp.float32
+    frozen_blocks: int = 2
     stride = 16
     channels = 512
-    frozen_prefixes = ("conv1_", "conv2_")
 
     @nn.compact
     def __call__(self, images, *, train=False):
@@ -70,6 +71,7 @@ class VGG16(nn.Module):
                 x = nn.relu(conv(x))
             if block < len(_VGG16_LAYOUT):  # no pool5: conv5_3 is the shared feature map
                 x = _max_pool(x)
+            x = freeze_if(x, block <= self.frozen_blocks)
         return x
 
 
@@ -89,7 +91,6 @@ class ZF(nn.Module):
     dtype: jnp.dtype = jnp.float32
     stride = 16
     channels = 256
-    frozen_prefixes = ()
 
     @nn.compact
     def __call__(self, images, *, train=False):
@@ -112,18 +113,23 @@ class ZF(nn.Module):
         return x
 
 
-def get_backbone(name: str, *, dtype=jnp.float32) -> nn.Module:
+def get_backbone(name: str, *, dtype=jnp.float32, frozen_stages=None) -> nn.Module:
     """The backbone module called `name`: "tiny", "vgg16", "zf", "resnet50_c4" / "resnet101_c4"
     (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`) or
-    "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps)."""
+    "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps).
+
+    frozen_stages: leading stages that get no gradient (None: each backbone's default, the
+    paper's conv1-conv2 for VGG-16 and torchvision's stem + layer1 for ResNets)."""
+    frozen = {} if frozen_stages is None else {"frozen_stages": frozen_stages}
+    vgg_frozen = {} if frozen_stages is None else {"frozen_blocks": frozen_stages}
     backbones = {
         "tiny": lambda: TinyBackbone(dtype=dtype),
-        "vgg16": lambda: VGG16(dtype=dtype),
+        "vgg16": lambda: VGG16(dtype=dtype, **vgg_frozen),
         "zf": lambda: ZF(dtype=dtype),
-        "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype),
-        "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype),
-        "resnet50_fpn": lambda: ResNetFPN(depth=50, dtype=dtype),
-        "resnet101_fpn": lambda: ResNetFPN(depth=101, dtype=dtype),
+        "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype, **frozen),
+        "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype, **frozen),
+        "resnet50_fpn": lambda: ResNetFPN(depth=50, dtype=dtype, **frozen),
+        "resnet101_fpn": lambda: ResNetFPN(depth=101, dtype=dtype, **frozen),
     }
     if name not in backbones:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")

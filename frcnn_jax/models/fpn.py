@@ -8,7 +8,7 @@ Returns P2-P6: 256-channel maps at strides 4, 8, 16, 32 and 64 (P6 = P5 subsampl
 import flax.linen as nn
 import jax.numpy as jnp
 
-from frcnn_jax.models.resnet import FrozenBatchNorm, ResNetStage
+from frcnn_jax.models.resnet import FrozenBatchNorm, ResNetStage, freeze_if
 
 
 def _upsample_nearest(x, height, width):
@@ -25,7 +25,7 @@ class ResNetFPN(nn.Module):
     dtype: jnp.dtype = jnp.float32
     strides = (4, 8, 16, 32, 64)
     roi_levels = 4  # RoIs are pooled from P2-P5 (torchvision's MultiScaleRoIAlign)
-    frozen_prefixes = ("body_conv1", "body_bn1", "body_layer1")
+    frozen_stages: int = 2  # stem and layer1, as `ResNet.frozen_stages`
 
     @nn.compact
     def __call__(self, images, *, train=False):
@@ -36,8 +36,10 @@ class ResNetFPN(nn.Module):
         )(images.astype(self.dtype))
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="body_bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = freeze_if(x, self.frozen_stages >= 1)
         for index in range(4):
             x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"body_layer{index + 1}")(x)
+            x = freeze_if(x, self.frozen_stages >= index + 2)
             stages.append(x)  # C2..C5
 
         # Kaiming-uniform with a = 1, zero bias: torchvision's FPN initialization.

@@ -16,6 +16,11 @@ DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _WIDTHS = (64, 128, 256, 512)
 
 
+def freeze_if(x, frozen):
+    """x, with no gradient flowing back through it when `frozen` (a static bool)."""
+    return jax.lax.stop_gradient(x) if frozen else x
+
+
 class FrozenBatchNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with fixed statistics and affine terms."""
 
@@ -95,8 +100,9 @@ class ResNet(nn.Module):
     depth: int = 50
     num_stages: int = 3
     dtype: jnp.dtype = jnp.float32
-    # torchvision's default for detection trains layer2-4 (trainable_backbone_layers=3).
-    frozen_prefixes = ("conv1", "bn1", "layer1")
+    # Leading parts without gradient, counting the stem as 1: torchvision's detection default
+    # (trainable_backbone_layers=3) freezes the stem and layer1.
+    frozen_stages: int = 2
 
     @property
     def stride(self):
@@ -116,8 +122,10 @@ class ResNet(nn.Module):
         )(images.astype(self.dtype))
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = freeze_if(x, self.frozen_stages >= 1)
         for index in range(self.num_stages):
             x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"layer{index + 1}")(x)
+            x = freeze_if(x, self.frozen_stages >= index + 2)
         return x
 
 

@@ -98,3 +98,26 @@ def test_zf_parameter_count_matches_the_prototxt():
     )
     params = jax.eval_shape(get_backbone("zf").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     assert count(params) == want == 3_726_464
+
+
+@pytest.mark.parametrize(
+    "name, frozen, zero, nonzero",
+    [
+        ("vgg16", None, ["conv1_1", "conv2_2"], ["conv3_1", "conv5_3"]),  # the paper's default
+        ("vgg16", 0, [], ["conv1_1"]),
+        ("resnet50_c4", None, ["conv1", "layer1"], ["layer2", "layer3"]),  # torchvision's
+    ],
+)
+def test_frozen_stages_get_no_gradient(name, frozen, zero, nonzero):
+    backbone = get_backbone(name, frozen_stages=frozen)
+    images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
+    variables = backbone.init(jax.random.key(1), images)
+    grads = jax.grad(lambda p: jnp.sum(backbone.apply({**variables, "params": p}, images) ** 2))(
+        variables["params"]
+    )
+    for layer in zero:
+        assert count(grads[layer]) > 0 and not any(
+            np.asarray(g).any() for g in jax.tree.leaves(grads[layer])
+        ), layer
+    for layer in nonzero:
+        assert any(np.asarray(g).any() for g in jax.tree.leaves(grads[layer])), layer
