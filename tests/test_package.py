@@ -57,10 +57,19 @@ def test_demo_rejects_unknown_config_field():
     assert "no_such_field" in result.stderr
 
 
-def test_readme_example_runs():
+def test_readme_examples_run():
     readme = (ROOT / "README.md").read_text()
-    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["proposals"].shape == (2000, 4)
-    assert int(namespace["kept"].valid.sum()) == 2000
+    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    ops_example, model_example = ({} for _ in blocks)
+    exec(compile(blocks[0], "README.md", "exec"), ops_example)
+    assert ops_example["proposals"].shape == (2000, 4)
+    assert int(ops_example["kept"].valid.sum()) == 2000
+    exec(compile(blocks[1], "README.md", "exec"), model_example)
+    assert model_example["detections"].boxes.shape == (2, 100, 4)
+    assert set(model_example["losses"]) == {
+        "rpn_objectness",
+        "rpn_box",
+        "fast_rcnn_class",
+        "fast_rcnn_box",
+    }
