@@ -131,7 +131,7 @@ def test_rpn_labels_and_targets_equal_torchvision_before_sampling():
     )
     matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
     matches = matcher(
-        torch.from_numpy(np.asarray(ops.pairwise_iou(anchors, gt))).T.contiguous()
+        torch.from_numpy(np.array(ops.pairwise_iou(anchors, gt))).T.contiguous()
     ).numpy()
     want_labels = np.where(matches >= 0, 1, np.where(matches == -1, 0, -1))
     np.testing.assert_array_equal(result.labels, want_labels)
