@@ -11,25 +11,30 @@ random weights; plus frcnn_jax's compile times and the process's peak memory. Me
 
 import argparse
 import functools
+import os
 import resource
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-import optax
-import torch
-import torchvision
-from torchvision.models.detection import FasterRCNN as TorchFasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.misc import FrozenBatchNorm2d
+from frcnn_jax.runtime import configure_xla_cpu
 
-from frcnn_jax.models import FasterRCNN, build_model
+configure_xla_cpu()  # before JAX starts: see frcnn_jax/runtime.py
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision.models.detection import FasterRCNN as TorchFasterRCNN  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+
+from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
 
 
 def median_s(fn, repeats):
@@ -231,7 +236,8 @@ def main():
     args = parser.parse_args()
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; random weights"
+        f"with {torch.get_num_threads()} threads; random weights; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     print("| case | frcnn_jax s | torchvision s | ratio | frcnn_jax compile s |")
     print("|---|---:|---:|---:|---:|")

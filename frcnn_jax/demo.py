@@ -11,13 +11,17 @@ import collections
 import functools
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from frcnn_jax.runtime import configure_xla_cpu
 
-from frcnn_jax import ops
+configure_xla_cpu()  # entry point: before JAX starts (see frcnn_jax/runtime.py)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from frcnn_jax import ops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Demo config file.", lock_config=True)
 
