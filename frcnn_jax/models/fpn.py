@@ -1,14 +1,14 @@
 """ResNet-FPN backbone laid out like torchvision's `resnet_fpn_backbone` (Lin et al., 2017).
 
 Returns P2-P6: 256-channel maps at strides 4, 8, 16, 32 and 64 (P6 = P5 subsampled, the
-`LastLevelMaxPool` extra block). Layer names follow torchvision (`body`, `fpn/inner{i}`,
-`fpn/layer{i}`) so its weights can be imported.
+`LastLevelMaxPool` extra block). Layer names follow torchvision (`body` = a `ResNet`,
+`fpn_inner{i}`, `fpn_layer{i}`) so its weights can be imported.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from frcnn_jax.models.resnet import FrozenBatchNorm, ResNetStage, freeze_if
+from frcnn_jax.models.resnet import ResNet
 
 
 def _upsample_nearest(x, height, width):
@@ -30,17 +30,13 @@ class ResNetFPN(nn.Module):
     @nn.compact
     def __call__(self, images, *, train=False):
         del train
-        stages = []
-        x = nn.Conv(
-            64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="body_conv1"
-        )(images.astype(self.dtype))
-        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="body_bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = freeze_if(x, self.frozen_stages >= 1)
-        for index in range(4):
-            x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"body_layer{index + 1}")(x)
-            x = freeze_if(x, self.frozen_stages >= index + 2)
-            stages.append(x)  # C2..C5
+        stages = ResNet(
+            self.depth,
+            num_stages=4,
+            frozen_stages=self.frozen_stages,
+            dtype=self.dtype,
+            name="body",
+        )(images, all_stages=True)  # C2..C5
 
         # Kaiming-uniform with a = 1, zero bias: torchvision's FPN initialization.
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")

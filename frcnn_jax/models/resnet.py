@@ -113,7 +113,8 @@ class ResNet(nn.Module):
         return _WIDTHS[self.num_stages - 1] * 4
 
     @nn.compact
-    def __call__(self, images, *, train=False):
+    def __call__(self, images, *, train=False, all_stages=False):
+        """The last stage's map, or with `all_stages` the list of every stage's (C2, C3, ...)."""
         del train  # frozen BatchNorm: the same computation in training and inference
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {self.depth}")
@@ -123,10 +124,12 @@ class ResNet(nn.Module):
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = freeze_if(x, self.frozen_stages >= 1)
+        stages = []
         for index in range(self.num_stages):
             x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"layer{index + 1}")(x)
             x = freeze_if(x, self.frozen_stages >= index + 2)
-        return x
+            stages.append(x)
+        return stages if all_stages else x
 
 
 class Res5Head(nn.Module):
