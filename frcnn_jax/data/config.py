@@ -1,0 +1,54 @@
+"""The `config.data` section: fields, defaults (the paper's where it has one) and checks."""
+
+import ml_collections
+
+
+def data_config(**overrides):
+    """`config.data` with defaults; keyword arguments override fields (unknown ones fail)."""
+    c = ml_collections.ConfigDict()
+    c.name = (
+        "shapes/512"  # TFDS name (voc/2007, coco/2017), shapes/<512|320>, voc_folder, coco_folder
+    )
+    c.data_dir = ml_collections.FieldReference(
+        None, field_type=str
+    )  # TFDS data_dir; None: TFDS default
+    c.train_split = "train"  # split expression, e.g. "train+validation" (VOC 07 trainval)
+    c.eval_split = "test"
+    c.path = ml_collections.FieldReference(None, field_type=str)  # voc_folder: the VOC-layout root
+    c.coco_splits = ml_collections.FieldReference(
+        None, field_type=dict
+    )  # coco_folder: {split: (json, images)}
+    c.class_names = ml_collections.FieldReference(
+        None, field_type=list
+    )  # voc_folder: fixed class list
+    c.shapes_num_examples = ml_collections.FieldReference(
+        None, field_type=dict
+    )  # shapes split sizes
+    c.min_size = 600  # paper: short side 600
+    c.max_size = 1000  # paper: long side <= 1000
+    c.canvas = (600, 1000)  # static (H, W) every image is padded to
+    c.max_boxes = 64  # G: ground-truth slots per image (64 VOC, 100 COCO)
+    c.flip = True  # paper: random horizontal flip in training
+    c.exclude_difficult = True  # VOC "difficult" boxes are not training targets (kept for eval)
+    c.workers = 2  # grain worker processes (0: decode in the main process)
+    c.update(overrides)
+    return c
+
+
+def check_data_config(c):
+    """Raise ValueError naming the field for values that cannot work."""
+    if c.min_size <= 0 or c.max_size < c.min_size:
+        raise ValueError(
+            "config.data.min_size/max_size: need 0 < min_size <= max_size, "
+            f"got {c.min_size}/{c.max_size}"
+        )
+    if len(c.canvas) != 2 or min(c.canvas) <= 0:
+        raise ValueError(f"config.data.canvas: need (height, width) > 0, got {c.canvas}")
+    if c.max_boxes <= 0:
+        raise ValueError(f"config.data.max_boxes: need > 0, got {c.max_boxes}")
+    if c.workers < 0:
+        raise ValueError(f"config.data.workers: need >= 0, got {c.workers}")
+    if c.name == "voc_folder" and not c.path:
+        raise ValueError("config.data.path: voc_folder needs the folder's path")
+    if c.name == "coco_folder" and not c.coco_splits:
+        raise ValueError("config.data.coco_splits: coco_folder needs {split: (json, image_dir)}")

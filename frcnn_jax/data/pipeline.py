@@ -1,0 +1,283 @@
+"""From `config.data` to batches of static-shaped NumPy arrays, with a resumable position.
+
+Why TFDS random-access sources + grain: every source (TFDS `voc`/`coco`, user folders, shapes)
+is prepared once into array_record files that allow reading record i directly, so grain's
+`IndexSampler` can shuffle, shard per host, and describe the loader's position by a small
+state (the next index per worker) that is saved with each checkpoint: a resumed run continues
+with exactly the examples an uninterrupted run would have seen. grain's worker processes
+decode and preprocess in parallel; a `tf.data` pipeline would need TensorFlow at training time
+and has no cheap exact-resume story.
+
+Batching happens in the main process so that an example that fails to decode is skipped (and
+counted) without changing the batch shape; a one-line summary of input problems is logged once
+per epoch.
+"""
+
+import dataclasses
+import json
+import logging
+
+import grain.python as grain
+import numpy as np
+from absl import flags
+
+from frcnn_jax.data import checks, preprocess
+from frcnn_jax.data.config import check_data_config
+
+log = logging.getLogger(__name__)
+
+FOLDER_SOURCES = ("voc_folder", "coco_folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the program needs to know about a dataset."""
+
+    class_names: tuple
+    category_ids: tuple  # COCO category id of class k (1..K) at index k - 1
+    num_examples: int
+
+
+def get_builder(data):
+    """The TFDS builder for `config.data` (`name`, `data_dir`, and the folder fields)."""
+    import tensorflow_datasets as tfds
+
+    from frcnn_jax.data import builders
+
+    if data.name == "voc_folder":
+        return builders.voc_folder(data.path, data.get("class_names") or None, data.data_dir)
+    if data.name == "coco_folder":
+        return builders.coco_folder(dict(data.coco_splits), data.data_dir)
+    if data.name.startswith("shapes"):
+        _, _, config_name = data.name.partition("/")
+        config = _shapes_config(config_name or "512", data.get("shapes_num_examples"))
+        return builders.Shapes(config=config, data_dir=data.data_dir)
+    try:
+        return tfds.builder(data.name, data_dir=data.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"config.data.name: unknown dataset {data.name!r}: {e}") from None
+
+
+def _shapes_config(name, num_examples):
+    from frcnn_jax.data import builders
+
+    configs = {c.name: c for c in builders.Shapes.BUILDER_CONFIGS}
+    if name not in configs:
+        raise ValueError(f"config.data.name: shapes has configs {sorted(configs)}, not {name!r}")
+    config = configs[name]
+    if num_examples:
+        counts = {k: int(v) for k, v in dict(num_examples).items()}
+        key = "-".join(f"{k}{v}" for k, v in sorted(counts.items()))
+        config = dataclasses.replace(config, name=f"{name}-{key}", num_examples=counts)
+    return config
+
+
+def prepare(builder):
+    """Prepare once (array_record); later calls only read. TFDS logs to absl."""
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare(file_format="array_record")
+    return builder
+
+
+def dataset_info(builder, num_examples):
+    names = tuple(builder.info.features["objects"]["label"].names)
+    ids = builder.info.metadata.get("category_ids") if builder.info.metadata else None
+    ids = tuple(ids) if ids else tuple(range(1, len(names) + 1))
+    return DatasetInfo(names, ids, num_examples)
+
+
+def data_source(builder, split):
+    """Random-access source of records (images decoded by TFDS with PIL)."""
+    return builder.as_data_source(split)
+
+
+def to_example(record, index, problems):
+    """A raw TFDS record (ours, `voc`, or `coco`) -> decoded image, pixel boxes, labels 1..K."""
+    name = record.get("image/filename", b"")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    name = name or f"record {index}"
+    image = record["image"]
+    if isinstance(image, bytes):
+        image, _ = checks.decode_image_bytes(image, name)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise checks.BadExample("corrupt image", f"{name}: {image.dtype} {image.shape}")
+    objects = record["objects"]
+    height, width = image.shape[:2]
+    bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
+    labels = np.asarray(objects["label"], np.int64).reshape(-1) + 1
+    difficult = objects.get("is_difficult", objects.get("is_crowd"))
+    difficult = np.zeros(len(labels), bool) if difficult is None else np.asarray(difficult, bool)
+    n = min(len(bbox), len(labels), len(difficult))  # a malformed record may disagree
+    boxes = preprocess.boxes_to_pixels(bbox[:n], height, width)
+    boxes, keep = checks.clean_boxes(boxes, height, width, name, problems)
+    image_id = int(record.get("image/id", index))
+    return image, boxes, labels[:n][keep], difficult.reshape(-1)[:n][keep], image_id, name
+
+
+class _Preprocess(grain.RandomMapTransform):
+    """Decode + preprocess one record; a record that cannot be decoded comes out marked bad."""
+
+    def __init__(self, data, train):
+        self.kwargs = dict(
+            min_size=data.min_size,
+            max_size=data.max_size,
+            canvas=tuple(data.canvas),
+            max_boxes=data.max_boxes,
+            exclude_difficult=train and data.exclude_difficult,
+        )
+        self.flip = train and data.flip
+
+    def random_map(self, element, rng):
+        record, index = element
+        problems = checks.Problems()
+        if "problem" in record:
+            problems.add(*record["problem"])
+            return {"problems": problems}
+        try:
+            image, boxes, labels, difficult, image_id, name = to_example(record, index, problems)
+        except checks.BadExample as e:
+            problems.add(e.kind, e.detail)
+            return {"problems": problems}
+        flip = bool(self.flip and rng.random() < 0.5)
+        example, dropped = preprocess.preprocess(
+            image, boxes, labels, difficult, flip=flip, **self.kwargs
+        )
+        example["image_id"] = np.int64(image_id)
+        example["valid"] = np.bool_(True)
+        if dropped:
+            problems.add("boxes over max_boxes dropped", name, dropped)
+        if problems:
+            example["problems"] = problems
+        return example
+
+
+class _WithIndex:
+    """Source wrapper that passes the record index along (for names and default ids)."""
+
+    def __init__(self, source, name):
+        self.source = source
+        self.name = name
+
+    def __repr__(self):  # part of the saved loader state: must not change between runs
+        return f"{self.name} ({len(self.source)} records)"
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index], index
+        except Exception as e:  # a record TFDS cannot decode must not end the run
+            return {"problem": ("unreadable record", f"{self.name}[{index}]: {e}")}, index
+
+
+class Batches:
+    """Iterator of batches (dict of NumPy arrays with a leading batch axis) with a saveable
+    position: `get_state()` / `set_state()` (JSON-serializable).
+
+    Training: endless, reshuffled every epoch, `batch_size` valid examples per batch.
+    Evaluation: one pass; the last batch is padded with `valid=False` examples.
+    """
+
+    def __init__(self, source, data, *, batch_size, train, seed, shard_index=0, shard_count=1,
+                 worker_count=None, name="data"):  # fmt: skip
+        self.batch_size = batch_size
+        self.train = train
+        self.records = len(source)
+        self.records_per_shard = self.records // shard_count if train else None
+        sampler = grain.IndexSampler(
+            num_records=self.records,
+            shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=train),
+            shuffle=train,
+            num_epochs=None if train else 1,
+            seed=seed,
+        )
+        workers = data.workers if worker_count is None else worker_count
+        if workers and not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (notebooks, tests)
+        self._loader = grain.DataLoader(
+            data_source=_WithIndex(source, name),
+            sampler=sampler,
+            operations=[_Preprocess(data, train)],
+            worker_count=workers,
+            shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=train),
+        )
+        self._iter = iter(self._loader)
+        self.consumed = 0  # records taken from the loader, valid or not
+        self.problems = checks.Problems()
+        self._template = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        examples = []
+        while len(examples) < self.batch_size:
+            try:
+                example = next(self._iter)
+            except StopIteration:
+                break
+            self._count(example)
+            if "image" in example:
+                examples.append(example)
+        if not examples:
+            self._log_epoch()
+            raise StopIteration
+        self._template = self._template or examples[0]
+        while len(examples) < self.batch_size:  # pad the last evaluation batch
+            examples.append(_invalid_like(self._template))
+        keys = [k for k in examples[0] if k != "problems"]
+        return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+
+    def _count(self, example):
+        self.consumed += 1
+        if "problems" in example:
+            self.problems.update(example["problems"])
+        if self.records_per_shard and self.consumed % self.records_per_shard == 0:
+            self._log_epoch()
+
+    def _log_epoch(self):
+        epoch = self.consumed // self.records_per_shard if self.records_per_shard else 1
+        if self.problems:
+            log.warning("input problems in epoch %d: %s", epoch, self.problems.summary())
+        self.problems = checks.Problems()
+
+    def get_state(self):
+        return {"loader": self._iter.get_state().decode(), "consumed": self.consumed}
+
+    def set_state(self, state):
+        self._iter.set_state(state["loader"].encode())
+        self.consumed = int(state["consumed"])
+
+    def state_json(self):
+        return json.dumps(self.get_state())
+
+
+def _invalid_like(example):
+    return {k: np.zeros_like(v) for k, v in example.items() if k != "problems"}
+
+
+def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
+                 worker_count=None):  # fmt: skip
+    """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
+    check_data_config(data)
+    builder = prepare(get_builder(data))
+    source = data_source(builder, split)
+    if len(source) == 0:
+        raise ValueError(f"config.data: split {split!r} of {data.name} has no examples")
+    info = dataset_info(builder, len(source))
+    batches = Batches(
+        source,
+        data,
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        worker_count=worker_count,
+        name=f"{data.name}:{split}",
+    )
+    return batches, info

@@ -1,0 +1,158 @@
+import io
+import logging
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from frcnn_jax.data import pipeline
+from frcnn_jax.data.config import data_config
+
+SIZES = {"train": 24, "validation": 4, "test": 10}
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    data = data_config(
+        name="shapes/320",
+        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        shapes_num_examples=SIZES,
+        min_size=160,
+        max_size=160,
+        canvas=(160, 160),
+        max_boxes=8,
+        workers=0,
+    )
+    pipeline.make_batches(data, "train", batch_size=1, train=True)  # prepare once
+    return data
+
+
+def _take(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def test_training_batches_are_static_and_deterministic(shapes_data):
+    batches, info = pipeline.make_batches(shapes_data, "train", batch_size=4, train=True, seed=3)
+    assert info.class_names[0] == "rectangle" and info.num_examples == SIZES["train"]
+    first = _take(batches, 8)  # more than one epoch (24 records)
+    for batch in first:
+        assert batch["image"].shape == (4, 160, 160, 3) and batch["image"].dtype == np.uint8
+        assert batch["gt_boxes"].shape == (4, 8, 4) and batch["valid"].all()
+        assert (batch["gt_classes"][batch["gt_valid"]] >= 1).all()
+    again, _ = pipeline.make_batches(shapes_data, "train", batch_size=4, train=True, seed=3)
+    assert _same(first, _take(again, 8))
+    other, _ = pipeline.make_batches(shapes_data, "train", batch_size=4, train=True, seed=4)
+    assert not _same(first[:1], _take(other, 1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_sees_exactly_the_uninterrupted_examples(shapes_data, workers):
+    uninterrupted, _ = pipeline.make_batches(
+        shapes_data, "train", batch_size=3, train=True, seed=1, worker_count=workers
+    )
+    expected = _take(uninterrupted, 12)  # crosses an epoch boundary (8 batches per epoch)
+    run, _ = pipeline.make_batches(
+        shapes_data, "train", batch_size=3, train=True, seed=1, worker_count=workers
+    )
+    head = _take(run, 5)
+    state = run.get_state()
+    del run  # "killed"
+    resumed, _ = pipeline.make_batches(
+        shapes_data, "train", batch_size=3, train=True, seed=1, worker_count=workers
+    )
+    resumed.set_state(state)
+    assert _same(expected, head + _take(resumed, 7))
+
+
+def test_evaluation_is_one_padded_pass_and_shards_partition(shapes_data):
+    batches, _ = pipeline.make_batches(shapes_data, "test", batch_size=4, train=False)
+    seen = [b for b in batches]
+    assert [int(b["valid"].sum()) for b in seen] == [4, 4, 2]
+    ids = np.concatenate([b["image_id"][b["valid"]] for b in seen])
+    assert sorted(ids) == list(range(SIZES["test"]))
+    assert not seen[-1]["gt_valid"][~seen[-1]["valid"]].any()  # padding has no boxes
+    shard_ids = []
+    for index in range(2):
+        shard, _ = pipeline.make_batches(
+            shapes_data, "test", batch_size=4, train=False, shard_index=index, shard_count=2
+        )
+        shard_ids.append({int(i) for b in shard for i in b["image_id"][b["valid"]]})
+    assert shard_ids[0].isdisjoint(shard_ids[1]) and len(shard_ids[0] | shard_ids[1]) == 10
+
+
+def _encoded(seed):
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+class _ListSource:
+    """An in-memory source whose record 1 is corrupt and record 2 cannot even be read."""
+
+    def __init__(self):
+        good = {
+            "image/filename": b"ok.jpg",
+            "objects": {
+                "bbox": np.array([[0.1, 0.1, 0.5, 0.5]] * 3 + [[0.5, 0.5, 0.5, 0.9]], np.float32),
+                "label": np.array([0, 1, 2, 0]),
+                "is_difficult": np.zeros(4, bool),
+            },
+        }
+        self.records = [
+            dict(good, image=_encoded(0)),
+            dict(good, image=_encoded(1)[:200], **{"image/filename": b"cut.jpg"}),
+            None,
+            dict(good, image=_encoded(3)),
+        ]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        if self.records[index] is None:
+            raise OSError("disk error")
+        return self.records[index]
+
+
+def test_bad_records_are_skipped_counted_and_summarized_per_epoch(caplog):
+    data = data_config(min_size=40, max_size=50, canvas=(40, 50), max_boxes=2, workers=0)
+    batches = pipeline.Batches(_ListSource(), data, batch_size=2, train=True, seed=0, name="list")
+    with caplog.at_level(logging.WARNING):
+        # epoch 1 has two good records and two bad ones: the second batch ends it
+        batch = _take(batches, 2)[-1]
+    assert batch["valid"].all() and batch["gt_valid"].sum() == 4  # 2 boxes each (max_boxes)
+    summary = [r.message for r in caplog.records if "input problems in epoch 1" in r.message]
+    assert len(summary) == 1
+    assert "1 corrupt image (cut.jpg" in summary[0]
+    assert "1 unreadable record (list[2]: disk error)" in summary[0]
+    assert "2 boxes over max_boxes dropped" in summary[0]
+    assert "2 zero-area or inverted box dropped" in summary[0]
+
+
+@pytest.mark.parametrize("name", ["voc/2007", "coco/2017"])
+def test_tfds_voc_and_coco_code_paths(name):
+    data = data_config(name=name, min_size=100, max_size=160, canvas=(128, 160), max_boxes=8,
+                       workers=0)  # fmt: skip
+    with tfds.testing.mock_data(num_examples=5):
+        batches, info = pipeline.make_batches(data, "train", batch_size=2, train=True)
+        batch = next(batches)
+    assert len(info.class_names) == {"voc/2007": 20, "coco/2017": 80}[name]
+    assert batch["image"].shape == (2, 128, 160, 3)
+    boxes = batch["gt_boxes"][batch["gt_valid"]]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 128).all()
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"config\.data\.path"):
+        pipeline.make_batches(data_config(name="voc_folder"), "train", batch_size=1, train=True)
+    with pytest.raises(ValueError, match=r"config\.data\.name: unknown dataset 'nope/1'"):
+        pipeline.make_batches(data_config(name="nope/1"), "train", batch_size=1, train=True)
+    with pytest.raises(ValueError, match=r"config\.data\.canvas"):
+        pipeline.make_batches(data_config(canvas=(0, 5)), "train", batch_size=1, train=True)
