@@ -60,11 +60,13 @@ def test_demo_rejects_unknown_config_field():
 def test_readme_examples_run():
     readme = (ROOT / "README.md").read_text()
     blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 2
-    ops_example, model_example = ({} for _ in blocks)
+    assert len(blocks) == 3
+    ops_example, model_example, data_example = ({} for _ in blocks)
     exec(compile(blocks[0], "README.md", "exec"), ops_example)
     assert ops_example["proposals"].shape == (2000, 4)
     assert int(ops_example["kept"].valid.sum()) == 2000
+    exec(compile(blocks[2], "README.md", "exec"), data_example)
+    assert data_example["result"].mean_ap == 1.0
     exec(compile(blocks[1], "README.md", "exec"), model_example)
     assert model_example["detections"].boxes.shape == (2, 100, 4)
     assert set(model_example["losses"]) == {
