@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from frcnn_jax.models.backbones import VGG16, ZF, TinyBackbone, get_backbone
@@ -22,6 +23,7 @@ __all__ = [
     "ZF",
     "build_model",
     "get_backbone",
+    "trainable_mask",
 ]
 
 
@@ -52,3 +54,29 @@ def build_model(config) -> FasterRCNN:
         head=_settings(HeadSettings, model.get("head"), "head"),
         dtype=dtype,
     )
+
+
+def trainable_mask(model, variables, *, image_size=(128, 128)):
+    """bool pytree shaped like `variables["params"]`: False for parameters that get no gradient
+    because the backbone freezes them (`freeze_if`), True for everything else.
+
+    Found by differentiating a random projection of the backbone's features on a random
+    image: a frozen parameter's gradient is exactly zero, any other's is not (almost surely).
+    The optimizer uses the mask so frozen parameters are neither updated nor decayed.
+    """
+    images = jax.random.uniform(jax.random.key(0), (1, *image_size, 3), maxval=255.0)
+    params = variables["params"]
+
+    def probe(backbone_params):
+        merged = {**variables, "params": {**params, "backbone": backbone_params}}
+        features = model.apply(merged, images, train=False, method=FasterRCNN._features)
+        keys = jax.random.split(jax.random.key(1), len(features))
+        return sum(
+            jnp.sum(f.astype(jnp.float32) * jax.random.normal(k, f.shape))
+            for f, k in zip(features, keys, strict=True)
+        )
+
+    grads = jax.grad(probe)(params["backbone"])
+    backbone = jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
+    mask = jax.tree.map(lambda _: True, params)
+    return {**mask, "backbone": backbone}

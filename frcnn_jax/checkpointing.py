@@ -1,0 +1,79 @@
+"""Orbax checkpoints of the train state together with the data loader's position.
+
+Layout: `<workdir>/checkpoints/<step>/{state, loader, meta}`. `state` holds the arrays (step,
+params, frozen statistics, optimizer state), `loader` the grain loader state (JSON) so a resumed
+run sees exactly the examples an uninterrupted one would, `meta` the seed and config summary.
+Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    def __init__(self, workdir, *, max_to_keep=3):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "loader", "meta"),
+        )
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return list(self.manager.all_steps())
+
+    def save(self, step, state, loader_state, meta):
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loader=ocp.args.JsonSave(loader_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def restore(self, step, abstract_state):
+        """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings."""
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} "
+                f"(available: {self.all_steps() or 'none'})"
+            )
+        restored = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                loader=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state, restored.loader, restored.meta
+
+    def restore_state(self, step, abstract_state):
+        """Only the arrays (evaluation needs no loader position)."""
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} "
+                f"(available: {self.all_steps() or 'none'})"
+            )
+        restored = self.manager.restore(
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored.state
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

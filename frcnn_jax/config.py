@@ -1,0 +1,71 @@
+"""The base config every `configs/*.py` file starts from: `data`, `model`, `train`, `eval`.
+
+Each field carries its paper value in a comment where the paper has one. Config files override
+fields; the command line overrides anything (`--config.train.learning_rate=0.01`).
+"""
+
+import ml_collections
+
+from frcnn_jax.data.config import check_data_config, data_config
+
+SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
+METRICS = ("voc07", "voc_area")
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.data = data_config()
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "vgg16"  # paper: VGG-16 (ZF for the fast net)
+    c.model.num_classes = 20  # K object classes (VOC: 20)
+    c.model.dtype = "float32"  # "bfloat16": bf16 conv/matmul, float32 parameters and box math
+    c.model.frozen_stages = ml_collections.FieldReference(None, field_type=int)  # None: default
+    c.model.init_checkpoint = ml_collections.FieldReference(None, field_type=str)  # .npz weights
+    c.model.rpn = ml_collections.ConfigDict()  # fields of RPNSettings; unset: paper values
+    c.model.head = ml_collections.ConfigDict()  # fields of HeadSettings; unset: paper values
+
+    c.train = ml_collections.ConfigDict()
+    c.train.scheme = "approximate_joint"  # paper default; "non_approximate_joint", "alternating"
+    c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
+    c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
+    c.train.learning_rate = 1e-3  # paper: 1e-3
+    c.train.lr_steps = (30000,)  # paper: x0.1 after 60k images
+    c.train.lr_decay = 0.1  # paper: 0.1
+    c.train.warmup_steps = 0  # linear warm-up steps (not in the paper; torchvision uses 1000)
+    c.train.warmup_factor = 1e-3
+    c.train.momentum = 0.9  # paper: 0.9
+    c.train.weight_decay = 5e-4  # paper: 5e-4 (on kernels; frozen layers excluded)
+    c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # None: off
+    c.train.seed = 0
+    c.train.log_every = 20
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 0  # 0: evaluate only at the end
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"  # paper: VOC 2007 test
+    c.eval.batch_size = 2
+    c.eval.metric = "voc07"  # paper: VOC07 11-point; "voc_area" for VOC2010+
+    c.eval.iou_threshold = 0.5  # paper: 0.5
+    c.eval.coco = False  # also pycocotools' 12 numbers
+    return c
+
+
+def check_config(c):
+    """Raise ValueError naming the field for values that cannot work."""
+    check_data_config(c.data)
+    if c.train.scheme not in SCHEMES:
+        raise ValueError(f"config.train.scheme must be one of {SCHEMES}, got {c.train.scheme!r}")
+    if c.eval.metric not in METRICS:
+        raise ValueError(f"config.eval.metric must be one of {METRICS}, got {c.eval.metric!r}")
+    for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if c.train[field] <= 0:
+            raise ValueError(f"config.train.{field} must be > 0, got {c.train[field]}")
+    if c.train.learning_rate <= 0:
+        raise ValueError(f"config.train.learning_rate must be > 0, got {c.train.learning_rate}")
+    if c.eval.batch_size <= 0:
+        raise ValueError(f"config.eval.batch_size must be > 0, got {c.eval.batch_size}")
+    if c.train.scheme == "non_approximate_joint" and c.model.head.get("pooler") != "align":
+        raise ValueError(
+            "config.train.scheme='non_approximate_joint' needs config.model.head.pooler='align'"
+        )

@@ -1,0 +1,42 @@
+"""Data parallelism over every device of every host: one mesh axis, "data".
+
+Parameters and optimizer state are replicated; each batch is split along its leading axis.
+Each host loads its own shard of the global batch (`jax.process_index()` of
+`jax.process_count()`), and `shard_batch` assembles the global array from the local pieces.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None):
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size, mesh):
+    """Examples this host loads per step; the global batch must split evenly over devices."""
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(
+            f"config.train.batch_size={global_batch_size} must be a multiple of the number of "
+            f"devices ({devices})"
+        )
+    return global_batch_size // jax.process_count()
+
+
+def shard_batch(batch, mesh):
+    """Host-local NumPy batch dict -> global jax.Arrays split along the batch axis."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,0 +1,424 @@
+"""Training loop: Optax SGD, data parallel over every device, Orbax checkpoints, metrics.
+
+`train_step(state, batch, key)` is a pure function; `train_and_evaluate(config, workdir)` jits
+it once with shardings, runs it, checkpoints (with the loader position), logs and evaluates.
+Rerunning the same command resumes from the latest checkpoint.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from frcnn_jax import checkpointing, sharding
+from frcnn_jax.data import make_batches
+from frcnn_jax.evaluation.runner import evaluate_detections
+from frcnn_jax.models import FasterRCNN, build_model, trainable_mask
+
+log = logging.getLogger(__name__)
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step changes. `nonfinite_step` is the first step whose loss or gradient was
+    not finite (-1 if none): that step's update was skipped, so `params` stay the last good."""
+
+    step: jax.Array
+    params: Any
+    frozen: Any  # non-trained collections (FrozenBatchNorm statistics); {} if none
+    opt_state: Any
+    nonfinite_step: jax.Array
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(train):
+    """Linear warm-up from `warmup_factor * learning_rate`, then x `lr_decay` at each of
+    `lr_steps` (the paper: 1e-3, x0.1 after 60k images on VOC 07)."""
+    base = train.learning_rate
+    boundaries = {int(s): train.lr_decay for s in train.lr_steps}
+    steps = optax.piecewise_constant_schedule(base, boundaries)
+    if not train.warmup_steps:
+        return steps
+    warmup = optax.linear_schedule(base * train.warmup_factor, base, train.warmup_steps)
+    return optax.join_schedules([warmup, lambda s: steps(s + train.warmup_steps)],
+                                [train.warmup_steps])  # fmt: skip
+
+
+def make_optimizer(train, trainable):
+    """SGD with momentum and weight decay on kernels; frozen parameters get no update and no
+    decay (`trainable` mask); optional gradient clipping by global norm."""
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda path, t: t and path[-1].key == "kernel", trainable
+    )
+    parts = []
+    if train.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    parts += [
+        optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_schedule(train), momentum=train.momentum),
+    ]
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    return optax.multi_transform(
+        {"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels
+    )
+
+
+# ---------------------------------------------------------------- the step
+
+
+def train_step(state, batch, key, *, model, tx):
+    """One SGD step on a (global) batch; returns (state, metrics of this step)."""
+    step_key = jax.random.fold_in(key, state.step)
+    sample_key, dropout_key = jax.random.split(step_key)
+
+    def loss_fn(params):
+        terms = model.apply(
+            {"params": params, **state.frozen},
+            batch["image"],
+            batch["image_size"],
+            batch["gt_boxes"],
+            batch["gt_classes"],
+            batch["gt_valid"],
+            sample_key,
+            method=FasterRCNN.losses,
+            rngs={"dropout": dropout_key},
+        )
+        return sum(terms.values()), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_step=jnp.where(
+            ~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step
+        ),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, **terms}
+    return state, metrics
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def init_state(config, model, tx_fn):
+    """Initial state on the host (parameters from `config.model.init_checkpoint` if set)."""
+    height, width = config.data.canvas
+    variables = model.init(
+        jax.random.key(config.train.seed),
+        jnp.zeros((1, height, width, 3), jnp.float32),
+        jnp.array([[height, width]], jnp.int32),
+        method=FasterRCNN.detect,
+    )
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    if config.model.get("init_checkpoint"):
+        params = load_pretrained(params, config.model.init_checkpoint)
+    tx = tx_fn(trainable_mask(model, {"params": params, **variables}))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        frozen=variables,
+        opt_state=tx.init(params),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+    return state, tx
+
+
+def load_pretrained(params, path):
+    """Overwrite parameters from an .npz whose keys are '/'-joined parameter paths (e.g.
+    'backbone/conv1_1/kernel'), as written by the weight converters. Keys absent from the file
+    keep their initialization; a key the model lacks or a shape mismatch is an error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config.model.init_checkpoint: no such file {path}")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    with np.load(path) as weights:
+        unknown = sorted(set(weights.files) - set(flat))
+        if unknown:
+            raise ValueError(
+                f"config.model.init_checkpoint {path}: parameters not in the model: {unknown[:5]}"
+            )
+        for key in weights.files:
+            if weights[key].shape != flat[key].shape:
+                raise ValueError(
+                    f"config.model.init_checkpoint {path}: {key} has shape {weights[key].shape}, "
+                    f"the model expects {flat[key].shape}"
+                )
+            flat[key] = jnp.asarray(weights[key], flat[key].dtype)
+    log.info("initialized %d parameter arrays from %s", len(weights.files), path)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+class _Stop:
+    """SIGTERM / Ctrl-C: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricWriter:
+    """Scalars to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tensorboard`)."""
+
+    def __init__(self, workdir, enabled=True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            workdir = pathlib.Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (workdir / "metrics.jsonl").open("a")
+            try:
+                from flax.metrics import tensorboard
+
+                self._tb = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # TensorBoard needs TensorFlow; JSONL always works
+                log.warning("TensorBoard writer unavailable; writing metrics.jsonl only")
+
+    def write(self, step, scalars, prefix=""):
+        if not self.enabled:
+            return
+        scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self):
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _flat_scalars(metrics, prefix=""):
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def make_detect_fn(model, mesh):
+    replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(replicated, batched, batched, batched))
+    def detect(variables, images, sizes, scales):
+        return model.apply(variables, images, sizes, scales, method=FasterRCNN.detect)
+
+    def detect_fn(variables, batch):
+        inputs = sharding.shard_batch({k: batch[k] for k in ("image", "image_size", "scale")}, mesh)
+        out = detect(variables, inputs["image"], inputs["image_size"], inputs["scale"])
+        return jax.tree.map(np.asarray, _gather(out)), None
+
+    return detect_fn
+
+
+def _gather(tree):
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def evaluate(config, model, variables, mesh, *, workdir=None, step=None):
+    """Evaluate on `config.eval.split`; every host takes part, process 0 writes the report."""
+    batches, info = make_batches(
+        config.data,
+        config.eval.split,
+        batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
+        train=False,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    detect_fn = make_detect_fn(model, mesh)
+    if jax.process_count() > 1:
+        batches = (_gather_batch(b) for b in batches)
+    write = workdir is not None and jax.process_index() == 0
+    return evaluate_detections(
+        lambda batch: detect_fn(variables, batch),
+        batches,
+        info,
+        use_07_metric=config.eval.metric == "voc07",
+        iou_threshold=config.eval.iou_threshold,
+        coco=config.eval.coco,
+        workdir=workdir if write else None,
+        title=f"{config.data.name} {config.eval.split}, step {step}",
+    )
+
+
+def _gather_batch(batch):
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(batch).items()}
+
+
+def train_and_evaluate(config, workdir):
+    """Train `config` in `workdir` (resuming if it has checkpoints), then evaluate.
+
+    Returns the final evaluation metrics (dict).
+    """
+    workdir = pathlib.Path(workdir)
+    train = config.train
+    checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
+    final_report = workdir / "eval" / f"step_{train.num_steps}" / "metrics.json"
+    latest = checkpoints.latest_step()
+    if latest is not None and latest >= train.num_steps and final_report.is_file():
+        log.info("already trained to step %d and evaluated: %s", train.num_steps, final_report)
+        print(f"already done: {final_report}", flush=True)
+        return json.loads(final_report.read_text())
+    mesh = sharding.data_mesh()
+    local_batch = sharding.local_batch_size(train.batch_size, mesh)
+    model = build_model(config)
+    if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals
+        model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
+    elif train.scheme == "alternating":
+        raise NotImplementedError("config.train.scheme='alternating' is not implemented yet")
+    state, tx = init_state(config, model, functools.partial(make_optimizer, train))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    batches, info = make_batches(
+        config.data,
+        config.data.train_split,
+        batch_size=local_batch,
+        train=True,
+        seed=train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    meta = {"seed": train.seed, "num_steps": train.num_steps, "classes": list(info.class_names)}
+    if latest is not None:
+        state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
+        batches.set_state(loader_state)
+        log.info("resumed from %s at step %d", checkpoints.directory, latest)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None),
+        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    key = jax.random.key(train.seed)
+    step = int(state.step)
+    pending, start, start_step = [], time.perf_counter(), step
+    with _Stop() as stop:
+        while step < train.num_steps:
+            batch = next(batches)
+            batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
+            state, metrics = step_fn(state, batch, key)
+            pending.append(metrics)
+            step += 1
+            last = step == train.num_steps
+            if step % train.log_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                _log_progress(step, train, pending, start, start_step, writer)
+                pending = []
+            if step % train.checkpoint_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                checkpoints.save(step, state, batches.get_state(), meta)
+            if stop.requested:
+                checkpoints.wait()
+                log.warning("stopped at step %d; rerun the same command to resume", step)
+                writer.close()
+                return None
+            if train.eval_every and step % train.eval_every == 0 and not last:
+                variables = {"params": state.params, **state.frozen}
+                metrics_eval = evaluate(config, model, variables, mesh)
+                writer.write(step, _flat_scalars(metrics_eval), prefix="eval/")
+    checkpoints.wait()
+    variables = {"params": state.params, **state.frozen}
+    result = evaluate(
+        config, model, variables, mesh, workdir=final_report.parent, step=train.num_steps
+    )
+    writer.write(train.num_steps, _flat_scalars(result), prefix="eval/")
+    writer.close()
+    mean_ap = result["voc"]["mAP"]
+    print(
+        f"{config.data.name} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
+        f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} "
+        f"(report: {final_report.parent})",
+        flush=True,
+    )
+    return result
+
+
+def _check_finite(state, pending, checkpoints):
+    bad = int(state.nonfinite_step)
+    if bad < 0:
+        return
+    terms = {}
+    for metrics in pending:
+        values = jax.device_get(metrics)
+        if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
+            terms = {k: float(values[k]) for k in (*LOSS_NAMES, "grad_norm")}
+            break
+    checkpoints.wait()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {bad} (loss terms: {terms or 'see metrics.jsonl'});"
+        f" that update was skipped and training stopped; the last good checkpoint is step "
+        f"{checkpoints.latest_step()} in {checkpoints.directory}"
+    )
+
+
+def _log_progress(step, train, pending, start, start_step, writer):
+    values = jax.device_get(pending)
+    mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    elapsed = time.perf_counter() - start
+    rate = (step - start_step) / max(elapsed, 1e-9)
+    eta = (train.num_steps - step) / max(rate, 1e-9)
+    lr = float(learning_rate_schedule(train)(step))
+    writer.write(step, {**mean, "steps_per_s": rate, "learning_rate": lr}, prefix="train/")
+    terms = " ".join(f"{k}={mean[k]:.4f}" for k in LOSS_NAMES)
+    log.info(
+        "step %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",
+        step, train.num_steps, 100 * step / train.num_steps, rate, rate * train.batch_size,
+        _duration(eta), mean["loss"], terms, lr,
+    )  # fmt: skip
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
