@@ -38,13 +38,16 @@ class Checkpoints:
             ),
         )
 
-    def restore(self, step, abstract_state):
-        """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings."""
+    def _check_step(self, step):
         if step not in self.manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} "
                 f"(available: {self.all_steps() or 'none'})"
             )
+
+    def restore(self, step, abstract_state):
+        """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings."""
+        self._check_step(step)
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -55,15 +58,11 @@ class Checkpoints:
         )
         return restored.state, restored.loader, restored.meta
 
-    def restore_state(self, step, abstract_state):
-        """Only the arrays (evaluation needs no loader position)."""
-        if step not in self.manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory} "
-                f"(available: {self.all_steps() or 'none'})"
-            )
+    def restore_arrays(self, step):
+        """Only the saved state, as a dict of arrays in the saved structure (for evaluation)."""
+        self._check_step(step)
         restored = self.manager.restore(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore())
         )
         return restored.state
 

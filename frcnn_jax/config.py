@@ -48,6 +48,7 @@ def base_config():
     c.eval.metric = "voc07"  # paper: VOC07 11-point; "voc_area" for VOC2010+
     c.eval.iou_threshold = 0.5  # paper: 0.5
     c.eval.coco = False  # also pycocotools' 12 numbers
+    c.eval.proposal_recall = False  # also recall vs IoU of the RPN's proposals (Figure 4)
     return c
 
 
@@ -69,3 +70,18 @@ def check_config(c):
         raise ValueError(
             "config.train.scheme='non_approximate_joint' needs config.model.head.pooler='align'"
         )
+
+
+def config_from_file(path, arg=None):
+    """`get_config(arg)` of a config file (for notebooks, and for variants built on another
+    config file: `config_from_file(pathlib.Path(__file__).with_name("voc07_vgg16.py"))`)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()

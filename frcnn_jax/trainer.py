@@ -100,7 +100,7 @@ def train_step(state, batch, key, *, model, tx):
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     state = state.replace(
@@ -241,17 +241,23 @@ def _flat_scalars(metrics, prefix=""):
     return out
 
 
-def make_detect_fn(model, mesh):
+def make_detect_fn(model, mesh, *, proposals=False):
+    """(variables, host batch) -> (Detections, proposals or None) as NumPy, all hosts' images."""
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
     @functools.partial(jax.jit, in_shardings=(replicated, batched, batched, batched))
     def detect(variables, images, sizes, scales):
-        return model.apply(variables, images, sizes, scales, method=FasterRCNN.detect)
+        return model.apply(
+            variables, images, sizes, scales, return_proposals=True, method=FasterRCNN.detect
+        )
 
     def detect_fn(variables, batch):
-        inputs = sharding.shard_batch({k: batch[k] for k in ("image", "image_size", "scale")}, mesh)
+        local = batch.get("_local", batch)  # multi-host: each host feeds its own examples
+        keys = ("image", "image_size", "scale")
+        inputs = sharding.shard_batch({k: local[k] for k in keys}, mesh)
         out = detect(variables, inputs["image"], inputs["image_size"], inputs["scale"])
-        return jax.tree.map(np.asarray, _gather(out)), None
+        detections, boxes = jax.tree.map(np.asarray, _gather(out))
+        return detections, (boxes if proposals else None)
 
     return detect_fn
 
@@ -274,7 +280,7 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None):
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    detect_fn = make_detect_fn(model, mesh)
+    detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
     if jax.process_count() > 1:
         batches = (_gather_batch(b) for b in batches)
     write = workdir is not None and jax.process_index() == 0
@@ -285,15 +291,18 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None):
         use_07_metric=config.eval.metric == "voc07",
         iou_threshold=config.eval.iou_threshold,
         coco=config.eval.coco,
+        proposals=config.eval.proposal_recall,
         workdir=workdir if write else None,
         title=f"{config.data.name} {config.eval.split}, step {step}",
     )
 
 
 def _gather_batch(batch):
+    """Every host's examples (in global batch order), keeping this host's under "_local"."""
     from jax.experimental import multihost_utils
 
-    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(batch).items()}
+    gathered = multihost_utils.process_allgather(batch, tiled=True)
+    return {**{k: np.asarray(v) for k, v in gathered.items()}, "_local": batch}
 
 
 def train_and_evaluate(config, workdir):
@@ -319,6 +328,7 @@ def train_and_evaluate(config, workdir):
         raise NotImplementedError("config.train.scheme='alternating' is not implemented yet")
     state, tx = init_state(config, model, functools.partial(make_optimizer, train))
     state = jax.device_put(state, sharding.replicated(mesh))
+    _prepare_once(config.data)
     batches, info = make_batches(
         config.data,
         config.data.train_split,
@@ -375,14 +385,49 @@ def train_and_evaluate(config, workdir):
     )
     writer.write(train.num_steps, _flat_scalars(result), prefix="eval/")
     writer.close()
+    _print_result(config, result, final_report.parent)
+    return result
+
+
+def evaluate_checkpoint(config, workdir, step=None):
+    """Evaluate the checkpoint at `step` (latest if None) of `workdir` on `config.eval.split`;
+    the report goes to `<workdir>/eval/step_<step>/`."""
+    checkpoints = checkpointing.Checkpoints(workdir)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}: train first")
+    saved = checkpoints.restore_arrays(step)
+    model = build_model(config)
+    mesh = sharding.data_mesh()
+    variables = jax.device_put(
+        {"params": saved["params"], **saved["frozen"]}, sharding.replicated(mesh)
+    )
+    report = pathlib.Path(workdir) / "eval" / f"step_{step}"
+    result = evaluate(config, model, variables, mesh, workdir=report, step=step)
+    _print_result(config, result, report)
+    return result
+
+
+def _print_result(config, result, report):
     mean_ap = result["voc"]["mAP"]
     print(
         f"{config.data.name} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
-        f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} "
-        f"(report: {final_report.parent})",
+        f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} (report: {report})",
         flush=True,
     )
-    return result
+
+
+def _prepare_once(data):
+    """Multi-host: process 0 prepares the dataset (TFDS writes files once), the others wait."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from frcnn_jax.data import pipeline
+
+    if jax.process_index() == 0:
+        pipeline.prepare_all(data)
+    multihost_utils.sync_global_devices("frcnn_jax: dataset prepared")
 
 
 def _check_finite(state, pending, checkpoints):

@@ -13,7 +13,6 @@ def data_config(**overrides):
         None, field_type=str
     )  # TFDS data_dir; None: TFDS default
     c.train_split = "train"  # split expression, e.g. "train+validation" (VOC 07 trainval)
-    c.eval_split = "test"
     c.path = ml_collections.FieldReference(None, field_type=str)  # voc_folder: the VOC-layout root
     c.coco_splits = ml_collections.FieldReference(
         None, field_type=dict

@@ -207,6 +207,12 @@ class Batches:
         )
         self._iter = iter(self._loader)
         self.consumed = 0  # records taken from the loader, valid or not
+        self.name = name
+        # Evaluation: every host yields the same number of batches (padding with valid=False
+        # examples), so multi-host collectives stay in step when shards differ in size.
+        per_shard = -(-self.records // shard_count)
+        self.num_batches = None if train else -(-per_shard // batch_size)
+        self._yielded = 0
         self.problems = checks.Problems()
         self._template = None
 
@@ -223,11 +229,14 @@ class Batches:
             self._count(example)
             if "image" in example:
                 examples.append(example)
-        if not examples:
+        if not examples and (self.train or self._yielded >= self.num_batches):
             self._log_epoch()
             raise StopIteration
+        if self._template is None and not examples:
+            raise ValueError(f"{self.name}: this host's shard of the split has no valid example")
         self._template = self._template or examples[0]
-        while len(examples) < self.batch_size:  # pad the last evaluation batch
+        self._yielded += 1
+        while len(examples) < self.batch_size:  # pad the last evaluation batch(es)
             examples.append(_invalid_like(self._template))
         keys = [k for k in examples[0] if k != "problems"]
         return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
@@ -260,15 +269,51 @@ def _invalid_like(example):
     return {k: np.zeros_like(v) for k, v in example.items() if k != "problems"}
 
 
+def prepare_all(data):
+    """The prepared builder of each dataset in `data.name` ("voc/2007,voc/2012": a union)."""
+    return [prepare(get_builder(_with_name(data, name.strip()))) for name in data.name.split(",")]
+
+
+def _with_name(data, name):
+    if name == data.name:
+        return data
+    one = data.copy_and_resolve_references()
+    with one.unlocked():
+        one.name = name
+    return one
+
+
+class _Concat:
+    """Random access over several sources, one after the other."""
+
+    def __init__(self, sources):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index):
+        which = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.sources[which][index - int(self.offsets[which])]
+
+
 def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
                  worker_count=None):  # fmt: skip
     """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
     check_data_config(data)
-    builder = prepare(get_builder(data))
-    source = data_source(builder, split)
-    if len(source) == 0:
-        raise ValueError(f"config.data: split {split!r} of {data.name} has no examples")
-    info = dataset_info(builder, len(source))
+    builders = prepare_all(data)
+    sources = []
+    for builder in builders:
+        source = data_source(builder, split)
+        if len(source) == 0:
+            raise ValueError(f"config.data: split {split!r} of {builder.name} has no examples")
+        sources.append(source)
+    infos = [dataset_info(b, len(s)) for b, s in zip(builders, sources, strict=True)]
+    if any(i.class_names != infos[0].class_names for i in infos):
+        raise ValueError(f"config.data.name: the datasets of {data.name!r} have different classes")
+    source = sources[0] if len(sources) == 1 else _Concat(sources)
+    info = dataclasses.replace(infos[0], num_examples=len(source))
     batches = Batches(
         source,
         data,

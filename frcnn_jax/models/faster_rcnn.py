@@ -257,9 +257,10 @@ class FasterRCNN(nn.Module):
         )
         return jax.tree.map(jnp.mean, {**rpn_terms, **head_terms})
 
-    def detect(self, images, image_sizes, scales=None):
+    def detect(self, images, image_sizes, scales=None, *, return_proposals=False):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,
-        1 when omitted)."""
+        1 when omitted). With `return_proposals`, also the RPN's proposals (boxes [B, P, 4] in
+        the resized frame, descending objectness, and their `valid` mask) for recall studies."""
         features = self._features(images, train=False)
         proposals = self._proposals(self._rpn(features), image_sizes, train=False)
         class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
@@ -271,11 +272,14 @@ class FasterRCNN(nn.Module):
             nms_threshold=self.head.nms_threshold,
             max_detections=self.head.max_detections,
         )
-        return jax.vmap(
+        detections = jax.vmap(
             lambda c, d, p, v, size, s: detect(
                 c, d, p, v, image_height=size[0], image_width=size[1], scale=s
             )
         )(class_logits, box_deltas, proposals.boxes, proposals.valid, image_sizes, scales)
+        if return_proposals:
+            return detections, (proposals.boxes, proposals.valid)
+        return detections
 
     def __call__(self, images, image_sizes):
         return self.detect(images, image_sizes)

@@ -1,0 +1,52 @@
+"""torchvision's `fasterrcnn_resnet50_fpn` recipe on COCO 2017 (37.0 box AP with ImageNet
+weights): 16 images per step, lr 0.02, 26 epochs with decays at 16 and 22, min/max size
+800/1333. Evaluated with pycocotools on val2017."""
+
+from frcnn_jax.config import base_config
+
+STEPS_PER_EPOCH = 117266 // 16
+
+
+def get_config(arg=None):
+    del arg
+    c = base_config()
+    c.data.name = "coco/2017"
+    c.data.train_split = "train"
+    c.data.min_size = 800  # torchvision: 800
+    c.data.max_size = 1333  # torchvision: 1333
+    c.data.canvas = (1344, 1344)  # both orientations fit; multiple of 32 for the FPN
+    c.data.max_boxes = 100
+    c.data.exclude_difficult = True  # COCO "iscrowd" regions are not targets
+
+    c.model.backbone = "resnet50_fpn"
+    c.model.num_classes = 80
+    c.model.rpn.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
+    c.model.rpn.channels = 256
+    c.model.rpn.objectness = "sigmoid"
+    c.model.rpn.train_pre_nms_top_n = 2000  # torchvision: per level
+    c.model.rpn.train_post_nms_top_n = 2000
+    c.model.rpn.test_pre_nms_top_n = 1000
+    c.model.rpn.test_post_nms_top_n = 1000
+    c.model.rpn.min_size = 1e-3
+    c.model.rpn.box_weight = 1.0
+    c.model.rpn.box_normalizer = None
+    c.model.rpn.allowed_border = None
+    c.model.head.pooler = "align"
+    c.model.head.widths = (1024, 1024)
+    c.model.head.dropout = 0.0
+    c.model.head.batch_size = 512
+    c.model.head.background_iou = (0.0, 0.5)
+    c.model.head.nms_threshold = 0.5
+
+    c.train.batch_size = 16  # torchvision: 2 images x 8 GPUs
+    c.train.num_steps = 26 * STEPS_PER_EPOCH
+    c.train.learning_rate = 0.02
+    c.train.lr_steps = (16 * STEPS_PER_EPOCH, 22 * STEPS_PER_EPOCH)
+    c.train.warmup_steps = 1000
+    c.train.weight_decay = 1e-4
+    c.train.checkpoint_every = 5000
+    c.eval.split = "validation"
+    c.eval.batch_size = 8
+    c.eval.metric = "voc_area"
+    c.eval.coco = True
+    return c

@@ -1,0 +1,289 @@
+"""Training: config handling, an end-to-end run, resume after SIGKILL, NaN stop, one vs eight
+devices, two processes, and the paper config on TFDS mock data."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from frcnn_jax import checkpointing, trainer
+from frcnn_jax.config import check_config, config_from_file
+from frcnn_jax.models import FasterRCNN, build_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_OVERRIDES = """
+    c.data.shapes_num_examples = {"train": 16, "validation": 2, "test": 6}
+    c.data.min_size = 128
+    c.data.max_size = 128
+    c.data.canvas = (128, 128)
+    c.data.workers = 0
+    c.model.rpn.channels = 32
+    c.model.rpn.train_pre_nms_top_n = 300
+    c.model.rpn.train_post_nms_top_n = 100
+    c.model.rpn.test_pre_nms_top_n = 300
+    c.model.rpn.test_post_nms_top_n = 50
+    c.model.head.widths = (64, 64)
+    c.model.head.batch_size = 32
+    c.train.batch_size = 2
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.warmup_steps = 2
+    c.train.lr_steps = (4,)
+    c.eval.batch_size = 2
+"""
+
+
+def tiny_config(data_dir, **train):
+    c = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    exec(textwrap.dedent(TINY_OVERRIDES), {"c": c})
+    c.data.data_dir = str(data_dir)
+    c.train.update(train)
+    check_config(c)
+    return c
+
+
+def write_config_file(path, data_dir, extra=""):
+    """A config file for subprocess runs: shapes_tiny with the tiny overrides."""
+    path.write_text(
+        "import pathlib\n"
+        "from frcnn_jax.config import config_from_file\n\n"
+        "def get_config():\n"
+        f"    c = config_from_file(pathlib.Path({str(ROOT / 'configs' / 'shapes_tiny.py')!r}))\n"
+        + TINY_OVERRIDES
+        + f"    c.data.data_dir = {str(data_dir)!r}\n"
+        + textwrap.indent(textwrap.dedent(extra), "    ")
+        + "    return c\n"
+    )
+    return path
+
+
+def run_train(config_file, workdir, *args, env=None, wait=True):
+    command = [sys.executable, "-m", "frcnn_jax.train", f"--config={config_file}",
+               f"--workdir={workdir}", *args]  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, env=full_env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.run(command, env=full_env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def test_every_config_file_builds():
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.name == "demo_ops.py":
+            continue
+        c = config_from_file(path)
+        check_config(c)
+        model = build_model(c)
+        images = jnp.zeros((1, 64, 96, 3))
+        jax.eval_shape(
+            lambda k, m=model, x=images: m.init(
+                k, x, jnp.array([[64, 96]]), method=FasterRCNN.detect
+            ),
+            jax.random.key(0),
+        )
+
+
+def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    result = trainer.train_and_evaluate(config, tmp_path)
+    assert result["num_images"] == 6 and "mAP" in result["voc"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "train/loss" in x]
+    assert [x["step"] for x in train_lines] == [2, 4, 6]
+    assert all(np.isfinite(x["train/loss"]) and x["train/steps_per_s"] > 0 for x in train_lines)
+    assert any("eval/voc/mAP" in x for x in lines)
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert checkpointing.Checkpoints(tmp_path).all_steps() == [2, 4, 6]
+    report = tmp_path / "eval" / "step_6"
+    assert {"metrics.json", "table.md", "pr"} <= {p.name for p in report.iterdir()}
+
+    start = time.perf_counter()
+    again = trainer.train_and_evaluate(config, tmp_path)
+    assert again == result and time.perf_counter() - start < 5
+
+
+def test_frozen_parameters_do_not_move(data_dir, tmp_path):
+    """VGG-16's conv1/conv2 get neither updates nor weight decay (the paper's freezing)."""
+    c = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
+    model = build_model(c)
+    with jax.default_device(jax.devices("cpu")[0]):
+        c.data.canvas = (64, 64)
+        state, tx = trainer.init_state(c, model, lambda mask: trainer.make_optimizer(c.train, mask))
+        grads = jax.tree.map(jnp.ones_like, state.params)
+        updates, _ = tx.update(grads, state.opt_state, state.params)
+    assert float(jnp.abs(updates["backbone"]["conv1_1"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(updates["backbone"]["conv2_2"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(updates["backbone"]["conv3_1"]["kernel"]).max()) > 0.0
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    model = build_model(config)
+    state, tx = trainer.init_state(
+        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
+    )
+    batch = {
+        "image": jnp.full((2, 128, 128, 3), jnp.nan),
+        "image_size": jnp.full((2, 2), 128),
+        "gt_boxes": jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
+        "gt_classes": jnp.ones((2, 16), jnp.int32),
+        "gt_valid": jnp.ones((2, 16), bool),
+    }
+    new, metrics = trainer.train_step(state, batch, jax.random.key(0), model=model, tx=tx)
+    assert not np.isfinite(float(metrics["loss"])) and int(new.nonfinite_step) == 0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    exploding = tiny_config(data_dir, learning_rate=1e12, warmup_steps=0, grad_clip_norm=None)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d") as e:
+        trainer.train_and_evaluate(exploding, tmp_path)
+    message = str(e.value)
+    assert "fast_rcnn_class" in message or "metrics.jsonl" in message
+    bad_step = int(message.split("at step ")[1].split()[0])
+    saved = checkpointing.Checkpoints(tmp_path).all_steps()
+    assert all(step <= bad_step for step in saved)  # nothing saved after the bad step
+
+
+def _final_params(workdir):
+    saved = checkpointing.Checkpoints(workdir).restore_arrays(6)
+    return jax.tree.leaves(saved["params"])
+
+
+def test_sigkill_then_rerun_ends_with_the_uninterrupted_parameters(data_dir, tmp_path):
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir, "c.train.num_steps = 6\n")
+    straight = run_train(config_file, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = run_train(config_file, killed_dir, wait=False)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "2").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = checkpointing.Checkpoints(killed_dir).all_steps()
+    assert steps and max(steps) < 6, steps  # killed mid-run
+    resumed = run_train(config_file, killed_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    for a, b in zip(_final_params(tmp_path / "straight"), _final_params(killed_dir), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_before_exiting(data_dir, tmp_path):
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir, "c.train.num_steps = 400\n")
+    process = run_train(config_file, tmp_path, wait=False)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "2").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "rerun the same command to resume" in output
+    steps = checkpointing.Checkpoints(tmp_path).all_steps()
+    assert max(steps) > 2 or len(steps) >= 2  # a save at the stop, beyond the periodic one
+
+
+def test_bad_config_values_and_fields_are_named(data_dir, tmp_path):
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir)
+    unknown = run_train(config_file, tmp_path / "a", "--config.train.nope=1")
+    assert unknown.returncode != 0 and "nope" in unknown.stderr
+    bad = run_train(config_file, tmp_path / "b", "--config.train.scheme=sideways")
+    assert bad.returncode != 0 and "config.train.scheme must be one of" in bad.stderr
+    wrong_type = run_train(config_file, tmp_path / "c", "--config.train.num_steps=many")
+    assert wrong_type.returncode != 0 and "num_steps" in wrong_type.stderr
+
+
+EQUIVALENCE_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, pathlib, sys
+sys.path.insert(0, {root!r})
+from tests.test_trainer import tiny_config
+from frcnn_jax import sharding, trainer
+from frcnn_jax.data import make_batches
+from frcnn_jax.models import build_model
+config = tiny_config({data_dir!r}, batch_size=8)
+model = build_model(config)
+batches, _ = make_batches(config.data, "train", batch_size=8, train=True, seed=0)
+batch = {{k: v for k, v in next(batches).items() if k != "image_id"}}
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.data_mesh(devices)
+    state, tx = trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    step = jax.jit(lambda s, b, k: trainer.train_step(s, b, k, model=model, tx=tx),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None))
+    for _ in range(2):
+        state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(0))
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+print("devices", len(jax.devices()), "losses", results[0][1], results[1][1])
+for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+print("EQUAL")
+"""
+
+
+def test_one_device_and_eight_devices_give_the_same_step(data_dir):
+    tiny_config(data_dir)  # make sure the data is prepared
+    from frcnn_jax.data import make_batches
+
+    make_batches(tiny_config(data_dir).data, "train", batch_size=1, train=True)
+    script = EQUIVALENCE_SCRIPT.format(root=str(ROOT), data_dir=str(data_dir))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert "EQUAL" in out.stdout, out.stdout + out.stderr
+    assert "devices 8" in out.stdout
+
+
+def test_two_processes_on_loopback_train_together(data_dir, tmp_path):
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir, "c.train.num_steps = 4\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    processes = [
+        run_train(config_file, tmp_path / "run", *flags, f"--process_id={i}", wait=False)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out
+    assert "mAP@0.5" in outputs[0]
+    assert checkpointing.Checkpoints(tmp_path / "run").latest_step() == 4
+
+
+def test_voc07_vgg16_trains_two_steps_on_mock_data_and_restores(tmp_path):
+    c = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
+    c.data.min_size, c.data.max_size, c.data.canvas = 96, 128, (96, 128)
+    c.data.workers = 0
+    c.train.num_steps = 2
+    c.train.checkpoint_every = 1
+    c.train.log_every = 1
+    c.model.rpn.train_pre_nms_top_n = 300
+    c.model.rpn.test_pre_nms_top_n = 300
+    with tfds.testing.mock_data(num_examples=3):
+        result = trainer.train_and_evaluate(c, tmp_path)
+        assert result["num_images"] == 3
+        again = trainer.evaluate_checkpoint(c, tmp_path, step=1)
+    assert again["num_images"] == 3
+    assert checkpointing.Checkpoints(tmp_path).all_steps() == [1, 2]
