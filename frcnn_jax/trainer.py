@@ -78,23 +78,30 @@ def make_optimizer(train, trainable):
 # ---------------------------------------------------------------- the step
 
 
-def train_step(state, batch, key, *, model, tx):
-    """One SGD step on a (global) batch; returns (state, metrics of this step)."""
+def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"):
+    """One SGD step on a (global) batch; returns (state, metrics of this step).
+
+    objective: "joint" (all four terms, `FasterRCNN.losses`), "rpn" (the RPN's terms) or
+    "head" (Fast R-CNN's terms on fixed proposals from `proposer`, a variables dict, or from the
+    state's own network when None): the pieces of the paper's alternating training.
+    """
     step_key = jax.random.fold_in(key, state.step)
     sample_key, dropout_key = jax.random.split(step_key)
+    inputs = (batch["image"], batch["image_size"])
+    gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+    if objective == "head":
+        source = proposer if proposer is not None else {"params": state.params, **state.frozen}
+        proposals = model.apply(source, *inputs, method=FasterRCNN.training_proposals)
+    method = {"joint": FasterRCNN.losses, "rpn": FasterRCNN.rpn_losses}.get(objective)
 
     def loss_fn(params):
-        terms = model.apply(
-            {"params": params, **state.frozen},
-            batch["image"],
-            batch["image_size"],
-            batch["gt_boxes"],
-            batch["gt_classes"],
-            batch["gt_valid"],
-            sample_key,
-            method=FasterRCNN.losses,
-            rngs={"dropout": dropout_key},
-        )
+        variables = {"params": params, **state.frozen}
+        rngs = {"dropout": dropout_key}
+        if objective == "head":
+            terms = model.apply(variables, *inputs, *proposals, *gt, sample_key,
+                                method=FasterRCNN.head_losses, rngs=rngs)  # fmt: skip
+        else:
+            terms = model.apply(variables, *inputs, *gt, sample_key, method=method, rngs=rngs)
         return sum(terms.values()), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -308,7 +315,7 @@ def _gather_batch(batch):
 def train_and_evaluate(config, workdir):
     """Train `config` in `workdir` (resuming if it has checkpoints), then evaluate.
 
-    Returns the final evaluation metrics (dict).
+    Returns the final evaluation metrics (dict), or None when stopped by a signal.
     """
     workdir = pathlib.Path(workdir)
     train = config.train
@@ -320,65 +327,22 @@ def train_and_evaluate(config, workdir):
         print(f"already done: {final_report}", flush=True)
         return json.loads(final_report.read_text())
     mesh = sharding.data_mesh()
-    local_batch = sharding.local_batch_size(train.batch_size, mesh)
     model = build_model(config)
     if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals
         model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
-    elif train.scheme == "alternating":
-        raise NotImplementedError("config.train.scheme='alternating' is not implemented yet")
-    state, tx = init_state(config, model, functools.partial(make_optimizer, train))
-    state = jax.device_put(state, sharding.replicated(mesh))
     _prepare_once(config.data)
-    batches, info = make_batches(
-        config.data,
-        config.data.train_split,
-        batch_size=local_batch,
-        train=True,
-        seed=train.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    meta = {"seed": train.seed, "num_steps": train.num_steps, "classes": list(info.class_names)}
-    if latest is not None:
-        state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
-        batches.set_state(loader_state)
-        log.info("resumed from %s at step %d", checkpoints.directory, latest)
-
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    key = jax.random.key(train.seed)
-    step = int(state.step)
-    pending, start, start_step = [], time.perf_counter(), step
-    with _Stop() as stop:
-        while step < train.num_steps:
-            batch = next(batches)
-            batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
-            state, metrics = step_fn(state, batch, key)
-            pending.append(metrics)
-            step += 1
-            last = step == train.num_steps
-            if step % train.log_every == 0 or last or stop.requested:
-                _check_finite(state, pending, checkpoints)
-                _log_progress(step, train, pending, start, start_step, writer)
-                pending = []
-            if step % train.checkpoint_every == 0 or last or stop.requested:
-                _check_finite(state, pending, checkpoints)
-                checkpoints.save(step, state, batches.get_state(), meta)
-            if stop.requested:
-                checkpoints.wait()
-                log.warning("stopped at step %d; rerun the same command to resume", step)
-                writer.close()
-                return None
-            if train.eval_every and step % train.eval_every == 0 and not last:
-                variables = {"params": state.params, **state.frozen}
-                metrics_eval = evaluate(config, model, variables, mesh)
-                writer.write(step, _flat_scalars(metrics_eval), prefix="eval/")
-    checkpoints.wait()
+    if train.scheme == "alternating":
+        state = _train_alternating(config, workdir, model, mesh, writer)
+    else:
+        state, tx = init_state(config, model, functools.partial(make_optimizer, train))
+        state = _train_stage(
+            config, model, mesh, jax.device_put(state, sharding.replicated(mesh)), tx,
+            checkpoints, writer, num_steps=train.num_steps,
+        )  # fmt: skip
+    if state is None:
+        writer.close()
+        return None
     variables = {"params": state.params, **state.frozen}
     result = evaluate(
         config, model, variables, mesh, workdir=final_report.parent, step=train.num_steps
@@ -387,6 +351,134 @@ def train_and_evaluate(config, workdir):
     writer.close()
     _print_result(config, result, final_report.parent)
     return result
+
+
+def _train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_steps,
+                 objective="joint", proposer=None, seed_offset=0, name="",
+                 lr_fn=None):  # fmt: skip
+    """Run steps until `num_steps` from the latest checkpoint in `checkpoints` (or `state`),
+    saving periodically; returns the final state, or None when stopped by a signal.
+    `lr_fn` is the stage's learning-rate schedule, for the logs."""
+    train = config.train
+    batches, info = make_batches(
+        config.data,
+        config.data.train_split,
+        batch_size=sharding.local_batch_size(train.batch_size, mesh),
+        train=True,
+        seed=train.seed + seed_offset,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    meta = {"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
+        batches.set_state(loader_state)
+        log.info("resumed from %s at step %d", checkpoints.directory, latest)
+    replicated = sharding.replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, objective=objective),
+        in_shardings=(replicated, sharding.batch_sharding(mesh), None, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    key = jax.random.key(train.seed + seed_offset)
+    step = int(state.step)
+    pending, start, start_step = [], time.perf_counter(), step
+    with _Stop() as stop:
+        while step < num_steps:
+            batch = next(batches)
+            batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
+            state, metrics = step_fn(state, batch, key, proposer)
+            pending.append(metrics)
+            step += 1
+            last = step == num_steps
+            if step % train.log_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                _log_progress(
+                    step, num_steps, train, pending, start, start_step, writer, name, lr_fn
+                )
+                pending = []
+            if step % train.checkpoint_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                checkpoints.save(step, state, batches.get_state(), meta)
+            if stop.requested:
+                checkpoints.wait()
+                log.warning("stopped at step %d; rerun the same command to resume", step)
+                return None
+            if train.eval_every and step % train.eval_every == 0 and not last:
+                variables = {"params": state.params, **state.frozen}
+                metrics_eval = evaluate(config, model, variables, mesh)
+                writer.write(step, _flat_scalars(metrics_eval), prefix=f"eval/{name}")
+    checkpoints.wait()
+    return state
+
+
+# The paper's 4-step alternating training (section 3.2): which sub-modules each step trains,
+# its objective, and its share of `train.num_steps` (the paper's VOC schedule: 80k RPN, 40k
+# Fast R-CNN, 80k RPN, 40k Fast R-CNN iterations).
+ALTERNATING_STAGES = (
+    ("rpn", ("backbone", "rpn_head"), 1 / 3),
+    ("head", ("backbone", "box_head", "predictor"), 1 / 6),
+    ("rpn", ("rpn_head",), 1 / 3),
+    ("head", ("box_head", "predictor"), 1 / 6),
+)
+
+
+def _train_alternating(config, workdir, model, mesh, writer):
+    """Steps 1-4, each resumable in `<workdir>/alternating/step<k>`; the final network is saved
+    to `<workdir>/checkpoints` at `train.num_steps` for evaluation."""
+    train = config.train
+    replicated = sharding.replicated(mesh)
+    initial, _ = init_state(config, model, functools.partial(make_optimizer, train))
+    frozen_rules = trainable_mask(model, {"params": initial.params, **initial.frozen})
+    finals = []
+    for index, (objective, modules, share) in enumerate(ALTERNATING_STAGES, start=1):
+        num_steps = max(round(train.num_steps * share), 1)
+        mask = {k: jax.tree.map(lambda t, on=k in modules: t and on, v)
+                for k, v in frozen_rules.items()}  # fmt: skip
+        stage_train = _scaled_schedule(train, num_steps)
+        tx = make_optimizer(stage_train, mask)
+        if index == 1 or index == 2:  # steps 1 and 2 start from the initial weights
+            params = initial.params
+        elif index == 3:  # the detector's shared convs + step 1's RPN head
+            params = {**finals[1].params, "rpn_head": finals[0].params["rpn_head"]}
+        else:
+            params = finals[2].params
+        # a copy: each stage donates its state to its step, earlier stages' arrays live on
+        state = jax.device_put(
+            jax.tree.map(jnp.copy, initial.replace(params=params, opt_state=tx.init(params))),
+            replicated,
+        )
+        proposer = None
+        if index == 2:  # Fast R-CNN trained on step 1's proposals
+            proposer = jax.device_put({"params": finals[0].params, **finals[0].frozen}, replicated)
+        checkpoints = checkpointing.Checkpoints(
+            workdir / "alternating" / f"step{index}", max_to_keep=train.keep_checkpoints
+        )
+        state = _train_stage(
+            config, model, mesh, state, tx, checkpoints, writer, num_steps=num_steps,
+            objective=objective, proposer=proposer, seed_offset=index, name=f"step{index}/",
+            lr_fn=learning_rate_schedule(stage_train),
+        )  # fmt: skip
+        if state is None:
+            return None
+        finals.append(state)
+    final = finals[-1].replace(step=jnp.asarray(train.num_steps, jnp.int32))
+    checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
+    checkpoints.save(train.num_steps, final, {}, {"scheme": "alternating"})
+    checkpoints.wait()
+    return final
+
+
+def _scaled_schedule(train, num_steps):
+    """`train` with its warm-up and decay steps scaled to a stage of `num_steps`."""
+    scale = num_steps / train.num_steps
+    scaled = train.copy_and_resolve_references()
+    with scaled.unlocked():
+        scaled.lr_steps = tuple(max(round(s * scale), 1) for s in train.lr_steps)
+        scaled.warmup_steps = round(train.warmup_steps * scale)
+    return scaled
 
 
 def evaluate_checkpoint(config, workdir, step=None):
@@ -448,18 +540,18 @@ def _check_finite(state, pending, checkpoints):
     )
 
 
-def _log_progress(step, train, pending, start, start_step, writer):
+def _log_progress(step, num_steps, train, pending, start, start_step, writer, name="", lr_fn=None):
     values = jax.device_get(pending)
     mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
     elapsed = time.perf_counter() - start
     rate = (step - start_step) / max(elapsed, 1e-9)
-    eta = (train.num_steps - step) / max(rate, 1e-9)
-    lr = float(learning_rate_schedule(train)(step))
-    writer.write(step, {**mean, "steps_per_s": rate, "learning_rate": lr}, prefix="train/")
-    terms = " ".join(f"{k}={mean[k]:.4f}" for k in LOSS_NAMES)
+    eta = (num_steps - step) / max(rate, 1e-9)
+    lr = float((lr_fn or learning_rate_schedule(train))(step))
+    writer.write(step, {**mean, "steps_per_s": rate, "learning_rate": lr}, prefix=f"train/{name}")
+    terms = " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k in LOSS_NAMES)
     log.info(
-        "step %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",
-        step, train.num_steps, 100 * step / train.num_steps, rate, rate * train.batch_size,
+        "%sstep %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",
+        name, step, num_steps, 100 * step / num_steps, rate, rate * train.batch_size,
         _duration(eta), mean["loss"], terms, lr,
     )  # fmt: skip
 

@@ -287,3 +287,40 @@ def test_voc07_vgg16_trains_two_steps_on_mock_data_and_restores(tmp_path):
         again = trainer.evaluate_checkpoint(c, tmp_path, step=1)
     assert again["num_images"] == 3
     assert checkpointing.Checkpoints(tmp_path).all_steps() == [1, 2]
+
+
+def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
+    config = tiny_config(data_dir, scheme="alternating", num_steps=12, log_every=1,
+                         checkpoint_every=1)  # fmt: skip
+    result = trainer.train_and_evaluate(config, tmp_path)
+    assert result["num_images"] == 6
+
+    def params(step_dir, step):
+        return checkpointing.Checkpoints(tmp_path / "alternating" / step_dir).restore_arrays(step)[
+            "params"
+        ]
+
+    def same(a, b):
+        return all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+
+    # steps of 12 x (1/3, 1/6, 1/3, 1/6) = 4, 2, 4, 2
+    p1, p2, p3, p4 = params("step1", 4), params("step2", 2), params("step3", 4), params("step4", 2)
+    assert same(p3["backbone"], p2["backbone"])  # step 3 keeps the detector's shared convs
+    assert not same(p3["rpn_head"], p1["rpn_head"])  # and fine-tunes step 1's RPN head
+    assert same(p4["backbone"], p3["backbone"]) and same(p4["rpn_head"], p3["rpn_head"])
+    assert not same(p4["predictor"], p2["predictor"])
+    assert not same(p2["backbone"], p1["backbone"])  # step 2 trains its own network
+    final = checkpointing.Checkpoints(tmp_path).restore_arrays(12)["params"]
+    assert same(final, p4)
+    start = time.perf_counter()
+    assert trainer.train_and_evaluate(config, tmp_path) == result
+    assert time.perf_counter() - start < 5
+
+
+def test_non_approximate_joint_training_moves_gradients_into_proposals(data_dir, tmp_path):
+    config = tiny_config(data_dir, scheme="non_approximate_joint", num_steps=2)
+    result = trainer.train_and_evaluate(config, tmp_path)
+    assert result["num_images"] == 6

@@ -6,10 +6,14 @@ through `tfds.data_source`. Preparing needs tensorflow(-cpu) (TFDS's writer); re
 decode with TensorFlow.
 """
 
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import pathlib
 
 import numpy as np
@@ -86,16 +90,26 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split):
         c = self.builder_config
-        height, width = c.image_size
-        for index in range(c.num_examples[split]):
-            ex = shapes.render(
-                c.seed, split, index, image_size=c.image_size, min_side=c.min_side,
-                max_side=c.max_side,
-            )  # fmt: skip
-            yield index, folders.record(
-                index, f"{split}_{index:06d}", checks.encode_jpeg(ex["image"]), height, width,
-                ex["boxes"], ex["labels"], ex["difficult"],
-            )  # fmt: skip
+        render = functools.partial(
+            _shapes_record, c.seed, split, tuple(c.image_size), c.min_side, c.max_side
+        )
+        indices = range(c.num_examples[split])
+        # Rendering is pure NumPy/PIL: spread it over the cores (spawned workers never import
+        # TensorFlow); results come back in order, so the bytes do not depend on the pool.
+        context = multiprocessing.get_context("spawn")
+        workers = min(os.cpu_count() or 1, 8)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            yield from enumerate(pool.map(render, indices, chunksize=32))
+
+
+def _shapes_record(seed, split, image_size, min_side, max_side, index):
+    ex = shapes.render(
+        seed, split, index, image_size=image_size, min_side=min_side, max_side=max_side
+    )
+    return folders.record(
+        index, f"{split}_{index:06d}", checks.encode_jpeg(ex["image"]), *image_size,
+        ex["boxes"], ex["labels"], ex["difficult"],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- user folders

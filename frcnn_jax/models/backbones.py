@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from frcnn_jax.models.fpn import ResNetFPN
+from frcnn_jax.models.fpn import ResNetFPN, feature_pyramid
 from frcnn_jax.models.resnet import ResNet, freeze_if
 
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
@@ -33,14 +33,35 @@ class TinyBackbone(nn.Module):
         return self.widths[-1]
 
     @nn.compact
-    def __call__(self, images, *, train=False):
+    def __call__(self, images, *, train=False, all_stages=False):
+        """The last stage's map, or every stage's (strides 2, 4, 8, ...) with `all_stages`."""
         del train
         x = images.astype(self.dtype)
+        stages = []
         for i, width in enumerate(self.widths):
-            # Four stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
+            # Stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
             x = nn.relu(nn.Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
             x = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
-        return x
+            stages.append(x)
+        return stages if all_stages else x
+
+
+class TinyFPN(nn.Module):
+    """A five-stage tiny convnet with an FPN on its last three stages: P3-P5 at strides 8, 16
+    and 32 (`channels` wide), for CPU experiments where small objects matter (`shapes`)."""
+
+    widths: Sequence[int] = (16, 32, 64, 128, 256)
+    channels: int = 64
+    dtype: jnp.dtype = jnp.float32
+    strides = (8, 16, 32)
+    roi_levels = 3
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        body = TinyBackbone(self.widths, dtype=self.dtype, name="body")
+        stages = body(images, all_stages=True)[2:]  # C3-C5
+        return feature_pyramid(stages, self.channels, self.dtype)
 
 
 _VGG16_LAYOUT = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -124,6 +145,7 @@ def get_backbone(name: str, *, dtype=jnp.float32, frozen_stages=None) -> nn.Modu
     vgg_frozen = {} if frozen_stages is None else {"frozen_blocks": frozen_stages}
     backbones = {
         "tiny": lambda: TinyBackbone(dtype=dtype),
+        "tiny_fpn": lambda: TinyFPN(dtype=dtype),
         "vgg16": lambda: VGG16(dtype=dtype, **vgg_frozen),
         "zf": lambda: ZF(dtype=dtype),
         "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype, **frozen),

@@ -186,25 +186,11 @@ class FasterRCNN(nn.Module):
 
     # -- entry points ----------------------------------------------------------------------
 
-    def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
-        """Training losses of a batch (approximate joint training unless
-        `head.proposal_gradients`), averaged over images.
-
-        Args:
-          images: float [B, H, W, 3] RGB 0-255; image_sizes: int32 [B, 2] (height, width).
-          gt_boxes: float32 [B, G, 4]; gt_classes: int32 [B, G] in 1..K; gt_valid: bool [B, G].
-          key: PRNG key for anchor and RoI sampling (dropout takes the 'dropout' rng).
-
-        Returns:
-          {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
-        """
-        features = self._features(images, train=True)
-        levels = self._rpn(features)
+    def _rpn_terms(self, levels, image_sizes, gt_boxes, gt_valid, keys):
+        """Equation (1) per image for the RPN outputs `levels`, with sampled anchor targets."""
         anchors = jnp.concatenate([a for a, _, _ in levels])  # [A, 4] over all levels
         logits = jnp.concatenate([lg for _, lg, _ in levels], axis=1)
         deltas = jnp.concatenate([d for _, _, d in levels], axis=1)
-        batch = images.shape[0]
-        rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * batch), 2)
 
         def rpn_image_targets(k, boxes, valid, size):
             return targets.rpn_targets(
@@ -221,8 +207,8 @@ class FasterRCNN(nn.Module):
                 allowed_border=self.rpn.allowed_border,
             )
 
-        rpn_targets = jax.vmap(rpn_image_targets)(rpn_keys, gt_boxes, gt_valid, image_sizes)
-        rpn_terms = jax.vmap(
+        rpn_targets = jax.vmap(rpn_image_targets)(keys, gt_boxes, gt_valid, image_sizes)
+        return jax.vmap(
             functools.partial(
                 losses_lib.rpn_loss,
                 box_weight=self.rpn.box_weight,
@@ -231,8 +217,9 @@ class FasterRCNN(nn.Module):
             )
         )(logits, deltas, rpn_targets)
 
-        proposals = self._proposals(levels, image_sizes, train=True)
-        boxes = proposals.boxes
+    def _head_terms(self, features, boxes, valid, gt_boxes, gt_classes, gt_valid, keys):
+        """Fast R-CNN losses on RoIs sampled from proposals `boxes` [B, P, 4]; gradients reach
+        the boxes only with `head.proposal_gradients` (non-approximate joint training)."""
         if not self.head.proposal_gradients:
             boxes = jax.lax.stop_gradient(boxes)
         roi_targets = jax.vmap(
@@ -243,7 +230,7 @@ class FasterRCNN(nn.Module):
                 foreground_iou=self.head.foreground_iou,
                 background_iou=self.head.background_iou,
             )
-        )(roi_keys, jax.lax.stop_gradient(boxes), proposals.valid, gt_boxes, gt_classes, gt_valid)
+        )(keys, jax.lax.stop_gradient(boxes), valid, gt_boxes, gt_classes, gt_valid)
         rois = roi_targets.rois
         if self.head.proposal_gradients:
             # Re-gather the sampled RoIs from the differentiable proposals, so that gradients
@@ -252,10 +239,56 @@ class FasterRCNN(nn.Module):
             rois = jnp.take_along_axis(candidates, roi_targets.sources[..., None], axis=1)
             rois = jnp.where(roi_targets.valid[..., None], rois, 0.0)
         class_logits, box_deltas = self._box_predictions(features, rois, train=True)
-        head_terms = jax.vmap(functools.partial(losses_lib.fast_rcnn_loss, beta=self.head.beta))(
+        return jax.vmap(functools.partial(losses_lib.fast_rcnn_loss, beta=self.head.beta))(
             class_logits, box_deltas, roi_targets
         )
+
+    def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
+        """Training losses of a batch (approximate joint training unless
+        `head.proposal_gradients`), averaged over images.
+
+        Args:
+          images: float [B, H, W, 3] RGB 0-255; image_sizes: int32 [B, 2] (height, width).
+          gt_boxes: float32 [B, G, 4]; gt_classes: int32 [B, G] in 1..K; gt_valid: bool [B, G].
+          key: PRNG key for anchor and RoI sampling (dropout takes the 'dropout' rng).
+
+        Returns:
+          {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
+        """
+        features = self._features(images, train=True)
+        levels = self._rpn(features)
+        rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
+        rpn_terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
+        proposals = self._proposals(levels, image_sizes, train=True)
+        head_terms = self._head_terms(
+            features, proposals.boxes, proposals.valid, gt_boxes, gt_classes, gt_valid, roi_keys
+        )
         return jax.tree.map(jnp.mean, {**rpn_terms, **head_terms})
+
+    def rpn_losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
+        """The RPN's terms alone (alternating training, steps 1 and 3); same keys as `losses`."""
+        del gt_classes
+        levels = self._rpn(self._features(images, train=True))
+        rpn_keys, _ = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
+        terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
+        return jax.tree.map(jnp.mean, terms)
+
+    def training_proposals(self, images, image_sizes):
+        """The RPN's training-time proposals (boxes [B, P, 4], valid [B, P]), no gradient."""
+        proposals = self._proposals(
+            self._rpn(self._features(images, train=False)), image_sizes, train=True
+        )
+        return jax.lax.stop_gradient(proposals.boxes), proposals.valid
+
+    def head_losses(self, images, image_sizes, proposals, proposal_valid, gt_boxes, gt_classes,
+                    gt_valid, key):  # fmt: skip
+        """Fast R-CNN's terms on given (fixed) proposals (alternating training, steps 2 and 4)."""
+        features = self._features(images, train=True)
+        _, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
+        terms = self._head_terms(
+            features, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys
+        )
+        return jax.tree.map(jnp.mean, terms)
 
     def detect(self, images, image_sizes, scales=None, *, return_proposals=False):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,

@@ -38,24 +38,29 @@ class ResNetFPN(nn.Module):
             name="body",
         )(images, all_stages=True)  # C2..C5
 
-        # Kaiming-uniform with a = 1, zero bias: torchvision's FPN initialization.
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-        def conv(kernel, name):
-            return nn.Conv(
-                self.channels,
-                (kernel, kernel),
-                padding=kernel // 2,
-                kernel_init=init,
-                dtype=self.dtype,
-                name=name,
-            )
-
-        last = conv(1, "fpn_inner3")(stages[3])
-        outputs = [conv(3, "fpn_layer3")(last)]
-        for index in (2, 1, 0):
-            lateral = conv(1, f"fpn_inner{index}")(stages[index])
-            last = lateral + _upsample_nearest(last, lateral.shape[1], lateral.shape[2])
-            outputs.insert(0, conv(3, f"fpn_layer{index}")(last))
+        outputs = feature_pyramid(stages, self.channels, self.dtype)
         outputs.append(outputs[-1][:, ::2, ::2])  # P6: max_pool2d(kernel 1, stride 2)
         return outputs
+
+
+def feature_pyramid(stages, channels, dtype):
+    """FPN top-down pathway (call inside a compact module): a 1x1 lateral conv per stage
+    (`fpn_inner{i}`), nearest 2x upsampling and sum, then a 3x3 output conv (`fpn_layer{i}`);
+    returns the maps finest first."""
+    # Kaiming-uniform with a = 1, zero bias: torchvision's FPN initialization.
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+    def conv(kernel, name):
+        return nn.Conv(
+            channels, (kernel, kernel), padding=kernel // 2, kernel_init=init, dtype=dtype,
+            name=name,
+        )  # fmt: skip
+
+    top = len(stages) - 1
+    last = conv(1, f"fpn_inner{top}")(stages[top])
+    outputs = [conv(3, f"fpn_layer{top}")(last)]
+    for index in reversed(range(top)):
+        lateral = conv(1, f"fpn_inner{index}")(stages[index])
+        last = lateral + _upsample_nearest(last, lateral.shape[1], lateral.shape[2])
+        outputs.insert(0, conv(3, f"fpn_layer{index}")(last))
+    return outputs
