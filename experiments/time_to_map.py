@@ -115,7 +115,7 @@ def torch_twin(config):
     size = config.data.min_size
     return FasterRCNN(
         TinyFPN(),
-        num_classes=config.model.num_classes + 1,
+        num_classes=None,  # given by box_predictor
         min_size=size,
         max_size=size,
         image_mean=[0.485, 0.456, 0.406],

@@ -9,25 +9,19 @@ from frcnn_jax.runtime import configure_xla_cpu
 
 configure_xla_cpu()
 
-import logging  # noqa: E402
-
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from frcnn_jax import trainer  # noqa: E402
+from frcnn_jax import cli, trainer  # noqa: E402
 from frcnn_jax.config import check_config  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "The training run's directory.")
+cli.define_config_and_workdir("The training run's directory.")
 flags.DEFINE_integer("checkpoint", None, "Step to evaluate (default: the latest).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notices
+    cli.setup_logging()
     check_config(FLAGS.config)
     trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 

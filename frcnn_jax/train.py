@@ -9,28 +9,22 @@ from frcnn_jax.runtime import configure_xla_cpu
 
 configure_xla_cpu()
 
-import logging  # noqa: E402
-
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from frcnn_jax import trainer  # noqa: E402
+from frcnn_jax import cli, trainer  # noqa: E402
 from frcnn_jax.config import check_config  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here.")
+cli.define_config_and_workdir("Checkpoints, metrics and reports go here.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notices
+    cli.setup_logging()
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(

@@ -1,0 +1,19 @@
+"""What the command-line entry points share: the --config/--workdir flags and logging."""
+
+import logging
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_config_and_workdir(workdir_help):
+    """--config (a configs/*.py file, locked after parsing: overriding a field it does not have
+    is an error naming the field) and --workdir; both required."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's per-call notices
