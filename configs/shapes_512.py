@@ -1,5 +1,5 @@
-"""The time-to-accuracy setting (experiments/time_to_map.py): a tiny FPN (P3-P5) on the full
-`shapes` set at 512x512, objects 16-300 px."""
+"""The time-to-accuracy setting (experiments/time_to_map.py): shapes_tiny's tiny FPN (P3-P5)
+on the full `shapes` set at 512x512, objects 16-300 px."""
 
 import pathlib
 
@@ -14,9 +14,7 @@ def get_config(arg=None):
     c.data.min_size = 512
     c.data.max_size = 512
     c.data.canvas = (512, 512)
-    c.model.backbone = "tiny_fpn"
     c.model.rpn.anchor_sizes = ((16, 32), (64, 128), (256, 384))  # per level: P3, P4, P5
-    c.model.rpn.channels = 64
     c.train.num_steps = 4000  # about 20 minutes on 2 CPU cores
     c.train.lr_steps = (3000,)
     return c

@@ -1,4 +1,4 @@
-"""The README's offline default: the tiny backbone on the `shapes` set at 320x320.
+"""The README's offline default: the tiny FPN backbone (P3-P5) on the `shapes` set at 320x320.
 
     python -m frcnn_jax.train --config configs/shapes_tiny.py --workdir /tmp/shapes_tiny
 
@@ -18,10 +18,10 @@ def get_config(arg=None):
     c.data.canvas = (320, 320)
     c.data.max_boxes = 16
 
-    c.model.backbone = "tiny"
+    c.model.backbone = "tiny_fpn"
     c.model.num_classes = 8
-    c.model.rpn.anchor_sizes = (16, 32, 64, 128)
-    c.model.rpn.channels = 128
+    c.model.rpn.anchor_sizes = ((12, 24), (40, 80), (128, 192))  # per level: P3, P4, P5
+    c.model.rpn.channels = 64
     c.model.rpn.objectness = "sigmoid"
     c.model.rpn.train_pre_nms_top_n = 2000
     c.model.rpn.train_post_nms_top_n = 500

@@ -128,11 +128,11 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
 def init_state(config, model, tx_fn):
     """Initial state on the host (parameters from `config.model.init_checkpoint` if set)."""
     height, width = config.data.canvas
-    variables = model.init(
+    init = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))
+    variables = init(
         jax.random.key(config.train.seed),
         jnp.zeros((1, height, width, 3), jnp.float32),
         jnp.array([[height, width]], jnp.int32),
-        method=FasterRCNN.detect,
     )
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")

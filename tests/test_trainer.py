@@ -324,3 +324,31 @@ def test_non_approximate_joint_training_moves_gradients_into_proposals(data_dir,
     config = tiny_config(data_dir, scheme="non_approximate_joint", num_steps=2)
     result = trainer.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6
+
+
+def test_pretrained_weights_load_and_mismatches_are_named(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    model = build_model(config)
+    state, _ = trainer.init_state(
+        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
+    )
+    kernel = np.asarray(state.params["backbone"]["body"]["conv0"]["kernel"])
+    path = tmp_path / "backbone.npz"
+    np.savez(path, **{"backbone/body/conv0/kernel": np.full_like(kernel, 0.25)})
+    config.model.init_checkpoint = str(path)
+    loaded, _ = trainer.init_state(
+        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
+    )
+    assert (np.asarray(loaded.params["backbone"]["body"]["conv0"]["kernel"]) == 0.25).all()
+    np.testing.assert_array_equal(  # untouched parameters keep their initialization
+        loaded.params["backbone"]["body"]["conv1"]["kernel"],
+        state.params["backbone"]["body"]["conv1"]["kernel"],
+    )
+    np.savez(path, **{"backbone/body/conv0/kernel": np.zeros((1, 2, 3))})
+    with pytest.raises(ValueError, match=r"backbone/body/conv0/kernel has shape \(1, 2, 3\)"):
+        trainer.load_pretrained(state.params, path)
+    np.savez(path, **{"backbone/nope/kernel": np.zeros(1)})
+    with pytest.raises(ValueError, match="parameters not in the model"):
+        trainer.load_pretrained(state.params, path)
+    with pytest.raises(FileNotFoundError, match="init_checkpoint: no such file"):
+        trainer.load_pretrained(state.params, tmp_path / "missing.npz")

@@ -14,7 +14,6 @@ per epoch.
 """
 
 import dataclasses
-import json
 import logging
 
 import grain.python as grain
@@ -213,6 +212,7 @@ class Batches:
         per_shard = -(-self.records // shard_count)
         self.num_batches = None if train else -(-per_shard // batch_size)
         self._yielded = 0
+        self._since_valid = 0
         self.problems = checks.Problems()
         self._template = None
 
@@ -229,6 +229,14 @@ class Batches:
             self._count(example)
             if "image" in example:
                 examples.append(example)
+                self._since_valid = 0
+            else:
+                self._since_valid += 1
+                if self._since_valid > self.records:  # a whole pass without one good record
+                    raise ValueError(
+                        f"{self.name}: no valid example in a whole pass over the data "
+                        f"(problems: {self.problems.summary()})"
+                    )
         if not examples and (self.train or self._yielded >= self.num_batches):
             self._log_epoch()
             raise StopIteration
@@ -260,9 +268,6 @@ class Batches:
     def set_state(self, state):
         self._iter.set_state(state["loader"].encode())
         self.consumed = int(state["consumed"])
-
-    def state_json(self):
-        return json.dumps(self.get_state())
 
 
 def _invalid_like(example):

@@ -156,3 +156,12 @@ def test_config_errors_name_the_field():
         pipeline.make_batches(data_config(name="nope/1"), "train", batch_size=1, train=True)
     with pytest.raises(ValueError, match=r"config\.data\.canvas"):
         pipeline.make_batches(data_config(canvas=(0, 5)), "train", batch_size=1, train=True)
+
+
+def test_a_source_with_no_good_record_is_an_error_not_a_hang():
+    source = _ListSource()
+    source.records = [None, None, None]
+    data = data_config(min_size=40, max_size=50, canvas=(40, 50), max_boxes=2, workers=0)
+    batches = pipeline.Batches(source, data, batch_size=2, train=True, seed=0, name="broken")
+    with pytest.raises(ValueError, match="broken: no valid example in a whole pass"):
+        next(batches)
