@@ -40,10 +40,11 @@ def base_config():
     c.train.log_every = 20
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.eval_every = 0  # 0: evaluate only at the end
+    c.train.eval_every = 0  # steps between evaluations on eval.periodic_split; 0: only at the end
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.split = "test"  # paper: VOC 2007 test
+    c.eval.split = "test"  # the final evaluation; paper: VOC 2007 test
+    c.eval.periodic_split = "validation"  # evaluations during training (train.eval_every)
     c.eval.batch_size = 2
     c.eval.metric = "voc07"  # paper: VOC07 11-point; "voc_area" for VOC2010+
     c.eval.iou_threshold = 0.5  # paper: 0.5

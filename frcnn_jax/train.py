@@ -1,8 +1,8 @@
 """python -m frcnn_jax.train --config configs/<name>.py --workdir DIR [--config.a.b=value ...]
 
 Trains (resuming from DIR's latest checkpoint if there is one) and evaluates at the end.
-Multi-host: pass --coordinator_address, --num_processes and --process_id (or set them up in
-the environment the way `jax.distributed.initialize()` reads them on your platform).
+Multi-host: pass --coordinator_address, --num_processes and --process_id, or --multihost where
+`jax.distributed.initialize()` finds the cluster in the environment (TPU pods, SLURM, ...).
 """
 
 from frcnn_jax.runtime import configure_xla_cpu
@@ -20,6 +20,7 @@ cli.define_config_and_workdir("Checkpoints, metrics and reports go here.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_bool("multihost", False, "Multi-host with the cluster detected from the environment.")
 
 
 def main(argv):
@@ -32,6 +33,8 @@ def main(argv):
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
+    elif FLAGS.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster from the environment
+        jax.distributed.initialize()
     check_config(FLAGS.config)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

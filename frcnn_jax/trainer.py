@@ -277,11 +277,13 @@ def _gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def evaluate(config, model, variables, mesh, *, workdir=None, step=None):
-    """Evaluate on `config.eval.split`; every host takes part, process 0 writes the report."""
+def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=None):
+    """Evaluate on `split` (default `config.eval.split`); every host takes part, process 0
+    writes the report."""
+    split = split or config.eval.split
     batches, info = make_batches(
         config.data,
-        config.eval.split,
+        split,
         batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
         train=False,
         shard_index=jax.process_index(),
@@ -300,7 +302,7 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None):
         coco=config.eval.coco,
         proposals=config.eval.proposal_recall,
         workdir=workdir if write else None,
-        title=f"{config.data.name} {config.eval.split}, step {step}",
+        title=f"{config.data.name} {split}, step {step}",
     )
 
 
@@ -408,7 +410,9 @@ def _train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_ste
                 return None
             if train.eval_every and step % train.eval_every == 0 and not last:
                 variables = {"params": state.params, **state.frozen}
-                metrics_eval = evaluate(config, model, variables, mesh)
+                metrics_eval = evaluate(
+                    config, model, variables, mesh, split=config.eval.periodic_split
+                )
                 writer.write(step, _flat_scalars(metrics_eval), prefix=f"eval/{name}")
     checkpoints.wait()
     return state

@@ -103,14 +103,16 @@ def test_every_config_file_builds():
 
 
 def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tmp_path):
-    config = tiny_config(data_dir)
+    config = tiny_config(data_dir, eval_every=4)
     result = trainer.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6 and "mAP" in result["voc"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "train/loss" in x]
     assert [x["step"] for x in train_lines] == [2, 4, 6]
     assert all(np.isfinite(x["train/loss"]) and x["train/steps_per_s"] > 0 for x in train_lines)
-    assert any("eval/voc/mAP" in x for x in lines)
+    evals = [x for x in lines if "eval/num_images" in x]
+    assert [x["step"] for x in evals] == [4, 6]  # periodic (validation split), then final
+    assert [x["eval/num_images"] for x in evals] == [2, 6]
     assert list((tmp_path / "tensorboard").iterdir())
     assert checkpointing.Checkpoints(tmp_path).all_steps() == [2, 4, 6]
     report = tmp_path / "eval" / "step_6"
