@@ -13,7 +13,6 @@ import argparse
 import functools
 import os
 import resource
-import statistics
 import time
 
 from frcnn_jax.runtime import configure_xla_cpu
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from torch_timing import TORCH_DEVICE, median_s, tensor  # noqa: E402
 from torchvision.models.detection import FasterRCNN as TorchFasterRCNN  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
@@ -35,16 +35,6 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
-
-
-def median_s(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_rss_gb():
@@ -185,8 +175,8 @@ def bench(name, repeats):
         return optax.apply_updates(p, updates), opt_state, loss
 
     ours_infer = median_s(lambda: jax.block_until_ready(detect(params, images1, sizes1)), repeats)
-    torch_model = torchvision_model(name, (height, width))
-    torch_images = [torch.from_numpy(np.array(images1[0])).permute(2, 0, 1) / 255.0]
+    torch_model = torchvision_model(name, (height, width)).to(TORCH_DEVICE)
+    torch_images = [tensor(images1[0]).permute(2, 0, 1) / 255.0]
     torch_model.eval()
     with torch.no_grad():
         theirs_infer = median_s(lambda: torch_model(torch_images), repeats)
@@ -208,12 +198,9 @@ def bench(name, repeats):
             ),
             repeats,
         )
-        torch_batch = [
-            torch.from_numpy(np.array(images[i])).permute(2, 0, 1) / 255.0 for i in range(batch)
-        ]
+        torch_batch = [tensor(images[i]).permute(2, 0, 1) / 255.0 for i in range(batch)]
         torch_targets = [
-            {"boxes": torch.from_numpy(boxes[i]), "labels": torch.from_numpy(classes[i]).long()}
-            for i in range(batch)
+            {"boxes": tensor(boxes[i]), "labels": tensor(classes[i]).long()} for i in range(batch)
         ]
         torch_model.train()
 
@@ -236,7 +223,7 @@ def main():
     args = parser.parse_args()
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; random weights; "
+        f"on {TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads); random weights; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     print("| case | frcnn_jax s | torchvision s | ratio | frcnn_jax compile s |")
@@ -248,6 +235,12 @@ def main():
                 flush=True,
             )
     print(f"# peak resident memory of this process: {peak_rss_gb():.1f} GB")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"# frcnn_jax peak device memory: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
+    if TORCH_DEVICE.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"# torchvision peak device memory: {peak:.1f} GiB")
 
 
 if __name__ == "__main__":

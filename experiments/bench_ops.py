@@ -12,7 +12,6 @@ import argparse
 import functools
 import os
 import platform
-import statistics
 import time
 from collections import OrderedDict
 
@@ -21,19 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torchvision
+from torch_timing import TORCH_DEVICE, median_s, tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from frcnn_jax import ops
 
 
 def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_s(fn, repeats)
 
 
 def compile_s(fn, *args):
@@ -66,8 +60,8 @@ def nms_case(boxes, scores, *, threshold, max_output, repeats):
     compiled = compile_s(op, jb, js)
     fn = jax.jit(op)
     ours = fn(jb, js)
-    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-    theirs = torchvision.ops.nms(tb, ts, threshold)[:max_output].numpy()
+    tb, ts = tensor(boxes), tensor(scores)
+    theirs = torchvision.ops.nms(tb, ts, threshold)[:max_output].cpu().numpy()
     same = np.array_equal(np.asarray(ours.indices)[np.asarray(ours.valid)], theirs)
     return (
         median_ms(lambda: jax.block_until_ready(fn(jb, js)), repeats),
@@ -84,13 +78,13 @@ def batched_images_case(boxes, scores, *, threshold, max_output, repeats):
     compiled = compile_s(op, jb, js)
     fn = jax.jit(op)
     ours = fn(jb, js)
-    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+    tb, ts = tensor(boxes), tensor(scores)
 
     def torchvision_fn():
         return [torchvision.ops.nms(tb[i], ts[i], threshold)[:max_output] for i in range(len(tb))]
 
     same = all(
-        np.array_equal(np.asarray(ours.indices[i])[np.asarray(ours.valid[i])], kept.numpy())
+        np.array_equal(np.asarray(ours.indices[i])[np.asarray(ours.valid[i])], kept.cpu().numpy())
         for i, kept in enumerate(torchvision_fn())
     )
     return (
@@ -112,7 +106,7 @@ def sampling_case(rng, repeats):
     fn = jax.jit(op)
     ours = fn(key, positive, negative)
     sampler = BalancedPositiveNegativeSampler(256, 0.5)
-    tl = [torch.from_numpy(labels)]
+    tl = [tensor(labels)]
     (pos_mask,), (neg_mask,) = sampler(tl)
     same_counts = int(ours.valid.sum()) == int(pos_mask.sum() + neg_mask.sum())
     return (
@@ -129,8 +123,8 @@ def iou_case(rng, repeats):
     j1, j2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
     compiled = compile_s(ops.pairwise_iou, j1, j2)
     fn = jax.jit(ops.pairwise_iou)
-    t1, t2 = torch.from_numpy(boxes1), torch.from_numpy(boxes2)
-    same = np.allclose(fn(j1, j2), torchvision.ops.box_iou(t1, t2).numpy(), atol=1e-6)
+    t1, t2 = tensor(boxes1), tensor(boxes2)
+    same = np.allclose(fn(j1, j2), torchvision.ops.box_iou(t1, t2).cpu().numpy(), atol=1e-6)
     return (
         median_ms(lambda: jax.block_until_ready(fn(j1, j2)), repeats),
         median_ms(lambda: torchvision.ops.box_iou(t1, t2), repeats),
@@ -159,10 +153,11 @@ def roi_case(jax_op, torch_op, features, boxes, *, repeats, atol):
     cotangent = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
     backward = jax.jit(lambda f, b, g: jax.vjp(lambda x: jax_op(x, b), f)[1](g)[0])
 
-    tf = jax.tree.map(lambda f: torch.from_numpy(np.array(f)).permute(2, 0, 1)[None], features)
-    tb = [torch.from_numpy(boxes)]
-    tg = torch.from_numpy(np.array(cotangent)).permute(0, 3, 1, 2).contiguous()
-    same = np.abs(np.asarray(out) - torch_op(tf, tb).permute(0, 2, 3, 1).numpy()).max() <= atol
+    tf = jax.tree.map(lambda f: tensor(np.array(f)).permute(2, 0, 1)[None], features)
+    tb = [tensor(boxes)]
+    tg = tensor(np.array(cotangent)).permute(0, 3, 1, 2).contiguous()
+    theirs = torch_op(tf, tb).permute(0, 2, 3, 1).cpu().numpy()
+    same = np.abs(np.asarray(out) - theirs).max() <= atol
 
     def torch_forward_backward():
         leaves = tf if isinstance(tf, list) else [tf]
@@ -277,8 +272,9 @@ def main():
     }
     selected = args.only.split(",") if args.only else list(cases)
     print(
-        f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, torchvision {torchvision.__version__}, "
+        f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on "
+        f"{TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads), "
+        f"torchvision {torchvision.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
     print(f"| {'case':<52} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
