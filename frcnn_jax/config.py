@@ -26,6 +26,10 @@ def base_config():
 
     c.train = ml_collections.ConfigDict()
     c.train.scheme = "approximate_joint"  # paper default; "non_approximate_joint", "alternating"
+    # Alternating training, step 2's starting weights: "initial" (the paper: the same
+    # ImageNet-initialized network as step 1) or "step1" (step 1's trained network; for training
+    # from scratch, where "initial" would throw step 1's backbone training away).
+    c.train.alternating_step2_init = "initial"
     c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
     c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
     c.train.learning_rate = 1e-3  # paper: 1e-3
@@ -58,6 +62,11 @@ def check_config(c):
     check_data_config(c.data)
     if c.train.scheme not in SCHEMES:
         raise ValueError(f"config.train.scheme must be one of {SCHEMES}, got {c.train.scheme!r}")
+    if c.train.alternating_step2_init not in ("initial", "step1"):
+        raise ValueError(
+            "config.train.alternating_step2_init must be 'initial' or 'step1', got "
+            f"{c.train.alternating_step2_init!r}"
+        )
     if c.eval.metric not in METRICS:
         raise ValueError(f"config.eval.metric must be one of {METRICS}, got {c.eval.metric!r}")
     for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):

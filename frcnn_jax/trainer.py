@@ -443,7 +443,9 @@ def _train_alternating(config, workdir, model, mesh, writer):
                 for k, v in frozen_rules.items()}  # fmt: skip
         stage_train = _scaled_schedule(train, num_steps)
         tx = make_optimizer(stage_train, mask)
-        if index == 1 or index == 2:  # steps 1 and 2 start from the initial weights
+        if index == 2 and train.alternating_step2_init == "step1":
+            params = finals[0].params
+        elif index == 1 or index == 2:  # steps 1 and 2 start from the initial weights (paper)
             params = initial.params
         elif index == 3:  # the detector's shared convs + step 1's RPN head
             params = {**finals[1].params, "rpn_head": finals[0].params["rpn_head"]}

@@ -315,11 +315,32 @@ def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
     assert same(p4["backbone"], p3["backbone"]) and same(p4["rpn_head"], p3["rpn_head"])
     assert not same(p4["predictor"], p2["predictor"])
     assert not same(p2["backbone"], p1["backbone"])  # step 2 trains its own network
+    # ... from the initial weights, as in the paper (step 2 leaves the RPN head as it found it)
+    assert same(p2["rpn_head"], initial_params(config)["rpn_head"])
     final = checkpointing.Checkpoints(tmp_path).restore_arrays(12)["params"]
     assert same(final, p4)
     start = time.perf_counter()
     assert trainer.train_and_evaluate(config, tmp_path) == result
     assert time.perf_counter() - start < 5
+
+
+def test_alternating_step2_can_start_from_step1(data_dir, tmp_path):
+    config = tiny_config(data_dir, scheme="alternating", num_steps=6,
+                         alternating_step2_init="step1")  # fmt: skip
+    trainer.train_and_evaluate(config, tmp_path)
+    runs = tmp_path / "alternating"
+    p1 = checkpointing.Checkpoints(runs / "step1").restore_arrays(2)["params"]["rpn_head"]
+    p2 = checkpointing.Checkpoints(runs / "step2").restore_arrays(1)["params"]["rpn_head"]
+    # step 2 does not train the RPN head: it is still step 1's, not the initial one
+    assert jax.tree.all(jax.tree.map(np.array_equal, p1, p2))
+    initial = initial_params(config)["rpn_head"]
+    assert not jax.tree.all(jax.tree.map(np.array_equal, p1, initial))
+
+
+def initial_params(config):
+    model = build_model(config)
+    state, _ = trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+    return state.params
 
 
 def test_non_approximate_joint_training_moves_gradients_into_proposals(data_dir, tmp_path):
