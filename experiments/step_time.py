@@ -6,7 +6,8 @@
 Runs `frcnn_jax.trainer.train_step` (the step `frcnn_jax.train` jits: same model, optimizer,
 mesh and shardings) on a synthetic batch of the config's canvas size (random image, 5 boxes per
 image), so no dataset is needed. Prints compile time, the median step time over `--steps`
-steps after a warm-up, and images/s, one row per (dtype, batch size).
+steps after a warm-up, images/s and the compiled step's temporary memory (XLA's own estimate;
+a GPU's peak use also holds the autotuner's scratch), one row per (dtype, batch size).
 """
 
 import argparse
@@ -68,6 +69,8 @@ def time_steps(config, batch_size, steps):
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp_gib = getattr(memory, "temp_size_in_bytes", float("nan")) / 2**30
     state, metrics = compiled(state, batch, key)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -77,7 +80,7 @@ def time_steps(config, batch_size, steps):
         jax.block_until_ready((state.step, metrics))
         times.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
-    return compile_s, statistics.median(times), loss
+    return compile_s, statistics.median(times), loss, temp_gib
 
 
 def main():
@@ -93,17 +96,17 @@ def main():
         f"{getattr(device, 'device_kind', device.platform)}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
-    print("| dtype | batch | canvas | compile s | step s (median) | images/s | loss |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| dtype | batch | canvas | compile s | step s (median) | images/s | loss | temp GiB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
         for batch_size in map(int, args.batch.split(",")):
             config = config_from_file(args.config)
             config.model.dtype = dtype
-            compile_s, step_s, loss = time_steps(config, batch_size, args.steps)
+            compile_s, step_s, loss, temp_gib = time_steps(config, batch_size, args.steps)
             canvas = "x".join(map(str, config.data.canvas))
             print(
                 f"| {dtype} | {batch_size} | {canvas} | {compile_s:.1f} | {step_s:.4f} | "
-                f"{batch_size / step_s:.1f} | {loss:.3f} |",
+                f"{batch_size / step_s:.1f} | {loss:.3f} | {temp_gib:.2f} |",
                 flush=True,
             )
 

@@ -425,6 +425,18 @@ def _c_round(x):
     return jnp.where(half, truncated + jnp.sign(x), jnp.round(x))
 
 
+@functools.cache
+def _bin_edges_table(num_bins, max_length):
+    """torchvision's bin edges, relative to the RoI's start, for integer RoI lengths
+    0..max_length: int32 [max_length + 1, num_bins] each of floor(i * (L / n)) and
+    ceil((i + 1) * (L / n)), every operation rounded to float32 as in its kernel."""
+    size = np.arange(max_length + 1, dtype=np.float32)[:, None] / np.float32(num_bins)
+    bins = np.arange(num_bins, dtype=np.float32)[None]
+    start = np.floor(bins * size).astype(np.int32)
+    end = np.ceil((bins + np.float32(1)) * size).astype(np.int32)
+    return start, end
+
+
 def _pool_windows(boxes, *, spatial_scale, output_size, height, width):
     """Integer bin windows of torchvision's `roi_pool` (Caffe's rounding and floor/ceil edges).
 
@@ -434,15 +446,25 @@ def _pool_windows(boxes, *, spatial_scale, output_size, height, width):
     out_h, out_w = output_size
     corners = _c_round(rounded(boxes * jnp.float32(spatial_scale))).astype(jnp.int32)
     x0, y0 = corners[:, 0:1], corners[:, 1:2]
-    roi_w = jnp.maximum(corners[:, 2] - corners[:, 0] + 1, 1).astype(jnp.float32)
-    roi_h = jnp.maximum(corners[:, 3] - corners[:, 1] + 1, 1).astype(jnp.float32)
+    roi_w = jnp.maximum(corners[:, 2] - corners[:, 0] + 1, 1)
+    roi_h = jnp.maximum(corners[:, 3] - corners[:, 1] + 1, 1)
 
     def edges(origin, length, num_bins, limit):
-        size = true_divide(length, num_bins)[:, None]
+        # Lengths of RoIs up to twice the map's come from a table made with NumPy's IEEE
+        # float32 arithmetic: XLA's GPU division is not correctly rounded, and an ulp decides
+        # a floor or ceil here. Longer RoIs (mostly off the map) divide on the device.
+        table_start, table_end = map(jnp.asarray, _bin_edges_table(num_bins, 2 * limit + 2))
+        in_table = (length <= table_start.shape[0] - 1)[:, None]
+        row = jnp.minimum(length, table_start.shape[0] - 1)
+        size = true_divide(length.astype(jnp.float32), num_bins)[:, None]
         bins = jnp.arange(num_bins, dtype=jnp.float32)[None]
-        start = jnp.floor(rounded(bins * size)).astype(jnp.int32) + origin
-        end = jnp.ceil(rounded((bins + 1) * size)).astype(jnp.int32) + origin
-        return jnp.clip(start, 0, limit), jnp.clip(end, 0, limit)
+        start = jnp.where(
+            in_table, table_start[row], jnp.floor(rounded(bins * size)).astype(jnp.int32)
+        )
+        end = jnp.where(
+            in_table, table_end[row], jnp.ceil(rounded((bins + 1) * size)).astype(jnp.int32)
+        )
+        return jnp.clip(start + origin, 0, limit), jnp.clip(end + origin, 0, limit)
 
     y_start, y_end = edges(y0, roi_h, out_h, height)
     x_start, x_end = edges(x0, roi_w, out_w, width)

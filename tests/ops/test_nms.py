@@ -1,4 +1,5 @@
 import functools
+import importlib
 
 import chex
 import jax
@@ -59,6 +60,24 @@ def test_nms_equals_torchvision(iou_threshold, layout, num_boxes):
     # A smaller output keeps the first max_output_size of the same list.
     short = kept(jitted_nms(iou_threshold, 25)(boxes, scores))
     np.testing.assert_array_equal(short, want.numpy()[:25])
+
+
+@pytest.mark.parametrize("layout", ["random", "clustered"])
+def test_nms_with_the_accelerator_tile_size_equals_torchvision(layout, monkeypatch):
+    """GPUs use 2048-box tiles (`tile_size`): the same result, checked here on the CPU."""
+    nms_module = importlib.import_module("frcnn_jax.ops.nms")
+    assert nms_module.tile_size("gpu") == 2048
+    monkeypatch.setitem(nms_module._TILE_BY_BACKEND, jax.default_backend(), 2048)
+    rng = np.random.default_rng(5)
+    num_boxes = 5000  # three tiles, the last one partial
+    if layout == "random":
+        boxes = random_boxes(rng, num_boxes)
+    else:
+        boxes = clustered_boxes(rng, num_boxes, num_clusters=60)
+    scores = distinct_scores(rng, num_boxes)
+    want = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.7).numpy()
+    op = jax.jit(lambda b, s: ops.nms(b, s, iou_threshold=0.7, max_output_size=2000))
+    np.testing.assert_array_equal(kept(op(boxes, scores)), want[:2000])
 
 
 @pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
