@@ -4,12 +4,12 @@
         [--workdir /tmp/compare_schemes]
 
 Trains approximate joint, non-approximate joint (gradients through RoIAlign into the proposal
-boxes) and 4-step alternating training (the same total number of steps, split 1/3, 1/6, 1/3,
-1/6 as in the paper's VOC schedule; step 2 restarts from the initial weights as in the paper,
-and, as a fourth row, from step 1's network, which is what a from-scratch run needs) from the
-same initialization and seed, evaluates each on
-the config's test split, and prints mAP@0.5 and wall-clock minutes. Whether non-approximate
-joint training is at least as good as approximate joint is the hypothesis this tests.
+boxes) and 4-step alternating training (the same total number of steps, split 1/3, 1/6, 1/3, 1/6 as
+in the paper's VOC schedule; step 2 restarts from the initial weights as in the paper, and, as a
+fourth row, from step 1's network, which is what a from-scratch run needs) from the same
+initialization and seed, evaluates each on the config's test split, and prints mAP@0.5 and
+wall-clock minutes. Whether non-approximate joint training is at least as good as approximate
+joint is the hypothesis this tests.
 """
 
 import argparse
