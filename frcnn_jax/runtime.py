@@ -4,7 +4,8 @@ XLA's CPU backend in jaxlib 0.10 routes convolutions through experimental "YNN" 
 backward passes are about 2x slower than its default kernels (a 3x3, 256-channel convolution at
 150 x 250: forward + backward 901 ms with them, 401 ms without, torch 425 ms on the same 2 cores).
 Its dots, on the other hand, need YNN: without it a [128, 4096] x [4096, 25088] product (the
-input gradient of VGG-16's fc6) took 843 ms instead of 141 ms. So only the convolution fusions
+input gradient of VGG-16's fc6) took 843 ms instead of 141 ms (measured while another job shared
+the cores; the ratio is what matters). So only the convolution fusions
 are removed (`-individual_convolution`: every other YNN fusion stays). XLA aborts on a flag it
 does not know, so the flag is only added for jaxlib versions it was measured with.
 """
