@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from synthetic import ground_truth  # noqa: E402
 from torch_timing import TORCH_DEVICE, median_s, tensor  # noqa: E402
 from torchvision.models.detection import FasterRCNN as TorchFasterRCNN  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
@@ -127,13 +128,6 @@ def torchvision_model(name, image):
     return TorchFasterRCNN(backbone, num_classes=91, **common)
 
 
-def ground_truth(rng, batch, image, num=5):
-    xy = rng.uniform(0, 0.6, (batch, num, 2)) * [image[1], image[0]]
-    wh = rng.uniform(0.1, 0.4, (batch, num, 2)) * [image[1], image[0]]
-    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
-    return boxes, rng.integers(1, 20, (batch, num)).astype(np.int32)
-
-
 def bench(name, repeats):
     setup = SETUPS[name]
     height, width = setup["image"]
@@ -186,7 +180,7 @@ def bench(name, repeats):
     for batch in (1, 2):
         images = jnp.asarray(rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32))
         sizes = jnp.tile(sizes1, (batch, 1))
-        boxes, classes = ground_truth(rng, batch, (height, width))
+        boxes, classes = ground_truth(rng, batch, (height, width), num_classes)
         opt_state = optimizer.init(params)
         args = (images, sizes, jnp.asarray(boxes), jnp.asarray(classes))
         start = time.perf_counter()

@@ -3,7 +3,7 @@
     python experiments/step_time.py --config configs/voc07_vgg16.py [--batch 1,2]
         [--dtypes float32,bfloat16] [--steps 10]
 
-Runs `frcnn_jax.trainer.train_step` (the step `frcnn_jax.train` jits: same model, optimizer,
+Runs `frcnn_jax.trainer.jit_train_step` (the step `frcnn_jax.train` runs: same model, optimizer,
 mesh and shardings) on a synthetic batch of the config's canvas size (random image, 5 boxes per
 image), so no dataset is needed. Prints compile time, the median step time over `--steps`
 steps after a warm-up, images/s and the compiled step's temporary memory (XLA's own estimate;
@@ -22,6 +22,7 @@ configure_xla_cpu()  # before JAX starts: see frcnn_jax/runtime.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from synthetic import ground_truth  # noqa: E402
 
 from frcnn_jax import sharding, trainer  # noqa: E402
 from frcnn_jax.config import config_from_file  # noqa: E402
@@ -30,12 +31,9 @@ from frcnn_jax.models import build_model  # noqa: E402
 
 def synthetic_batch(rng, batch_size, canvas, max_boxes, num_classes, num=5):
     height, width = canvas
-    xy = rng.uniform(0, 0.6, (batch_size, num, 2)) * [width, height]
-    wh = rng.uniform(0.1, 0.4, (batch_size, num, 2)) * [width, height]
     boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
-    boxes[:, :num] = np.concatenate([xy, xy + wh], -1)
     classes = np.zeros((batch_size, max_boxes), np.int32)
-    classes[:, :num] = rng.integers(1, num_classes + 1, (batch_size, num))
+    boxes[:, :num], classes[:, :num] = ground_truth(rng, batch_size, canvas, num_classes, num)
     return {
         "image": rng.uniform(0, 255, (batch_size, height, width, 3)).astype(np.float32),
         "image_size": np.tile(np.array([[height, width]], np.int32), (batch_size, 1)),
@@ -53,13 +51,7 @@ def time_steps(config, batch_size, steps):
         config, model, functools.partial(trainer.make_optimizer, config.train)
     )
     state = jax.device_put(state, sharding.replicated(mesh))
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(trainer.train_step, model=model, tx=tx),
-        in_shardings=(replicated, sharding.batch_sharding(mesh), None),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    step_fn = trainer.jit_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
     batch = synthetic_batch(
         rng, batch_size, config.data.canvas, config.data.max_boxes, config.model.num_classes
@@ -67,16 +59,16 @@ def time_steps(config, batch_size, steps):
     batch = sharding.shard_batch(batch, mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, key).compile()
+    compiled = step_fn.lower(state, batch, key, None).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     temp_gib = getattr(memory, "temp_size_in_bytes", float("nan")) / 2**30
-    state, metrics = compiled(state, batch, key)  # warm-up
+    state, metrics = compiled(state, batch, key, None)  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, batch, key, None)
         jax.block_until_ready((state.step, metrics))
         times.append(time.perf_counter() - start)
     loss = float(metrics["loss"])

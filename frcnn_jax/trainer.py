@@ -122,6 +122,19 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
     return state, metrics
 
 
+def jit_train_step(model, tx, mesh, *, objective="joint"):
+    """`train_step` jitted as training runs it: (state, batch, key, proposer) -> (state,
+    metrics), state and proposer replicated over `mesh`, the batch split along it, the state
+    donated."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, objective=objective),
+        in_shardings=(replicated, sharding.batch_sharding(mesh), None, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
 # ---------------------------------------------------------------- set-up
 
 
@@ -377,13 +390,7 @@ def _train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_ste
         state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
         batches.set_state(loader_state)
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, objective=objective),
-        in_shardings=(replicated, sharding.batch_sharding(mesh), None, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(model, tx, mesh, objective=objective)
     key = jax.random.key(train.seed + seed_offset)
     step = int(state.step)
     pending, start, start_step = [], time.perf_counter(), step
