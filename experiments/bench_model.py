@@ -11,13 +11,12 @@ random weights; plus frcnn_jax's compile times and the process's peak memory. Me
 
 import argparse
 import functools
-import os
 import resource
 import time
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime, describe_runtime
 
-configure_xla_cpu()  # before JAX starts: see frcnn_jax/runtime.py
+configure_runtime()  # before JAX starts: see frcnn_jax/runtime.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -218,7 +217,7 @@ def main():
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
         f"on {TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads); random weights; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"{describe_runtime()}"
     )
     print("| case | frcnn_jax s | torchvision s | ratio | frcnn_jax compile s |")
     print("|---|---:|---:|---:|---:|")

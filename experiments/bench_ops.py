@@ -16,15 +16,19 @@ import platform
 import time
 from collections import OrderedDict
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import torchvision
-from torch_timing import TORCH_DEVICE, median_s, tensor
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from frcnn_jax.runtime import configure_runtime, describe_runtime
 
-from frcnn_jax import ops
+configure_runtime()  # before JAX starts, as in training: see frcnn_jax/runtime.py
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch_timing import TORCH_DEVICE, median_s, tensor  # noqa: E402
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler  # noqa: E402
+
+from frcnn_jax import ops  # noqa: E402
 
 
 def median_ms(fn, repeats):
@@ -295,7 +299,8 @@ def main():
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on "
         f"{TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads), "
         f"torchvision {torchvision.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{describe_runtime()}"
     )
     print(f"| {'case':<52} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
     print(f"|{'-' * 54}|-------------:|---------------:|------:|----------:|:----:|------")

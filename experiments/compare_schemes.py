@@ -16,9 +16,9 @@ import argparse
 import pathlib
 import time
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime
 
-configure_xla_cpu()
+configure_runtime()
 
 from frcnn_jax import trainer  # noqa: E402
 from frcnn_jax.cli import setup_logging  # noqa: E402

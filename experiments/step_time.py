@@ -12,13 +12,12 @@ a GPU's peak use also holds the autotuner's scratch), one row per (dtype, batch 
 
 import argparse
 import functools
-import os
 import statistics
 import time
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime, describe_runtime
 
-configure_xla_cpu()  # before JAX starts: see frcnn_jax/runtime.py
+configure_runtime()  # before JAX starts: see frcnn_jax/runtime.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,7 +85,7 @@ def main():
     print(
         f"# {args.config}; jax {jax.__version__}, {jax.device_count()} x "
         f"{getattr(device, 'device_kind', device.platform)}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"{describe_runtime()}"
     )
     print("| dtype | batch | canvas | compile s | step s (median) | images/s | loss | temp GiB |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")

@@ -18,9 +18,9 @@ import math
 import pathlib
 import time
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime
 
-configure_xla_cpu()
+configure_runtime()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -11,9 +11,9 @@ import collections
 import functools
 import time
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime
 
-configure_xla_cpu()  # entry point: before JAX starts (see frcnn_jax/runtime.py)
+configure_runtime()  # entry point: before JAX starts (see frcnn_jax/runtime.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

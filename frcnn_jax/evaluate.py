@@ -5,9 +5,9 @@ writes DIR/eval/step_<STEP>/: metrics.json, table.md (mAP and per-class AP), pr/
 recall.png (with --config.eval.proposal_recall=True), detections_coco.json.
 """
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime
 
-configure_xla_cpu()
+configure_runtime()
 
 from absl import app, flags  # noqa: E402
 

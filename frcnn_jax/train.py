@@ -5,9 +5,9 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id, or --m
 `jax.distributed.initialize()` finds the cluster in the environment (TPU pods, SLURM, ...).
 """
 
-from frcnn_jax.runtime import configure_xla_cpu
+from frcnn_jax.runtime import configure_runtime
 
-configure_xla_cpu()
+configure_runtime()
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from frcnn_jax.runtime import configure_xla_cpu
 
 
@@ -44,3 +46,40 @@ def test_the_installed_jaxlib_accepts_what_is_added():
     assert float(gradient) > 0
     if added == "True":
         assert conv_in_ynn == "False" and dot_in_ynn == "True"
+
+
+def test_freed_memory_is_retained_only_when_not_opted_out():
+    # A subprocess, since mallopt changes the whole process. glibc's mallinfo2 says how many
+    # bytes live in buffers that have their own mmap (`hblkhd`, the 5th field): a 64 MiB array
+    # is one by default, and comes from the reusable heap when freed memory is retained.
+    code = (
+        "import ctypes, numpy as np\n"
+        "from frcnn_jax.runtime import describe_runtime, retain_freed_memory\n"
+        "retained = retain_freed_memory()\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(str(i), ctypes.c_size_t) for i in range(10)]\n"
+        "mallinfo2 = ctypes.CDLL(None).mallinfo2\n"
+        "mallinfo2.restype = Info\n"
+        "big = np.ones(1 << 24, np.float32)\n"
+        "mapped = getattr(mallinfo2(), '4')\n"
+        "print(retained, mapped >= big.nbytes, describe_runtime().split('malloc: ')[1])\n"
+    )
+
+    def run(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        )
+        return out.stdout.split(maxsplit=2)
+
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError):  # no confstr, or no such name (not glibc)
+        libc = ""
+    if not libc.startswith("glibc"):
+        pytest.skip("retaining freed memory is a glibc setting")
+    assert run(FRCNN_JAX_MALLOC="default") == ["False", "True", "system default\n"]
+    assert run() == ["True", "False", "retains freed memory\n"]
