@@ -43,6 +43,7 @@ def configure_xla_cpu(environ=None, *, jaxlib_version=None):
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD = 1 << 30  # buffers below 1 GiB come from the heap, not from their own mmap
 _TRIM_THRESHOLD = 2**31 - 1  # the heap keeps up to 2 GiB of freed memory for the next step
 
@@ -53,12 +54,15 @@ _retaining = False
 def retain_freed_memory(environ=None):
     """Makes glibc's malloc keep freed memory for reuse; returns whether it took effect.
 
-    By default glibc gives every buffer above 32 MiB its own mmap and unmaps it on free, so
-    each training step page-faults (and the kernel zeroes) every large temporary again. On this
-    2-core VM that was 40% of a VGG-16 training step at 600 x 1000: 5.6 -> 3.3 s for frcnn_jax,
-    and 6.5 -> 3.2 s for torchvision in the same process, whose CPU allocator is malloc too
-    (`experiments/bench_model.py`). The price: the process's resident memory stays at its peak.
-    Set FRCNN_JAX_MALLOC=default to keep glibc's behaviour; does nothing without glibc.
+    By default glibc gives every buffer above 32 MiB its own mmap and unmaps it on free, and
+    XLA's worker threads allocate from per-thread arenas whose heaps cannot hold a buffer above
+    64 MiB at all, so each step page-faults (and the kernel zeroes) its large temporaries anew.
+    Here every buffer under 1 GiB comes from one heap that keeps freed memory: on this 2-core VM
+    RoIPool's forward + backward (512 RoIs, VGG-16 map) went from 94 to 40 ms, torchvision's
+    from 152 to 99 ms in the same process (its CPU allocator is malloc too;
+    `experiments/bench_ops.py`). The price: resident memory stays at its peak, and one arena
+    serializes small allocations across threads. FRCNN_JAX_MALLOC=default keeps glibc's
+    behaviour; without glibc this does nothing.
     """
     environ = os.environ if environ is None else environ
     if environ.get("FRCNN_JAX_MALLOC", "retain") == "default":
@@ -69,8 +73,13 @@ def retain_freed_memory(environ=None):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     global _retaining
-    _retaining = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    _retaining = all(
+        mallopt(param, value)
+        for param, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+        )
     )
     return _retaining
 
