@@ -7,6 +7,7 @@ reference so weights can later be imported (VGG-16: torchvision's `vgg16().featu
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from frcnn_jax.models.fpn import ResNetFPN, feature_pyramid
@@ -18,7 +19,53 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def _max_pool(x, *, window=2, stride=2, padding="VALID"):
+    if (window, stride, padding) == (2, 2, "VALID"):
+        return max_pool_2x2(x)
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+def _pool_windows(x):
+    """[N, H, W, C] -> [N, H // 2, 2, W // 2, 2, C]; an odd last row or column is dropped."""
+    n, h, w, c = x.shape
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+    """2x2 max pooling with stride 2 (VGG's; floor mode) on [N, H, W, C].
+
+    The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, and the same gradient as
+    torch's `max_pool2d` (each window's first maximum in row-major order gets it), but computed
+    with elementwise ops: XLA's CPU backend expands the generic pooling gradient
+    (select-and-scatter) into index arrays and windowed reductions about 10x slower
+    (VGG-16's pool3 at 600 x 1000: 53 -> 5 ms).
+    """
+    return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+    out = max_pool_2x2(x)
+    return out, (x, out)
+
+
+def _max_pool_2x2_bwd(residuals, grad):
+    x, out = residuals
+    windows = _pool_windows(x)
+    taken = jnp.zeros(out.shape, bool)  # the window's first maximum is already found
+    rows = []
+    for dy in range(2):
+        row = []
+        for dx in range(2):
+            first = (windows[:, :, dy, :, dx] == out) & ~taken
+            taken = taken | first
+            row.append(jnp.where(first, grad, 0).astype(x.dtype))
+        rows.append(jnp.stack(row, axis=3))
+    n, h, w, c = x.shape
+    d_x = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    return (jnp.pad(d_x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class TinyBackbone(nn.Module):

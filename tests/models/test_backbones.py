@@ -7,6 +7,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_jax.models import VGG16, FrozenBatchNorm, Res5Head, ResNet, TinyBackbone, get_backbone
+from frcnn_jax.models.backbones import max_pool_2x2
 
 
 def count(params):
@@ -121,3 +122,33 @@ def test_frozen_stages_get_no_gradient(name, frozen, zero, nonzero):
         ), layer
     for layer in nonzero:
         assert any(np.asarray(g).any() for g in jax.tree.leaves(grads[layer])), layer
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 7, 9, 4), (1, 3, 2, 2)])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_max_pool_2x2_equals_torch_values_and_gradient(shape, ties, jit):
+    # Odd sizes drop the last row/column (floor mode); after a ReLU and rounding most windows
+    # hold tied maxima, and torch gives the gradient to the first one in row-major order.
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    if ties:
+        x = np.maximum(np.round(x), 0)
+    pool = jax.jit(max_pool_2x2) if jit else max_pool_2x2
+    out, vjp = jax.vjp(pool, jnp.asarray(x))
+    grad = rng.normal(size=out.shape).astype(np.float32)
+    (got_grad,) = vjp(jnp.asarray(grad))
+
+    nchw = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    want = torch.nn.functional.max_pool2d(nchw, 2, 2)
+    want.backward(torch.from_numpy(grad).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(out, want.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(got_grad, nchw.grad.permute(0, 2, 3, 1).numpy())
+    assert got_grad.shape == x.shape and got_grad.dtype == x.dtype
+
+
+def test_max_pool_2x2_keeps_bfloat16():
+    x = jnp.arange(32, dtype=jnp.bfloat16).reshape(1, 4, 4, 2)
+    out, vjp = jax.vjp(max_pool_2x2, x)
+    assert out.dtype == jnp.bfloat16 and vjp(jnp.ones_like(out))[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out[0, :, :, 0], [[10, 14], [26, 30]])
