@@ -58,14 +58,17 @@ def retain_freed_memory(environ=None):
     XLA's worker threads allocate from per-thread arenas whose heaps cannot hold a buffer above
     64 MiB at all, so each step page-faults (and the kernel zeroes) its large temporaries anew.
     Here every buffer under 1 GiB comes from one heap that keeps freed memory: on this 2-core VM
-    RoIPool's forward + backward (512 RoIs, VGG-16 map) went from 94 to 40 ms, torchvision's
-    from 152 to 99 ms in the same process (its CPU allocator is malloc too;
+    RoIPool's forward + backward (512 RoIs, VGG-16 map) went from 90 to 43 ms, torchvision's
+    from 123 to 98 ms in the same process (its CPU allocator is malloc too;
     `experiments/bench_ops.py`). The price: resident memory stays at its peak, and one arena
     serializes small allocations across threads. FRCNN_JAX_MALLOC=default keeps glibc's
-    behaviour; without glibc this does nothing.
+    behaviour, and so does any malloc setting of the user's own (MALLOC_* or GLIBC_TUNABLES in
+    the environment); without glibc this does nothing.
     """
     environ = os.environ if environ is None else environ
-    if environ.get("FRCNN_JAX_MALLOC", "retain") == "default":
+    if environ.get("FRCNN_JAX_MALLOC", "retain") == "default" or any(
+        name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in environ
+    ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -73,14 +76,12 @@ def retain_freed_memory(environ=None):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     global _retaining
-    _retaining = all(
-        mallopt(param, value)
-        for param, value in (
-            (_M_ARENA_MAX, 1),
-            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
-            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
-        )
+    settings = (
+        (_M_ARENA_MAX, 1),
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
     )
+    _retaining = all([mallopt(param, value) == 1 for param, value in settings])
     return _retaining
 
 

@@ -74,11 +74,12 @@ def test_freed_memory_is_retained_only_when_not_opted_out():
     )
 
     def run(**env):
+        mine = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
         out = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
             text=True,
-            env={**os.environ, **env},
+            env={**mine, **env},
             check=True,
         )
         return out.stdout.split(maxsplit=3)
@@ -90,4 +91,6 @@ def test_freed_memory_is_retained_only_when_not_opted_out():
     if not libc.startswith("glibc"):
         pytest.skip("retaining freed memory is a glibc setting")
     assert run(FRCNN_JAX_MALLOC="default") == ["False", "True", "True", "system default\n"]
+    # A malloc setting of the user's own is left alone (this one changes nothing else).
+    assert run(MALLOC_PERTURB_="0")[0] == "False"
     assert run() == ["True", "False", "False", "retains freed memory\n"]
