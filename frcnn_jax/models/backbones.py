@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.models.conv import Conv
 from frcnn_jax.models.fpn import ResNetFPN, feature_pyramid
 from frcnn_jax.models.resnet import ResNet, freeze_if
 
@@ -87,8 +88,8 @@ class TinyBackbone(nn.Module):
         stages = []
         for i, width in enumerate(self.widths):
             # Stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
-            x = nn.relu(nn.Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
-            x = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+            x = nn.relu(Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
+            x = nn.relu(Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
             stages.append(x)
         return stages if all_stages else x
 
@@ -133,9 +134,7 @@ class VGG16(nn.Module):
         x = images.astype(self.dtype)
         for block, widths in enumerate(_VGG16_LAYOUT, start=1):
             for layer, width in enumerate(widths, start=1):
-                conv = nn.Conv(
-                    width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{block}_{layer}"
-                )
+                conv = Conv(width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{block}_{layer}")
                 x = nn.relu(conv(x))
             if block < len(_VGG16_LAYOUT):  # no pool5: conv5_3 is the shared feature map
                 x = _max_pool(x)
@@ -166,7 +165,7 @@ class ZF(nn.Module):
         x = images.astype(self.dtype)
         for name, width, kernel, stride in (("conv1", 96, 7, 2), ("conv2", 256, 5, 2)):
             x = nn.relu(
-                nn.Conv(
+                Conv(
                     width,
                     (kernel, kernel),
                     strides=stride,
@@ -177,7 +176,7 @@ class ZF(nn.Module):
             )
             x = _max_pool(_local_response_norm(x), window=3, padding=((1, 1), (1, 1)))
         for name, width in (("conv3", 384), ("conv4", 384), ("conv5", 256)):
-            x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+            x = nn.relu(Conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
         return x
 
 

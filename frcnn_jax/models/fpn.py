@@ -8,6 +8,7 @@ Returns P2-P6: 256-channel maps at strides 4, 8, 16, 32 and 64 (P6 = P5 subsampl
 import flax.linen as nn
 import jax.numpy as jnp
 
+from frcnn_jax.models.conv import Conv
 from frcnn_jax.models.resnet import ResNet
 
 
@@ -51,7 +52,7 @@ def feature_pyramid(stages, channels, dtype):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
     def conv(kernel, name):
-        return nn.Conv(
+        return Conv(
             channels, (kernel, kernel), padding=kernel // 2, kernel_init=init, dtype=dtype,
             name=name,
         )  # fmt: skip

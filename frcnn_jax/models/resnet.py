@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.models.conv import Conv
+
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _WIDTHS = (64, 128, 256, 512)
 
@@ -51,7 +53,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x):
         def conv(features, kernel, stride, name):
-            return nn.Conv(
+            return Conv(
                 features,
                 (kernel, kernel),
                 strides=stride,
@@ -118,9 +120,9 @@ class ResNet(nn.Module):
         del train  # frozen BatchNorm: the same computation in training and inference
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {self.depth}")
-        x = nn.Conv(
-            64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1"
-        )(images.astype(self.dtype))
+        x = Conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(
+            images.astype(self.dtype)
+        )
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = freeze_if(x, self.frozen_stages >= 1)

@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from frcnn_jax.models.conv import Conv
+
 
 class RPNHead(nn.Module):
     """3x3 conv then sibling 1x1 convs: objectness and box deltas for k anchors per location.
@@ -29,16 +31,14 @@ class RPNHead(nn.Module):
             raise ValueError(f"objectness must be 'sigmoid' or 'softmax'; got {self.objectness!r}")
         init = nn.initializers.normal(stddev=0.01)  # the paper's and torchvision's init
         x = nn.relu(
-            nn.Conv(self.channels, (3, 3), kernel_init=init, dtype=self.dtype, name="conv")(
-                features
-            )
+            Conv(self.channels, (3, 3), kernel_init=init, dtype=self.dtype, name="conv")(features)
         )
         batch = features.shape[0]
         per_anchor = 2 if self.objectness == "softmax" else 1
-        logits = nn.Conv(
+        logits = Conv(
             self.num_anchors * per_anchor, (1, 1), kernel_init=init, dtype=self.dtype, name="cls"
         )(x)
-        deltas = nn.Conv(
+        deltas = Conv(
             self.num_anchors * 4, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox"
         )(x)
         logits = logits.astype(jnp.float32).reshape(batch, -1, per_anchor)

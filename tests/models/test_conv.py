@@ -1,0 +1,142 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from frcnn_jax.models.conv import Conv, conv_general_dilated, winograd_conv3x3
+
+
+def numpy_conv3x3(x, kernel):
+    """Direct 3x3, stride-1, padding-1 convolution in float64: [N, H, W, C] x [3, 3, C, O]."""
+    x = np.asarray(x, np.float64)
+    n, height, width, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, height, width, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i : i + height, j : j + width] @ np.asarray(kernel[i, j], np.float64)
+    return out
+
+
+def assert_close_relative(got, want, tolerance):
+    """Largest error at most `tolerance` of the reference's largest magnitude."""
+    scale = np.abs(want).max()
+    error = np.abs(np.asarray(got, np.float64) - want).max()
+    assert error <= tolerance * scale, (error, scale)
+
+
+# Heights and widths that are not multiples of the 4x4 output tile, a single row or column,
+# one tile, and a batch.
+SHAPES = [(1, 4, 4, 3, 2), (2, 13, 7, 5, 3), (1, 1, 9, 2, 4), (1, 6, 1, 3, 3), (3, 10, 17, 8, 6)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_winograd_matches_direct_convolution_and_its_gradients(shape, jit):
+    n, height, width, channels, features = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=(n, height, width, channels)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
+    grad = rng.normal(size=(n, height, width, features)).astype(np.float32)
+    fn = jax.jit(winograd_conv3x3) if jit else winograd_conv3x3
+    out, vjp = jax.vjp(fn, jnp.asarray(x), jnp.asarray(kernel))
+    grad_x, grad_kernel = vjp(jnp.asarray(grad))
+    assert out.shape == grad.shape and out.dtype == jnp.float32
+    assert_close_relative(out, numpy_conv3x3(x, kernel), 1e-5)
+    # Gradients against torch's float64 convolution (NCHW / OIHW there).
+    x64 = torch.from_numpy(x).double().permute(0, 3, 1, 2).requires_grad_(True)
+    k64 = torch.from_numpy(kernel).double().permute(3, 2, 0, 1).requires_grad_(True)
+    torch.nn.functional.conv2d(x64, k64, padding=1).backward(
+        torch.from_numpy(grad).double().permute(0, 3, 1, 2)
+    )
+    assert_close_relative(grad_x, x64.grad.permute(0, 2, 3, 1).numpy(), 1e-5)
+    assert_close_relative(grad_kernel, k64.grad.permute(2, 3, 1, 0).numpy(), 1e-5)
+
+
+def test_winograd_hand_worked_cases():
+    ones = jnp.ones((1, 5, 6, 1))
+    # An all-ones kernel counts the in-image neighbours: 4 at corners, 6 on edges, 9 inside.
+    out = winograd_conv3x3(ones, jnp.ones((3, 3, 1, 1)))[0, :, :, 0]
+    want = np.full((5, 6), 9.0)
+    want[[0, -1], :] = 6
+    want[:, [0, -1]] = 6
+    want[[0, 0, -1, -1], [0, -1, 0, -1]] = 4
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    # A centred one-hot kernel is the identity; shifted ones move the image by one pixel.
+    x = jnp.arange(30.0).reshape(1, 5, 6, 1)
+    identity = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
+    np.testing.assert_allclose(winograd_conv3x3(x, identity), x, atol=1e-5)
+    right = jnp.zeros((3, 3, 1, 1)).at[1, 0].set(1.0)  # out[y, x] = in[y, x - 1]
+    np.testing.assert_allclose(winograd_conv3x3(x, right)[0, :, 1:, 0], x[0, :, :-1, 0], atol=1e-5)
+    np.testing.assert_allclose(winograd_conv3x3(x, right)[0, :, 0, 0], 0.0, atol=1e-5)
+    # Zeros in, zeros out (and zero gradients).
+    zeros = jnp.zeros((2, 9, 9, 3))
+    out, vjp = jax.vjp(winograd_conv3x3, zeros, jnp.zeros((3, 3, 3, 2)))
+    assert not np.asarray(out).any()
+    assert not any(np.asarray(g).any() for g in vjp(jnp.zeros_like(out)))
+
+
+def test_winograd_under_vmap_equals_per_example():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 1, 9, 11, 4)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)).astype(np.float32))
+    batched = jax.vmap(winograd_conv3x3)(x, kernel)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], winograd_conv3x3(x[i], kernel[i]), rtol=1e-6)
+
+
+def _conv_jaxpr(shape, features, dtype=jnp.float32, **kwargs):
+    n, height, width, channels = shape
+    kwargs = {"window_strides": (1, 1), "padding": "SAME", **kwargs}
+    return str(
+        jax.make_jaxpr(
+            lambda x, w: conv_general_dilated(
+                x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs
+            )
+        )(
+            jax.ShapeDtypeStruct((n, height, width, channels), dtype),
+            jax.ShapeDtypeStruct((3, 3, channels, features), dtype),
+        )
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
+def test_dispatch_picks_winograd_only_where_it_pays():
+    big = (1, 96, 96, 128)  # 24 x 24 = 576 output tiles
+    assert "custom_vjp_call" in _conv_jaxpr(big, 128)
+    assert "custom_vjp_call" in _conv_jaxpr(big, 128, padding=((1, 1), (1, 1)))
+    for shape, features, kwargs in [
+        ((1, 80, 80, 128), 128, {}),  # 400 tiles: too few
+        (big, 64, {}),  # 128 x 64 channels: too few
+        (big, 128, {"window_strides": (2, 2)}),
+        (big, 128, {"padding": "VALID"}),
+        (big, 128, {"rhs_dilation": (2, 2)}),
+        (big, 128, {"precision": jax.lax.Precision.HIGHEST}),
+        (big, 128, {"preferred_element_type": jnp.float32}),
+    ]:
+        jaxpr = _conv_jaxpr(shape, features, **kwargs)
+        assert "custom_vjp_call" not in jaxpr and "conv_general_dilated" in jaxpr, kwargs
+    assert "custom_vjp_call" not in _conv_jaxpr(big, 128, dtype=jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        assert "custom_vjp_call" not in _conv_jaxpr(big, 128)
+    # Every float32 convolution input is pinned to the row-major layout.
+    assert "layout_constraint" in _conv_jaxpr((1, 8, 8, 4), 4)
+
+
+def test_conv_layer_keeps_flax_parameters_and_results():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 96, 96, 128)).astype(np.float32))
+    ours, flax_conv = Conv(128, (3, 3)), nn.Conv(128, (3, 3))
+    params = flax_conv.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+    want = flax_conv.apply(params, x)
+    got = jax.jit(ours.apply)(params, x)  # the Winograd path on CPU
+    assert_close_relative(got, np.asarray(want, np.float64), 3e-5)
+    exact = Conv(128, (3, 3), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(
+        exact.apply(params, x), nn.Conv(128, (3, 3), precision="highest").apply(params, x)
+    )
