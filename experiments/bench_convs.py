@@ -4,9 +4,11 @@
 
 For each distinct convolution of layer2-layer4 and the FPN (batch 1, float32): the forward, the
 input gradient (where the detector needs it: not into the frozen layer1) and the weight
-gradient, in ms, for XLA (`jax.lax.conv_general_dilated` and its VJP) and torch (`conv2d` and
-`aten::convolution_backward`), plus totals weighted by how often each occurs. It shows where
-frcnn_jax's R50-FPN training step loses to torchvision's on this CPU.
+gradient, in ms, for XLA's own convolution (`jax.lax.conv_general_dilated` and its VJP),
+frcnn_jax's (`frcnn_jax.models.conv.conv_general_dilated`: Winograd for the large 3x3 stride-1
+layers) and torch's (`conv2d` and `aten::convolution_backward`), plus totals weighted by how
+often each occurs. One convolution at a time, so the layout pin of frcnn_jax's convolutions
+(which matters inside a whole training step) does not show here.
 """
 
 import argparse
@@ -15,10 +17,14 @@ from frcnn_jax.runtime import configure_runtime, describe_runtime
 
 configure_runtime()  # before JAX starts: see frcnn_jax/runtime.py
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch_timing import median_s  # noqa: E402
+
+from frcnn_jax.models import conv as conv_lib  # noqa: E402
 
 # (name, kernel, stride, in channels, out channels, input height, input width, count, dx?)
 CONVS = (
@@ -51,24 +57,26 @@ CONVS = (
 )
 
 
-def xla_times(x, w, g, stride, repeats):
+def jax_times(conv_fn, x, w, g, stride, needs_dx, repeats):
     pad = [(w.shape[0] // 2,) * 2] * 2
 
     def conv(x, w):
-        return jax.lax.conv_general_dilated(
-            x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        return conv_fn(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     forward = jax.jit(conv)
     d_x = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     d_w = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     return [
-        median_s(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats)
-        for f, a in ((forward, (x, w)), (d_x, (x, w, g)), (d_w, (x, w, g)))
+        median_s(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats) if needed else 0.0
+        for f, a, needed in (
+            (forward, (x, w), True),
+            (d_x, (x, w, g), needs_dx),
+            (d_w, (x, w, g), True),
+        )
     ]
 
 
-def torch_times(x, w, g, stride, repeats):
+def torch_times(x, w, g, stride, needs_dx, repeats):
     x, g = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in (x, g))
     w = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
     pad = w.shape[-1] // 2
@@ -84,9 +92,16 @@ def torch_times(x, w, g, stride, repeats):
         )
     return [
         forward,
-        median_s(backward([True, False, False]), repeats),
+        median_s(backward([True, False, False]), repeats) if needs_dx else 0.0,
         median_s(backward([False, True, False]), repeats),
     ]
+
+
+TIMERS = (
+    ("XLA", functools.partial(jax_times, jax.lax.conv_general_dilated)),
+    ("frcnn_jax", functools.partial(jax_times, conv_lib.conv_general_dilated)),
+    ("torch", torch_times),
+)
 
 
 def main():
@@ -96,28 +111,24 @@ def main():
     threads = torch.get_num_threads()
     print(f"# jax {jax.__version__}, torch {torch.__version__} ({threads} threads); ", end="")
     print(describe_runtime())
-    print("| conv | k | stride | in -> out | input | count | XLA fwd / dx / dw ms ", end="")
-    print("| torch fwd / dx / dw ms |")
-    print("|---|---:|---:|---|---|---:|---|---|")
+    print("| conv | k | stride | in -> out | input | count | ", end="")
+    print(" | ".join(f"{label} fwd / dx / dw ms" for label, _ in TIMERS), "|")
+    print("|---|---:|---:|---|---|---:|---|---|---|")
     rng = np.random.default_rng(0)
-    totals = np.zeros((2, 3))
+    totals = np.zeros((len(TIMERS), 3))
     for name, k, stride, c_in, c_out, height, width, count, needs_dx in CONVS:
         x = rng.normal(size=(1, height, width, c_in)).astype(np.float32)
         w = (rng.normal(size=(k, k, c_in, c_out)) * 0.05).astype(np.float32)
         out_hw = (-(-height // stride), -(-width // stride))
         g = rng.normal(size=(1, *out_hw, c_out)).astype(np.float32)
-        rows = []
-        for times in (xla_times, torch_times):
-            ms = 1e3 * np.array(times(x, w, g, stride, args.repeats))
-            ms[1] *= needs_dx
-            rows.append(ms)
+        rows = [
+            1e3 * np.array(times(x, w, g, stride, needs_dx, args.repeats)) for _, times in TIMERS
+        ]
         totals += count * np.array(rows)
-        cells = [" / ".join(f"{t:.1f}" for t in r) for r in rows]
+        cells = " | ".join(" / ".join(f"{t:.1f}" for t in r) for r in rows)
         shape = f"{c_in} -> {c_out} | {height}x{width}"
-        print(
-            f"| {name} | {k} | {stride} | {shape} | {count} | {cells[0]} | {cells[1]} |", flush=True
-        )
-    for label, (fwd, d_x, d_w) in zip(("XLA", "torch"), totals, strict=True):
+        print(f"| {name} | {k} | {stride} | {shape} | {count} | {cells} |", flush=True)
+    for (label, _), (fwd, d_x, d_w) in zip(TIMERS, totals, strict=True):
         print(
             f"# {label}, weighted by count: fwd {fwd:.0f} ms, dx {d_x:.0f} ms, dw {d_w:.0f} ms, ",
             end="",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from frcnn_jax.models.conv import Conv, conv_general_dilated, winograd_conv3x3
+from frcnn_jax.models.conv import Conv, conv_general_dilated, tapwise_conv, winograd_conv3x3
 
 
 def numpy_conv3x3(x, kernel):
@@ -87,7 +87,38 @@ def test_winograd_under_vmap_equals_per_example():
         np.testing.assert_allclose(batched[i], winograd_conv3x3(x[i], kernel[i]), rtol=1e-6)
 
 
-def _conv_jaxpr(shape, features, dtype=jnp.float32, **kwargs):
+@pytest.mark.parametrize(
+    "kernel, strides, padding, shape",
+    [
+        (1, (1, 1), ((0, 0), (0, 0)), (2, 5, 7, 3)),
+        (1, (2, 2), ((0, 0), (0, 0)), (1, 9, 6, 4)),  # odd height: the last row is sampled
+        (3, (2, 2), ((1, 1), (1, 1)), (2, 9, 8, 3)),
+        (3, (2, 2), ((0, 1), (0, 1)), (1, 8, 10, 2)),  # "SAME" for even sizes
+        (3, (1, 2), ((1, 1), (0, 0)), (1, 5, 9, 2)),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_tapwise_conv_matches_xla_and_its_gradients(kernel, strides, padding, shape, jit):
+    rng = np.random.default_rng(sum(shape) + kernel)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 5)).astype(np.float32))
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"
+        )
+
+    fn = jax.jit(tapwise_conv, static_argnums=(2, 3)) if jit else tapwise_conv
+    out, vjp = jax.vjp(lambda x, w: fn(x, w, strides, padding), x, w)
+    want, want_vjp = jax.vjp(reference, x, w)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    grad = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    for got, expected in zip(vjp(grad), want_vjp(grad), strict=True):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def _conv_jaxpr(shape, features, dtype=jnp.float32, kernel=3, **kwargs):
     n, height, width, channels = shape
     kwargs = {"window_strides": (1, 1), "padding": "SAME", **kwargs}
     return str(
@@ -97,7 +128,7 @@ def _conv_jaxpr(shape, features, dtype=jnp.float32, **kwargs):
             )
         )(
             jax.ShapeDtypeStruct((n, height, width, channels), dtype),
-            jax.ShapeDtypeStruct((3, 3, channels, features), dtype),
+            jax.ShapeDtypeStruct((kernel, kernel, channels, features), dtype),
         )
     )
 
@@ -105,22 +136,32 @@ def _conv_jaxpr(shape, features, dtype=jnp.float32, **kwargs):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
 def test_dispatch_picks_winograd_only_where_it_pays():
     big = (1, 96, 96, 128)  # 24 x 24 = 576 output tiles
-    assert "custom_vjp_call" in _conv_jaxpr(big, 128)
-    assert "custom_vjp_call" in _conv_jaxpr(big, 128, padding=((1, 1), (1, 1)))
+
+    def route(shape, features, **kwargs):
+        jaxpr = _conv_jaxpr(shape, features, **kwargs)
+        if "custom_vjp_call" not in jaxpr:
+            return "xla"
+        return "winograd" if "winograd" in jaxpr else "tapwise"
+
+    assert route(big, 128) == "winograd"
+    assert route(big, 128, padding=((1, 1), (1, 1))) == "winograd"
     for shape, features, kwargs in [
         ((1, 80, 80, 128), 128, {}),  # 400 tiles: too few
         (big, 64, {}),  # 128 x 64 channels: too few
-        (big, 128, {"window_strides": (2, 2)}),
         (big, 128, {"padding": "VALID"}),
         (big, 128, {"rhs_dilation": (2, 2)}),
         (big, 128, {"precision": jax.lax.Precision.HIGHEST}),
         (big, 128, {"preferred_element_type": jnp.float32}),
+        (big, 128, {"dtype": jnp.bfloat16}),
     ]:
-        jaxpr = _conv_jaxpr(shape, features, **kwargs)
-        assert "custom_vjp_call" not in jaxpr and "conv_general_dilated" in jaxpr, kwargs
-    assert "custom_vjp_call" not in _conv_jaxpr(big, 128, dtype=jnp.bfloat16)
+        assert route(shape, features, **kwargs) == "xla", kwargs
     with jax.default_matmul_precision("highest"):
-        assert "custom_vjp_call" not in _conv_jaxpr(big, 128)
+        assert route(big, 128) == "xla"
+    assert route(big, 128, window_strides=(2, 2)) == "tapwise"
+    assert route((1, 50, 84, 512), 512, window_strides=(2, 2)) == "xla"  # above 256 x 256
+    assert route(big, 128, kernel=1) == "tapwise"
+    assert route(big, 128, kernel=1, window_strides=(2, 2)) == "tapwise"
+    assert route(big, 128, kernel=7, padding=((3, 3), (3, 3))) == "xla"
     # Every float32 convolution input is pinned to the row-major layout.
     assert "layout_constraint" in _conv_jaxpr((1, 8, 8, 4), 4)
 
