@@ -66,6 +66,9 @@ _AT = np.array(
     np.float32,
 )
 _TILE = 4  # output tile side
+# The ops below are float32 algorithms on any backend: no TF32/bf16 passes on GPUs and TPUs
+# (the same products as the default precision on the CPU).
+_FLOAT32 = jax.lax.Precision.HIGHEST
 _SPAN = _TILE + 2  # input tile side
 
 # Where Winograd pays on a 2-core x86 CPU (forward and forward + backward, vs XLA's convolution):
@@ -163,7 +166,7 @@ def _output_tiles_adjoint(grad):
 
 def _winograd(x, kernel):
     tiles = _input_tiles(x)
-    products = jnp.einsum("ktc,kco->kto", tiles, _kernel_tiles(kernel))
+    products = jnp.einsum("ktc,kco->kto", tiles, _kernel_tiles(kernel), precision=_FLOAT32)
     return _output_from_tiles(products, (*x.shape[:3], kernel.shape[-1])), tiles
 
 
@@ -192,7 +195,7 @@ def _winograd_bwd(residuals, grad):
     # The input gradient is the same kind of convolution, with the kernel rotated by 180
     # degrees and its channel axes swapped.
     grad_x, _ = _winograd(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    grad_tiles = jnp.einsum("ktc,kto->kco", tiles, _output_tiles_adjoint(grad))
+    grad_tiles = jnp.einsum("ktc,kto->kco", tiles, _output_tiles_adjoint(grad), precision=_FLOAT32)
     return grad_x, _kernel_tiles_adjoint(grad_tiles)
 
 
@@ -201,7 +204,12 @@ winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 
 def _conv_nhwc(x, kernel, strides, padding):
     return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x,
+        kernel,
+        strides,
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=_FLOAT32,
     )
 
 
@@ -239,7 +247,7 @@ def _tapwise_bwd(strides, padding, residuals, grad):
             i : i + stride_h * (out_h - 1) + 1 : stride_h,
             j : j + stride_w * (out_w - 1) + 1 : stride_w,
         ]  # [N, H', W', C]
-        return jnp.einsum("nhwc,nhwo->co", window, grad)
+        return jnp.einsum("nhwc,nhwo->co", window, grad, precision=_FLOAT32)
 
     grad_kernel = jnp.stack(
         [jnp.stack([tap(i, j) for j in range(kernel.shape[1])]) for i in range(kernel.shape[0])]
