@@ -12,6 +12,7 @@ def test_adds_the_flag_for_a_tested_jaxlib_only():
     assert configure_xla_cpu(environ, jaxlib_version="0.10.2")
     assert environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=8 ")
     assert "--xla_cpu_experimental_ynn_fusion_type=" in environ["XLA_FLAGS"]
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in environ["XLA_FLAGS"]
     assert configure_xla_cpu(environ, jaxlib_version="0.10.2") == []  # idempotent
     untested = {}
     assert configure_xla_cpu(untested, jaxlib_version="0.11.0") == [] and untested == {}
@@ -19,8 +20,9 @@ def test_adds_the_flag_for_a_tested_jaxlib_only():
 
 def test_a_users_own_setting_wins():
     environ = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=some"}
-    assert configure_xla_cpu(environ, jaxlib_version="0.10.2") == []
-    assert environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=some"
+    added = configure_xla_cpu(environ, jaxlib_version="0.10.2")
+    assert added == ["--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    assert environ["XLA_FLAGS"] == " ".join(["--xla_cpu_experimental_ynn_fusion_type=some", *added])
 
 
 def test_the_installed_jaxlib_accepts_what_is_added():

