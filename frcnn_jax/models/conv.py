@@ -3,7 +3,7 @@
 XLA's CPU backend leaves a detector's training step slow in three places, and
 `conv_general_dilated` (a drop-in for `jax.lax.conv_general_dilated`, which `Conv` calls) fixes
 them while keeping parameters, shapes and semantics (ResNet-50-FPN's training step at 800x1344
-on a 2-core CPU: 5.45 s before, 3.3-3.5 s after):
+on a 2-core CPU: 5.45 s before, 3.0-3.2 s after, with `frcnn_jax.runtime`'s settings):
 
 - Layout. A weight gradient needs its input activation channel-major; XLA gets it by making
   the fusion that produced the activation (frozen BatchNorm, ReLU, residual adds, re-computed)
@@ -17,10 +17,12 @@ on a 2-core CPU: 5.45 s before, 3.3-3.5 s after):
   Algorithms for Convolutional Neural Networks", 2016): 6x6 input tiles, 36 batched matrix
   products, 4x4 output tiles, 4x fewer multiplications than a direct convolution, for forward,
   input gradient and weight gradient alike (the weight gradient is a matrix product in the
-  Winograd domain). At 200x336x256 channels the forward takes 0.5x and forward + backward
-  0.45x of XLA's convolution's time. Results differ from a direct convolution by rounding
-  only, about 1e-5 of the output's magnitude (a direct float32 convolution differs from
-  float64 by about 1e-6): the trade cuDNN makes with its own Winograd kernels.
+  Winograd domain). At 200x336 and 256 channels (FPN's P2 output layer) the forward
+  takes about 0.6x, the input and weight gradients about 0.5x and 0.45x of XLA's
+  convolution's time (`experiments/bench_convs.py`). Results differ from a direct
+  convolution by rounding only, about 1e-5 of the output's magnitude (a direct float32
+  convolution differs from float64 by about 1e-6): the trade cuDNN makes with its own
+  Winograd kernels.
   `precision=jax.lax.Precision.HIGHEST` on a layer, or `jax.default_matmul_precision("highest")`
   around tracing, keeps the direct convolution.
 
@@ -66,10 +68,10 @@ _AT = np.array(
     np.float32,
 )
 _TILE = 4  # output tile side
+_SPAN = _TILE + 2  # input tile side
 # The ops below are float32 algorithms on any backend: no TF32/bf16 passes on GPUs and TPUs
 # (the same products as the default precision on the CPU).
 _FLOAT32 = jax.lax.Precision.HIGHEST
-_SPAN = _TILE + 2  # input tile side
 
 # Where Winograd pays on a 2-core x86 CPU (forward and forward + the backward's VJP, as ratios
 # to XLA's convolution): 200x336 at 256 channels 0.61 / 0.42; 100x168 at 128: 0.85 / 0.44;
