@@ -5,13 +5,22 @@
 For each model: inference latency (batch 1) and one SGD training step (batch 1 and 2) for
 frcnn_jax and a torchvision model with the same backbone, frozen layers (VGG-16: conv1-conv2;
 ResNet: stem and layer1), anchors, proposal counts and RoI op (RoIAlign 7x7, sampling 2),
-random weights; plus frcnn_jax's compile times and the process's peak memory. Medians of
+random weights; plus frcnn_jax's compile times and each process's peak memory. Medians of
 `--repeats` runs after a warm-up.
+
+torchvision runs in a child process of its own (the same allocator setting, same inputs), before
+frcnn_jax's cases: in one process each side inherits the other's heap. On the 2-core CPU,
+frcnn_jax's ResNet-50-FPN batch-2 step took 6.0-6.3 s before torchvision had run in the process
+and 6.8-7.2 s after it, while torchvision's took 7.7-8.1 s alone and 6.1-6.4 s after frcnn_jax's.
 """
 
 import argparse
 import functools
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 from frcnn_jax.runtime import configure_runtime, describe_runtime
@@ -40,6 +49,9 @@ from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+
+BATCHES = (1, 2)  # training-step batch sizes
+NUM_CLASSES = {"vgg16": 20, "r50_fpn": 90}
 
 # -- the two models, configured alike -----------------------------------------------------------
 
@@ -112,7 +124,7 @@ def torchvision_model(name, image):
             rpn_anchor_generator=AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),)),
             box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
             box_head=TwoMLPHead(512 * 7 * 7, 4096),
-            box_predictor=FastRCNNPredictor(4096, 21),
+            box_predictor=FastRCNNPredictor(4096, NUM_CLASSES[name] + 1),
             rpn_pre_nms_top_n_train=12000,
             rpn_post_nms_top_n_train=2000,
             rpn_pre_nms_top_n_test=6000,
@@ -124,21 +136,33 @@ def torchvision_model(name, image):
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
     )
-    return TorchFasterRCNN(backbone, num_classes=91, **common)
+    return TorchFasterRCNN(backbone, num_classes=NUM_CLASSES[name] + 1, **common)
 
 
-def bench(name, repeats):
-    setup = SETUPS[name]
-    height, width = setup["image"]
+def inputs(name):
+    """The images and ground truth both sides time, the same NumPy arrays in either process:
+    {"detect": (images [1, H, W, 3], sizes [1, 2]), 1: (images, sizes, boxes, classes), 2: ...}."""
+    height, width = SETUPS[name]["image"]
     rng = np.random.default_rng(0)
-    num_classes = 20 if name == "vgg16" else 90
-    config = ml_collections.ConfigDict({"model": {**setup["ours"], "num_classes": num_classes}})
-    model = build_model(config)
-    rows = []
+    sizes1 = np.array([[height, width]], np.int32)
+    batches = {"detect": (rng.uniform(0, 255, (1, height, width, 3)).astype(np.float32), sizes1)}
+    for batch in BATCHES:
+        images = rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32)
+        boxes, classes = ground_truth(rng, batch, (height, width), NUM_CLASSES[name])
+        batches[batch] = (images, np.tile(sizes1, (batch, 1)), boxes, classes)
+    return batches
 
-    # frcnn_jax
-    images1 = jnp.asarray(rng.uniform(0, 255, (1, height, width, 3)).astype(np.float32))
-    sizes1 = jnp.array([[height, width]], jnp.int32)
+
+def time_ours(name, repeats):
+    """frcnn_jax's inference and training-step times (s) and compile times (s), as
+    [(case, seconds, compile seconds)]."""
+    data = inputs(name)
+    model = build_model(
+        ml_collections.ConfigDict(
+            {"model": {**SETUPS[name]["ours"], "num_classes": NUM_CLASSES[name]}}
+        )
+    )
+    images1, sizes1 = (jnp.asarray(a) for a in data["detect"])
     params = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))(
         jax.random.key(0), images1, sizes1
     )
@@ -146,6 +170,8 @@ def bench(name, repeats):
     start = time.perf_counter()
     detect.lower(params, images1, sizes1).compile()
     detect_compile = time.perf_counter() - start
+    detect_s = median_s(lambda: jax.block_until_ready(detect(params, images1, sizes1)), repeats)
+    rows = [("inference, batch 1", detect_s, detect_compile)]
     optimizer = optax.sgd(1e-3, momentum=0.9)
 
     # Parameters and optimizer state are donated and updated in place, as frcnn_jax.train does.
@@ -168,22 +194,10 @@ def bench(name, repeats):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    ours_infer = median_s(lambda: jax.block_until_ready(detect(params, images1, sizes1)), repeats)
-    torch_model = torchvision_model(name, (height, width)).to(TORCH_DEVICE)
-    torch_images = [tensor(images1[0]).permute(2, 0, 1) / 255.0]
-    torch_model.eval()
-    with torch.no_grad():
-        theirs_infer = median_s(lambda: torch_model(torch_images), repeats)
-    rows.append((f"{name} inference, batch 1", ours_infer, theirs_infer, detect_compile))
-
-    torch_optimizer = torch.optim.SGD(torch_model.parameters(), lr=1e-3, momentum=0.9)
-    for batch in (1, 2):
-        images = jnp.asarray(rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32))
-        sizes = jnp.tile(sizes1, (batch, 1))
-        boxes, classes = ground_truth(rng, batch, (height, width), num_classes)
+    for batch in BATCHES:
         state = [jax.tree.map(jnp.copy, params)]  # the step consumes it: keep `params`
         state.append(optimizer.init(state[0]))
-        args = (images, sizes, jnp.asarray(boxes), jnp.asarray(classes))
+        args = tuple(jnp.asarray(a) for a in data[batch])
         start = time.perf_counter()
         train_step.lower(*state, *args, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - start
@@ -193,12 +207,28 @@ def bench(name, repeats):
             state[:] = [new_params, new_opt_state]
             jax.block_until_ready(loss)
 
-        ours = median_s(our_step, repeats)
-        torch_batch = [tensor(images[i]).permute(2, 0, 1) / 255.0 for i in range(batch)]
+        rows.append((f"training step, batch {batch}", median_s(our_step, repeats), compile_s))
+    return rows
+
+
+def time_torchvision(name, repeats):
+    """torchvision's times (s) for the same cases, in `time_ours`'s order."""
+    height, width = SETUPS[name]["image"]
+    data = inputs(name)
+    torch_model = torchvision_model(name, (height, width)).to(TORCH_DEVICE)
+    torch_images = [tensor(data["detect"][0][0]).permute(2, 0, 1) / 255.0]
+    torch_model.eval()
+    with torch.no_grad():
+        times = [median_s(lambda: torch_model(torch_images), repeats)]
+    torch_optimizer = torch.optim.SGD(torch_model.parameters(), lr=1e-3, momentum=0.9)
+    torch_model.train()
+    for batch in BATCHES:
+        images, _, boxes, classes = data[batch]
+        torch_batch = [tensor(image).permute(2, 0, 1) / 255.0 for image in images]
         torch_targets = [
-            {"boxes": tensor(boxes[i]), "labels": tensor(classes[i]).long()} for i in range(batch)
+            {"boxes": tensor(box), "labels": tensor(label).long()}
+            for box, label in zip(boxes, classes, strict=True)
         ]
-        torch_model.train()
 
         def torch_step(inputs=torch_batch, targets=torch_targets):
             torch_optimizer.zero_grad()
@@ -206,36 +236,61 @@ def bench(name, repeats):
             loss.backward()
             torch_optimizer.step()
 
-        rows.append(
-            (f"{name} training step, batch {batch}", ours, median_s(torch_step, repeats), compile_s)
-        )
-    return rows
+        times.append(median_s(torch_step, repeats))
+    return times
+
+
+def time_torchvision_in_child(name, repeats):
+    """`time_torchvision` in a fresh Python process (same allocator setting: the child calls
+    `configure_runtime` too): {"times": [s], "peak_rss_gb": its peak resident memory,
+    "device_gb": torch's peak GPU memory or None}."""
+    command = [sys.executable, os.path.abspath(__file__), "--torchvision-side", "--models", name]
+    command += ["--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"torchvision's side failed ({name}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg16,r50_fpn")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torchvision-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = args.models.split(",")
+    if args.torchvision_side:  # the child process of `time_torchvision_in_child`
+        times = time_torchvision(names[0], args.repeats)
+        device_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        print(json.dumps({"times": times, "peak_rss_gb": peak_rss_gb(), "device_gb": device_gb}))
+        return
+    # torchvision's children run first: on a GPU they exit before JAX reserves its memory.
+    theirs = {name: time_torchvision_in_child(name, args.repeats) for name in names}
     print(
         f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
         f"on {TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads); random weights; "
-        f"{describe_runtime()}"
+        f"{describe_runtime()}; torchvision timed in a separate process"
     )
     print("| case | frcnn_jax s | torchvision s | ratio | frcnn_jax compile s |")
     print("|---|---:|---:|---:|---:|")
-    for name in args.models.split(","):
-        for case, ours, theirs, compile_s in bench(name, args.repeats):
+    for name in names:
+        for (case, our_s, compile_s), their_s in zip(
+            time_ours(name, args.repeats), theirs[name]["times"], strict=True
+        ):
             print(
-                f"| {case} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | {compile_s:.1f} |",
+                f"| {name} {case} | {our_s:.3f} | {their_s:.3f} | {our_s / their_s:.2f} "
+                f"| {compile_s:.1f} |",
                 flush=True,
             )
-    print(f"# peak resident memory of this process: {peak_rss_gb():.1f} GB")
+    print(
+        f"# peak resident memory: frcnn_jax's process {peak_rss_gb():.1f} GB, torchvision's "
+        f"{max(t['peak_rss_gb'] for t in theirs.values()):.1f} GB"
+    )
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"# frcnn_jax peak device memory: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
     if TORCH_DEVICE.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = max(t["device_gb"] for t in theirs.values())
         print(f"# torchvision peak device memory: {peak:.1f} GiB")
 
 

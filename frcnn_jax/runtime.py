@@ -53,10 +53,9 @@ def configure_xla_cpu(environ=None, *, jaxlib_version=None):
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_MMAP_THRESHOLD = 1 << 30  # buffers below 1 GiB come from the heap, not from their own mmap
-_TRIM_THRESHOLD = 2**31 - 1  # the heap keeps up to 2 GiB of freed memory for the next step
+_NEVER_TRIM = -1  # as M_TRIM_THRESHOLD: the heap never gives freed memory back
 
 
 _retaining = False
@@ -68,13 +67,17 @@ def retain_freed_memory(environ=None):
     By default glibc gives every buffer above 32 MiB its own mmap and unmaps it on free, and
     XLA's worker threads allocate from per-thread arenas whose heaps cannot hold a buffer above
     64 MiB at all, so each step page-faults (and the kernel zeroes) its large temporaries anew.
-    Here every buffer under 1 GiB comes from one heap that keeps freed memory: on this 2-core VM
-    RoIPool's forward + backward (512 RoIs, VGG-16 map) went from 90 to 43 ms, torchvision's
-    from 123 to 98 ms in the same process (its CPU allocator is malloc too;
-    `experiments/bench_ops.py`). The price: resident memory stays at its peak, and one arena
-    serializes small allocations across threads. FRCNN_JAX_MALLOC=default keeps glibc's
-    behaviour, and so does any malloc setting of the user's own (MALLOC_* or GLIBC_TUNABLES in
-    the environment); without glibc this does nothing.
+    Here every buffer comes from one heap that never gives freed memory back, so a step
+    reuses the pages of the step before. That includes the one buffer XLA's CPU runtime holds
+    all of a step's temporaries in, 4.5 GB for ResNet-50-FPN's training step at batch 2: with
+    buffers above 1 GiB still mapped afresh (this function's earlier setting) that step
+    page-faulted 1.15 million times, 6.7 s a step against 5.3 s without the faults. On RoIPool's
+    forward + backward (512 RoIs, VGG-16 map) the heap made 90 -> 43 ms, torchvision's 123 ->
+    98 ms in the same process (its CPU allocator is malloc too; `experiments/bench_ops.py`).
+    The price: resident memory stays at its peak, and one arena serializes small allocations
+    across threads. FRCNN_JAX_MALLOC=default keeps glibc's behaviour, and so does any malloc
+    setting of the user's own (MALLOC_* or GLIBC_TUNABLES in the environment); without glibc
+    this does nothing.
     """
     environ = os.environ if environ is None else environ
     if environ.get("FRCNN_JAX_MALLOC", "retain") == "default" or any(
@@ -89,8 +92,8 @@ def retain_freed_memory(environ=None):
     global _retaining
     settings = (
         (_M_ARENA_MAX, 1),
-        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
-        (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+        (_M_MMAP_MAX, 0),  # no buffer gets its own mmap: all come from the heap
+        (_M_TRIM_THRESHOLD, _NEVER_TRIM),
     )
     _retaining = all([mallopt(param, value) == 1 for param, value in settings])
     return _retaining

@@ -2,14 +2,16 @@
 
 XLA's CPU backend leaves a detector's training step slow in three places, and
 `conv_general_dilated` (a drop-in for `jax.lax.conv_general_dilated`, which `Conv` calls) fixes
-them while keeping parameters, shapes and semantics (ResNet-50-FPN's training step at 800x1344
-on a 2-core CPU: 5.45 s before, 3.0-3.2 s after, with `frcnn_jax.runtime`'s settings):
+them while keeping parameters, shapes and semantics (figures: ResNet-50-FPN's training step at
+800x1344, batch 2 unless said, on a 2-core CPU with `frcnn_jax.runtime`'s settings of the time):
 
 - Layout. A weight gradient needs its input activation channel-major; XLA gets it by making
   the fusion that produced the activation (frozen BatchNorm, ReLU, residual adds, re-computed)
   write it transposed, with an untiled loop that costs 5-15x a plain transpose. Pinning every
   convolution input to the row-major NHWC layout (`with_layout_constraint`) makes that a
-  separate, tiled transpose (5.45 -> 4.55 s). Nothing is computed differently.
+  separate, tiled transpose (5.45 -> 4.55 s). The backward passes below pin the output
+  gradient and the strided windows they contract the same way (batch-2 step 5.58 -> 5.24 s).
+  Nothing is computed differently.
 - Weight gradients of 1x1 and of 3x3 stride-2 layers (`tapwise_conv`): one matrix product per
   kernel tap instead of XLA's convolution, whose weight gradients run 1.5-3x slower than its
   forward pass. Same float32 arithmetic, summed in another order.
@@ -84,6 +86,13 @@ _MIN_SIDE = 8
 # 3x3 stride-2 weight gradients by taps: 51.7 -> 34.5 ms at 128 channels (200x336 input), 35
 # -> 29 ms at 256 (100x168), but 20 -> 24 ms at 512 (50x84).
 _MAX_TAPWISE_3X3 = 256 * 256
+
+
+def _row_major(x):
+    """x pinned to the row-major layout on the CPU (the docstring's "Layout"); x elsewhere."""
+    if jax.default_backend() != "cpu":
+        return x
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def _combine(matrix, terms):
@@ -195,6 +204,7 @@ def _winograd_fwd(x, kernel):
 
 def _winograd_bwd(residuals, grad):
     tiles, kernel = residuals
+    grad = _row_major(grad)
     # The input gradient is the same kind of convolution, with the kernel rotated by 180
     # degrees and its channel axes swapped.
     grad_x, _ = _winograd(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
@@ -239,6 +249,7 @@ def _tapwise_fwd(x, kernel, strides, padding):
 
 def _tapwise_bwd(strides, padding, residuals, grad):
     x, kernel = residuals
+    grad = _row_major(grad)
     _, vjp = jax.vjp(lambda x: _conv_nhwc(x, kernel, strides, padding), x)
     (grad_x,) = vjp(grad)
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
@@ -250,7 +261,7 @@ def _tapwise_bwd(strides, padding, residuals, grad):
             i : i + stride_h * (out_h - 1) + 1 : stride_h,
             j : j + stride_w * (out_w - 1) + 1 : stride_w,
         ]  # [N, H', W', C]
-        return jnp.einsum("nhwc,nhwo->co", window, grad, precision=_FLOAT32)
+        return jnp.einsum("nhwc,nhwo->co", _row_major(window), grad, precision=_FLOAT32)
 
     grad_kernel = jnp.stack(
         [jnp.stack([tap(i, j) for j in range(kernel.shape[1])]) for i in range(kernel.shape[0])]
@@ -312,8 +323,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     route, explicit_padding = _route(lhs, rhs, window_strides, padding, lhs_dilation,
                                      rhs_dilation, dimension_numbers, feature_group_count,
                                      precision, extra)  # fmt: skip
-    if jax.default_backend() == "cpu" and lhs.dtype == jnp.float32:
-        lhs = with_layout_constraint(lhs, Layout(tuple(range(lhs.ndim))))
+    if lhs.dtype == jnp.float32:
+        lhs = _row_major(lhs)
     if route == "winograd":
         return winograd_conv3x3(lhs, rhs)
     if route == "tapwise":
