@@ -9,9 +9,10 @@ random weights; plus frcnn_jax's compile times and each process's peak memory. M
 `--repeats` runs after a warm-up.
 
 torchvision runs in a child process of its own (the same allocator setting, same inputs), before
-frcnn_jax's cases: in one process each side inherits the other's heap. On the 2-core CPU,
-frcnn_jax's ResNet-50-FPN batch-2 step took 6.0-6.3 s before torchvision had run in the process
-and 6.8-7.2 s after it, while torchvision's took 7.7-8.1 s alone and 6.1-6.4 s after frcnn_jax's.
+frcnn_jax's cases: in one process each side inherits the other's heap. On the 2-core CPU (with
+`frcnn_jax.runtime`'s earlier allocator setting), frcnn_jax's ResNet-50-FPN batch-2 step took
+6.0-6.3 s before torchvision had run in the process and 6.8-7.2 s after it, while
+torchvision's took 7.7-8.1 s alone and 6.1-6.4 s after frcnn_jax's.
 """
 
 import argparse
