@@ -72,8 +72,8 @@ def retain_freed_memory(environ=None):
     all of a step's temporaries in, 4.5 GB for ResNet-50-FPN's training step at batch 2: with
     buffers above 1 GiB still mapped afresh (this function's earlier setting) that step
     page-faulted 1.15 million times, 6.7 s a step against 5.3 s without the faults. On RoIPool's
-    forward + backward (512 RoIs, VGG-16 map) the heap made 90 -> 43 ms, torchvision's 123 ->
-    98 ms in the same process (its CPU allocator is malloc too; `experiments/bench_ops.py`).
+    forward + backward (512 RoIs, VGG-16 map) the heap made 79 -> 41 ms, torchvision's 124 ->
+    93 ms in the same process (its CPU allocator is malloc too; `experiments/bench_ops.py`).
     The price: resident memory stays at its peak, and one arena serializes small allocations
     across threads. FRCNN_JAX_MALLOC=default keeps glibc's behaviour, and so does any malloc
     setting of the user's own (MALLOC_* or GLIBC_TUNABLES in the environment); without glibc
