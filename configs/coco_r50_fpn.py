@@ -2,7 +2,7 @@
 weights): 16 images per step, lr 0.02, 26 epochs with decays at 16 and 22, min/max size
 800/1333. Evaluated with pycocotools on val2017."""
 
-from frcnn_jax.config import base_config
+from frcnn_jax.config import base_config, torchvision_heads
 
 STEPS_PER_EPOCH = 117266 // 16
 
@@ -22,21 +22,7 @@ def get_config(arg=None):
     c.model.num_classes = 80
     c.model.rpn.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
     c.model.rpn.channels = 256
-    c.model.rpn.objectness = "sigmoid"
-    c.model.rpn.train_pre_nms_top_n = 2000  # torchvision: per level
-    c.model.rpn.train_post_nms_top_n = 2000
-    c.model.rpn.test_pre_nms_top_n = 1000
-    c.model.rpn.test_post_nms_top_n = 1000
-    c.model.rpn.min_size = 1e-3
-    c.model.rpn.box_weight = 1.0
-    c.model.rpn.box_normalizer = None
-    c.model.rpn.allowed_border = None
-    c.model.head.pooler = "align"
-    c.model.head.widths = (1024, 1024)
-    c.model.head.dropout = 0.0
-    c.model.head.batch_size = 512
-    c.model.head.background_iou = (0.0, 0.5)
-    c.model.head.nms_threshold = 0.5
+    torchvision_heads(c.model)  # torchvision's RPN/head settings (2000 / 1000 proposals)
 
     c.train.batch_size = 16  # torchvision: 2 images x 8 GPUs
     c.train.num_steps = 26 * STEPS_PER_EPOCH

@@ -5,7 +5,7 @@
 Trains in minutes on a 2-core CPU; prints the shapes test mAP@0.5 at the end.
 """
 
-from frcnn_jax.config import base_config
+from frcnn_jax.config import base_config, torchvision_heads
 
 
 def get_config(arg=None):
@@ -22,21 +22,12 @@ def get_config(arg=None):
     c.model.num_classes = 8
     c.model.rpn.anchor_sizes = ((12, 24), (40, 80), (128, 192))  # per level: P3, P4, P5
     c.model.rpn.channels = 64
-    c.model.rpn.objectness = "sigmoid"
-    c.model.rpn.train_pre_nms_top_n = 2000
+    torchvision_heads(c.model)
     c.model.rpn.train_post_nms_top_n = 500
-    c.model.rpn.test_pre_nms_top_n = 1000
     c.model.rpn.test_post_nms_top_n = 300
     c.model.rpn.min_size = 4.0
-    c.model.rpn.box_weight = 1.0
-    c.model.rpn.box_normalizer = None
-    c.model.rpn.allowed_border = None
-    c.model.head.pooler = "align"
     c.model.head.widths = (256, 256)
-    c.model.head.dropout = 0.0
     c.model.head.batch_size = 128
-    c.model.head.background_iou = (0.0, 0.5)
-    c.model.head.nms_threshold = 0.5
 
     c.train.batch_size = 4
     c.train.num_steps = 4000  # about 10 minutes on 2 CPU cores

@@ -10,4 +10,5 @@ def get_config(arg=None):
     c = config_from_file(pathlib.Path(__file__).with_name("voc07_vgg16.py"))
     c.model.backbone = "zf"  # conv1-conv5, nothing frozen
     c.model.rpn.channels = 256  # paper: 256-d for ZF
+    c.model.head.output_size = 6  # paper / py-faster-rcnn ZF: RoI pooling 6x6 (VGG-16: 7x7)
     return c

@@ -4,9 +4,13 @@ Each field carries its paper value in a comment where the paper has one. Config 
 fields; the command line overrides anything (`--config.train.learning_rate=0.01`).
 """
 
+import dataclasses
+import types
+
 import ml_collections
 
 from frcnn_jax.data.config import check_data_config, data_config
+from frcnn_jax.models.faster_rcnn import HeadSettings, RPNSettings
 
 SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
 METRICS = ("voc07", "voc_area")
@@ -21,8 +25,8 @@ def base_config():
     c.model.dtype = "float32"  # "bfloat16": bf16 conv/matmul, float32 parameters and box math
     c.model.frozen_stages = ml_collections.FieldReference(None, field_type=int)  # None: default
     c.model.init_checkpoint = ml_collections.FieldReference(None, field_type=str)  # .npz weights
-    c.model.rpn = ml_collections.ConfigDict()  # fields of RPNSettings; unset: paper values
-    c.model.head = ml_collections.ConfigDict()  # fields of HeadSettings; unset: paper values
+    c.model.rpn = settings_config(RPNSettings)  # every field, paper values (see RPNSettings)
+    c.model.head = settings_config(HeadSettings)  # every field, paper values (see HeadSettings)
 
     c.train = ml_collections.ConfigDict()
     c.train.scheme = "approximate_joint"  # paper default; "non_approximate_joint", "alternating"
@@ -30,6 +34,11 @@ def base_config():
     # ImageNet-initialized network as step 1) or "step1" (step 1's trained network; for training
     # from scratch, where "initial" would throw step 1's backbone training away).
     c.train.alternating_step2_init = "initial"
+    # Alternating training, the four steps' lengths and each step's lr decay step (paper /
+    # py-faster-rcnn alt-opt: (80000, 40000, 80000, 40000) and (60000, 30000, 60000, 30000)).
+    # Empty: num_steps split 1/3, 1/6, 1/3, 1/6, with lr_steps and warm-up scaled alike.
+    c.train.alternating_stage_steps = ()
+    c.train.alternating_stage_lr_steps = ()
     c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
     c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
     c.train.learning_rate = 1e-3  # paper: 1e-3
@@ -48,6 +57,9 @@ def base_config():
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"  # the final evaluation; paper: VOC 2007 test
+    # the dataset evaluated (a TFDS name as data.name); None: data.name. voc0712 trains on
+    # VOC 2007 + 2012 and evaluates on VOC 2007 test only.
+    c.eval.data_name = ml_collections.FieldReference(None, field_type=str)
     c.eval.periodic_split = "validation"  # evaluations during training (train.eval_every)
     c.eval.batch_size = 2
     c.eval.metric = "voc07"  # paper: VOC07 11-point; "voc_area" for VOC2010+
@@ -55,6 +67,48 @@ def base_config():
     c.eval.coco = False  # also pycocotools' 12 numbers
     c.eval.proposal_recall = False  # also recall vs IoU of the RPN's proposals (Figure 4)
     return c
+
+
+def settings_config(cls):
+    """A ConfigDict holding every field of the settings dataclass `cls` with its default (the
+    dataclass is the one place the defaults are defined). Fields that may be None are typed
+    `object` so that the command line can set either a number or None
+    (`--config.model.rpn.allowed_border=None`); `build_model` checks their values."""
+    c = ml_collections.ConfigDict()
+    for field in dataclasses.fields(cls):
+        optional = isinstance(field.type, types.UnionType) and type(None) in field.type.__args__
+        if optional:
+            c[field.name] = ml_collections.FieldReference(field.default, field_type=object)
+        else:
+            c[field.name] = field.default
+    return c
+
+
+def torchvision_heads(model):
+    """Set `model.rpn` / `model.head` (a config's `model` section) to torchvision's Faster R-CNN
+    settings where they differ from the paper's: sigmoid objectness, every anchor used, 2000
+    proposals per level, no minimum proposal size, lambda 1 over the sampled anchors, RoIAlign,
+    512 RoIs per image with backgrounds from IoU 0, class NMS 0.5. Counts and widths that depend
+    on the model (channels, proposals, fc widths) stay for the config file to set."""
+    model.rpn.update(
+        objectness="sigmoid",
+        allowed_border=None,
+        train_pre_nms_top_n=2000,
+        train_post_nms_top_n=2000,
+        test_pre_nms_top_n=1000,
+        test_post_nms_top_n=1000,
+        min_size=1e-3,
+        box_weight=1.0,
+        box_normalizer=None,
+    )
+    model.head.update(
+        pooler="align",
+        widths=(1024, 1024),
+        dropout=0.0,
+        batch_size=512,
+        background_iou=(0.0, 0.5),
+        nms_threshold=0.5,
+    )
 
 
 def check_config(c):
@@ -66,6 +120,16 @@ def check_config(c):
         raise ValueError(
             "config.train.alternating_step2_init must be 'initial' or 'step1', got "
             f"{c.train.alternating_step2_init!r}"
+        )
+    stages, decays = c.train.alternating_stage_steps, c.train.alternating_stage_lr_steps
+    if stages and (len(stages) != 4 or min(stages) <= 0):
+        raise ValueError(
+            f"config.train.alternating_stage_steps: need 4 positive step counts, got {stages}"
+        )
+    if decays and (not stages or len(decays) != 4):
+        raise ValueError(
+            "config.train.alternating_stage_lr_steps: need 4 decay steps, one per stage, and "
+            f"alternating_stage_steps set; got {decays} with stage steps {stages}"
         )
     if c.eval.metric not in METRICS:
         raise ValueError(f"config.eval.metric must be one of {METRICS}, got {c.eval.metric!r}")

@@ -176,13 +176,20 @@ def rpn_targets(
       image_height, image_width: the true resized image size.
       positive_iou, negative_iou: 0.7 / 0.3 in the paper.
       batch_size, positive_fraction: 256 anchors, up to half positive.
-      allowed_border: anchors sticking out of the image by more than this are ignored (0 in the
-        paper); None keeps every anchor, like torchvision.
+      allowed_border: anchors sticking out of the image by more than this are removed before
+        matching (0 in the paper and py-faster-rcnn's `anchor_target_layer`), so each box's
+        best anchor is chosen among those that remain; None keeps every anchor, like
+        torchvision.
 
     Returns:
       `RPNTargets`. An image without ground truth gets `batch_size` negatives.
     """
     gt_valid = gt_valid & (ops.box_area(gt_boxes) > 0)  # degenerate boxes never match
+    usable = None
+    if allowed_border is not None:  # removed before matching, as py-faster-rcnn does
+        usable = ops.anchors_inside(
+            anchors, height=image_height, width=image_width, allowed_border=allowed_border
+        )
     iou = ops.pairwise_iou(anchors, gt_boxes)  # [A, G]
     match = ops.match_boxes(
         iou,
@@ -190,14 +197,10 @@ def rpn_targets(
         high_threshold=positive_iou,
         low_threshold=negative_iou,
         allow_low_quality=True,
+        anchor_valid=usable,
     )
-    usable = jnp.ones(anchors.shape[0], bool)
-    if allowed_border is not None:
-        usable = ops.anchors_inside(
-            anchors, height=image_height, width=image_width, allowed_border=allowed_border
-        )
-    positive = usable & (match.labels == ops.POSITIVE)
-    negative = usable & (match.labels == ops.NEGATIVE)
+    positive = match.labels == ops.POSITIVE
+    negative = match.labels == ops.NEGATIVE
     sample = ops.sample_balanced(
         key, positive, negative, num_samples=batch_size, positive_fraction=positive_fraction
     )

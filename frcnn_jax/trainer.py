@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from frcnn_jax import checkpointing, sharding
-from frcnn_jax.data import make_batches
+from frcnn_jax.data import make_batches, pipeline
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model, trainable_mask
 
@@ -294,8 +294,9 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
     """Evaluate on `split` (default `config.eval.split`); every host takes part, process 0
     writes the report."""
     split = split or config.eval.split
+    data = pipeline.with_name(config.data, eval_data_name(config))
     batches, info = make_batches(
-        config.data,
+        data,
         split,
         batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
         train=False,
@@ -306,7 +307,7 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
     if jax.process_count() > 1:
         batches = (_gather_batch(b) for b in batches)
     write = workdir is not None and jax.process_index() == 0
-    return evaluate_detections(
+    result = evaluate_detections(
         lambda batch: detect_fn(variables, batch),
         batches,
         info,
@@ -315,8 +316,20 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
         coco=config.eval.coco,
         proposals=config.eval.proposal_recall,
         workdir=workdir if write else None,
-        title=f"{config.data.name} {split}, step {step}",
+        title=f"{data.name} {split}, step {step}",
     )
+    if result["num_images"] and not sum(result["voc"]["num_gt"].values()):
+        raise ValueError(
+            f"evaluation split {split!r} of {data.name} has no ground-truth boxes in its "
+            f"{result['num_images']} images: its mAP means nothing (config.eval.split / "
+            "config.eval.data_name)"
+        )
+    return result
+
+
+def eval_data_name(config):
+    """The dataset evaluated: `config.eval.data_name`, or `config.data.name` when unset."""
+    return config.eval.get("data_name") or config.data.name
 
 
 def _gather_batch(batch):
@@ -335,10 +348,11 @@ def train_and_evaluate(config, workdir):
     workdir = pathlib.Path(workdir)
     train = config.train
     checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
-    final_report = workdir / "eval" / f"step_{train.num_steps}" / "metrics.json"
+    last_step = final_step(train)
+    final_report = workdir / "eval" / f"step_{last_step}" / "metrics.json"
     latest = checkpoints.latest_step()
-    if latest is not None and latest >= train.num_steps and final_report.is_file():
-        log.info("already trained to step %d and evaluated: %s", train.num_steps, final_report)
+    if latest is not None and latest >= last_step and final_report.is_file():
+        log.info("already trained to step %d and evaluated: %s", last_step, final_report)
         print(f"already done: {final_report}", flush=True)
         return json.loads(final_report.read_text())
     mesh = sharding.data_mesh()
@@ -359,10 +373,8 @@ def train_and_evaluate(config, workdir):
         writer.close()
         return None
     variables = {"params": state.params, **state.frozen}
-    result = evaluate(
-        config, model, variables, mesh, workdir=final_report.parent, step=train.num_steps
-    )
-    writer.write(train.num_steps, _flat_scalars(result), prefix="eval/")
+    result = evaluate(config, model, variables, mesh, workdir=final_report.parent, step=last_step)
+    writer.write(last_step, _flat_scalars(result), prefix="eval/")
     writer.close()
     _print_result(config, result, final_report.parent)
     return result
@@ -426,8 +438,9 @@ def _train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_ste
 
 
 # The paper's 4-step alternating training (section 3.2): which sub-modules each step trains,
-# its objective, and its share of `train.num_steps` (the paper's VOC schedule: 80k RPN, 40k
-# Fast R-CNN, 80k RPN, 40k Fast R-CNN iterations).
+# its objective, and its share of `train.num_steps` when `train.alternating_stage_steps` is
+# empty (py-faster-rcnn's alt-opt VOC schedule: 80k RPN, 40k Fast R-CNN, 80k RPN, 40k Fast
+# R-CNN iterations).
 ALTERNATING_STAGES = (
     ("rpn", ("backbone", "rpn_head"), 1 / 3),
     ("head", ("backbone", "box_head", "predictor"), 1 / 6),
@@ -436,28 +449,71 @@ ALTERNATING_STAGES = (
 )
 
 
+def final_step(train):
+    """The step number of the finished detector: `num_steps`, or for alternating training with
+    explicit stage lengths their sum."""
+    if train.scheme == "alternating" and train.alternating_stage_steps:
+        return int(sum(train.alternating_stage_steps))
+    return int(train.num_steps)
+
+
+def alternating_schedules(train):
+    """Per step k = 1..4: (number of steps, `train` with that stage's lr decay and warm-up).
+
+    With `train.alternating_stage_steps` the lengths are those, each with its own decay step
+    from `alternating_stage_lr_steps` (py-faster-rcnn's solvers: one x0.1 step per stage) or,
+    if that is empty, `lr_steps` scaled to the stage; otherwise `num_steps` is split 1/3, 1/6,
+    1/3, 1/6 and `lr_steps` / `warmup_steps` are scaled to each stage."""
+    out = []
+    for index, (_, _, share) in enumerate(ALTERNATING_STAGES):
+        if train.alternating_stage_steps:
+            num_steps = int(train.alternating_stage_steps[index])
+        else:
+            num_steps = max(round(train.num_steps * share), 1)
+        scale = num_steps / train.num_steps
+        stage = train.copy_and_resolve_references()
+        with stage.unlocked():
+            stage.num_steps = num_steps
+            stage.warmup_steps = round(train.warmup_steps * scale)
+            if train.alternating_stage_lr_steps:
+                stage.lr_steps = (int(train.alternating_stage_lr_steps[index]),)
+            else:
+                stage.lr_steps = tuple(max(round(s * scale), 1) for s in train.lr_steps)
+        out.append((num_steps, stage))
+    return out
+
+
+def alternating_start(index, initial, finals, *, step2_init="initial"):
+    """The parameters step `index` (1-4) starts from, as in the paper and py-faster-rcnn's
+    alt-opt: steps 1 and 2 from the initial (ImageNet) weights (step 2 from step 1's network
+    with `step2_init="step1"`); step 3 from step 2's detector with a freshly initialised RPN
+    head; step 4 from step 3's network with a freshly initialised predictor (fc6/fc7 stay step
+    2's, the RPN head step 3's). `finals`: the parameters steps 1..index-1 ended with."""
+    if index == 1 or (index == 2 and step2_init == "initial"):
+        return initial
+    if index == 2:
+        return finals[0]
+    if index == 3:
+        return {**finals[1], "rpn_head": initial["rpn_head"]}
+    return {**finals[2], "predictor": initial["predictor"]}
+
+
 def _train_alternating(config, workdir, model, mesh, writer):
     """Steps 1-4, each resumable in `<workdir>/alternating/step<k>`; the final network is saved
-    to `<workdir>/checkpoints` at `train.num_steps` for evaluation."""
+    to `<workdir>/checkpoints` at `final_step(train)` for evaluation."""
     train = config.train
     replicated = sharding.replicated(mesh)
     initial, _ = init_state(config, model, functools.partial(make_optimizer, train))
     frozen_rules = trainable_mask(model, {"params": initial.params, **initial.frozen})
+    schedules = alternating_schedules(train)
     finals = []
-    for index, (objective, modules, share) in enumerate(ALTERNATING_STAGES, start=1):
-        num_steps = max(round(train.num_steps * share), 1)
+    for index, (objective, modules, _) in enumerate(ALTERNATING_STAGES, start=1):
+        num_steps, stage_train = schedules[index - 1]
         mask = {k: jax.tree.map(lambda t, on=k in modules: t and on, v)
                 for k, v in frozen_rules.items()}  # fmt: skip
-        stage_train = _scaled_schedule(train, num_steps)
         tx = make_optimizer(stage_train, mask)
-        if index == 2 and train.alternating_step2_init == "step1":
-            params = finals[0].params
-        elif index == 1 or index == 2:  # steps 1 and 2 start from the initial weights (paper)
-            params = initial.params
-        elif index == 3:  # the detector's shared convs + step 1's RPN head
-            params = {**finals[1].params, "rpn_head": finals[0].params["rpn_head"]}
-        else:
-            params = finals[2].params
+        params = alternating_start(index, initial.params, [f.params for f in finals],
+                                   step2_init=train.alternating_step2_init)  # fmt: skip
         # a copy: each stage donates its state to its step, earlier stages' arrays live on
         state = jax.device_put(
             jax.tree.map(jnp.copy, initial.replace(params=params, opt_state=tx.init(params))),
@@ -477,21 +533,11 @@ def _train_alternating(config, workdir, model, mesh, writer):
         if state is None:
             return None
         finals.append(state)
-    final = finals[-1].replace(step=jnp.asarray(train.num_steps, jnp.int32))
+    final = finals[-1].replace(step=jnp.asarray(final_step(train), jnp.int32))
     checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
-    checkpoints.save(train.num_steps, final, {}, {"scheme": "alternating"})
+    checkpoints.save(final_step(train), final, {}, {"scheme": "alternating"})
     checkpoints.wait()
     return final
-
-
-def _scaled_schedule(train, num_steps):
-    """`train` with its warm-up and decay steps scaled to a stage of `num_steps`."""
-    scale = num_steps / train.num_steps
-    scaled = train.copy_and_resolve_references()
-    with scaled.unlocked():
-        scaled.lr_steps = tuple(max(round(s * scale), 1) for s in train.lr_steps)
-        scaled.warmup_steps = round(train.warmup_steps * scale)
-    return scaled
 
 
 def evaluate_checkpoint(config, workdir, step=None):
@@ -516,7 +562,7 @@ def evaluate_checkpoint(config, workdir, step=None):
 def _print_result(config, result, report):
     mean_ap = result["voc"]["mAP"]
     print(
-        f"{config.data.name} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
+        f"{eval_data_name(config)} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
         f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} (report: {report})",
         flush=True,
     )
@@ -527,8 +573,6 @@ def _prepare_once(data):
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
-
-    from frcnn_jax.data import pipeline
 
     if jax.process_index() == 0:
         pipeline.prepare_all(data)

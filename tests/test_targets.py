@@ -165,6 +165,74 @@ class RpnTargetsTest(chex.TestCase):
         self.assertTrue(np.isfinite(np.asarray(empty.box_targets)).all())
 
 
+def py_faster_rcnn_rpn_labels(anchors, gt, height, width, allowed_border=0.0):
+    """py-faster-rcnn's `anchor_target_layer` labelling before sampling, in NumPy: anchors
+    crossing the border are removed first; among the rest, negatives below 0.3, each box's
+    best anchor(s) positive, then >= 0.7 positive; removed anchors -1. (Continuous pixel
+    convention, and a box overlapping no kept anchor forces nothing, as in `match_boxes`.)"""
+    inside = np.flatnonzero(
+        (anchors[:, 0] >= -allowed_border)
+        & (anchors[:, 1] >= -allowed_border)
+        & (anchors[:, 2] <= width + allowed_border)
+        & (anchors[:, 3] <= height + allowed_border)
+    )
+    overlaps = np.asarray(ops.pairwise_iou(anchors[inside], gt))
+    max_overlaps = overlaps.max(axis=1)
+    gt_max = overlaps.max(axis=0)
+    labels = np.full(len(inside), -1)
+    labels[max_overlaps < 0.3] = 0
+    labels[np.flatnonzero(((overlaps == gt_max) & (gt_max > 0)).any(axis=1))] = 1
+    labels[max_overlaps >= 0.7] = 1
+    out = np.full(len(anchors), -1)
+    out[inside] = labels
+    return out
+
+
+def vgg_anchors(height, width):
+    base = ops.base_anchors(sizes=(128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0))
+    return np.asarray(ops.anchor_grid(base, feature_height=height // 16,
+                                      feature_width=width // 16, stride=16))  # fmt: skip
+
+
+def all_labels(anchors, gt, height, width):
+    """`rpn_targets` labels with a sample as large as the anchor set (nothing dropped)."""
+    result = targets.rpn_targets(
+        jax.random.key(0), anchors, gt, np.ones(len(gt), bool), image_height=height,
+        image_width=width, batch_size=len(anchors), positive_fraction=1.0,
+    )  # fmt: skip
+    return np.asarray(result.labels)
+
+
+def test_border_boxes_get_positives_among_the_anchors_that_remain():
+    # An 800 x 600 image (VGG-16, stride 16): a box along the left edge and its mirror on the
+    # right. Each box's best anchor overall crosses the border; py-faster-rcnn removes those
+    # anchors first and picks the box's best among the rest, so the box still gets positives.
+    height, width = 600, 800
+    anchors = vgg_anchors(height, width)
+    inside = np.asarray(ops.anchors_inside(anchors, height=height, width=width))
+    for box in ([0, 100, 100, 500], [700, 100, 800, 500]):
+        gt = np.array([box], np.float32)
+        iou = np.asarray(ops.pairwise_iou(anchors, gt))[:, 0]
+        assert not inside[np.argmax(iou)]  # the best anchor overall crosses the border
+        labels = all_labels(anchors, gt, height, width)
+        positives = np.flatnonzero(labels == 1)
+        assert len(positives) > 0 and inside[positives].all()
+        assert (labels[~inside] == -1).all()
+        np.testing.assert_array_equal(labels, py_faster_rcnn_rpn_labels(anchors, gt, height, width))
+
+
+def test_rpn_labels_equal_py_faster_rcnn_on_random_boxes():
+    rng = np.random.default_rng(3)
+    height, width = 384, 512
+    anchors = vgg_anchors(height, width)
+    for _ in range(3):
+        gt = random_boxes(rng, 6, size=512, max_side=300)
+        gt[:, [1, 3]] = np.minimum(gt[:, [1, 3]], height)
+        gt = gt[(gt[:, 2] - gt[:, 0] > 1) & (gt[:, 3] - gt[:, 1] > 1)]
+        labels = all_labels(anchors, gt, height, width)
+        np.testing.assert_array_equal(labels, py_faster_rcnn_rpn_labels(anchors, gt, height, width))
+
+
 class SampleProposalsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_foreground_background_rules(self):

@@ -15,6 +15,7 @@ per epoch.
 
 import dataclasses
 import logging
+import re
 
 import grain.python as grain
 import numpy as np
@@ -93,7 +94,12 @@ def data_source(builder, split):
 
 
 def to_example(record, index, problems):
-    """A raw TFDS record (ours, `voc`, or `coco`) -> decoded image, pixel boxes, labels 1..K."""
+    """A raw TFDS record (ours, `voc`, or `coco`) -> decoded image, pixel boxes, labels 1..K.
+
+    Records of TFDS's `voc` (tagged `_voc_one_based` by `make_batches`) store VOC's 1-based
+    inclusive xmin..xmax divided by the image size; they become xmin - 1 .. xmax, the boxes a
+    VOC folder gives (`folders.read_voc_annotation`), so both sources train and evaluate alike.
+    """
     name = record.get("image/filename", b"")
     name = name.decode() if isinstance(name, bytes) else str(name)
     name = name or f"record {index}"
@@ -111,6 +117,8 @@ def to_example(record, index, problems):
     difficult = np.zeros(len(labels), bool) if difficult is None else np.asarray(difficult, bool)
     n = min(len(bbox), len(labels), len(difficult))  # a malformed record may disagree
     boxes = preprocess.boxes_to_pixels(bbox[:n], height, width)
+    if record.get("_voc_one_based"):
+        boxes[:, :2] = np.maximum(boxes[:, :2] - 1, 0)
     boxes, keep = checks.clean_boxes(boxes, height, width, name, problems)
     image_id = int(record.get("image/id", index))
     return image, boxes, labels[:n][keep], difficult.reshape(-1)[:n][keep], image_id, name
@@ -274,12 +282,51 @@ def _invalid_like(example):
     return {k: np.zeros_like(v) for k, v in example.items() if k != "problems"}
 
 
+class _VocOneBased:
+    """TFDS `voc` records tagged for `to_example`'s 1-based correction."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return {**self.source[index], "_voc_one_based": True}
+
+
+def unlabelled_splits(builder):
+    """Split names of `builder` that have no public ground truth (TFDS `voc/2012` test, COCO's
+    test splits)."""
+    config = getattr(builder, "builder_config", None)
+    names = set()
+    if getattr(config, "has_test_annotations", True) is False:
+        names.add("test")
+    for split in getattr(config, "splits", None) or ():
+        kind = getattr(split, "annotation_type", None)
+        if str(getattr(kind, "value", kind)).lower() == "none":  # COCO's AnnotationType.NONE
+            names.add(str(split.name))
+    return names
+
+
+def _check_labelled(builder, split):
+    used = set(re.findall(r"[A-Za-z_]\w*", split))
+    missing = sorted(used & unlabelled_splits(builder))
+    if missing:
+        raise ValueError(
+            f"split {split!r} of {builder.name}/{builder.builder_config.name} has no ground truth "
+            f"({', '.join(missing)}): it cannot be trained or evaluated on (set config.eval.split"
+            " or config.eval.data_name to a labelled split, e.g. voc/2007 test)"
+        )
+
+
 def prepare_all(data):
     """The prepared builder of each dataset in `data.name` ("voc/2007,voc/2012": a union)."""
-    return [prepare(get_builder(_with_name(data, name.strip()))) for name in data.name.split(",")]
+    return [prepare(get_builder(with_name(data, name.strip()))) for name in data.name.split(",")]
 
 
-def _with_name(data, name):
+def with_name(data, name):
+    """`data` (a config.data section) for dataset `name` (one of a union, or eval.data_name)."""
     if name == data.name:
         return data
     one = data.copy_and_resolve_references()
@@ -310,10 +357,11 @@ def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard
     builders = prepare_all(data)
     sources = []
     for builder in builders:
+        _check_labelled(builder, split)
         source = data_source(builder, split)
         if len(source) == 0:
             raise ValueError(f"config.data: split {split!r} of {builder.name} has no examples")
-        sources.append(source)
+        sources.append(_VocOneBased(source) if builder.name == "voc" else source)
     infos = [dataset_info(b, len(s)) for b, s in zip(builders, sources, strict=True)]
     if any(i.class_names != infos[0].class_names for i in infos):
         raise ValueError(f"config.data.name: the datasets of {data.name!r} have different classes")

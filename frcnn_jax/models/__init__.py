@@ -1,6 +1,8 @@
 """Flax modules of the detector and the config-driven factory."""
 
 import dataclasses
+import numbers
+import types
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,27 @@ def _settings(cls, overrides, section):
         raise ValueError(
             f"config.model.{section} has unknown fields {unknown}; known: {sorted(known)}"
         )
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    for field in dataclasses.fields(cls):
+        if field.name in values:
+            _check_type(f"config.model.{section}.{field.name}", values[field.name], field.type)
+    return cls(**values)
+
+
+def _check_type(name, value, annotation):
+    """ValueError naming the field when `value` does not fit the settings field's type."""
+    allowed = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return
+        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return
+        if kind in (str, bool, tuple) and isinstance(value, kind):
+            return
+    names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
+    raise ValueError(f"{name} must be {names}, got {value!r}")
 
 
 def build_model(config) -> FasterRCNN:

@@ -24,7 +24,8 @@ class MatchResult(NamedTuple):
     labels: jax.Array
 
 
-def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quality):
+def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quality,
+                anchor_valid=None):  # fmt: skip
     """Labels each anchor positive, negative or ignored from its IoU with the ground truth.
 
     The paper's rule, with torchvision `Matcher` semantics: an anchor whose best IoU is
@@ -41,10 +42,13 @@ def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quali
       high_threshold: positive at or above this best IoU (0.7 RPN, 0.5 Fast R-CNN).
       low_threshold: negative below this best IoU (0.3 RPN, 0.5 Fast R-CNN).
       allow_low_quality: apply the best-anchor-per-ground-truth rule (True for the RPN).
+      anchor_valid: optional bool [A]; anchors marked False are removed before matching, as
+        py-faster-rcnn removes cross-boundary anchors: they are labelled IGNORE and are never a
+        box's best anchor, so each box's forced positive is chosen among the others.
 
     Returns:
       `MatchResult(matched_gt int32 [A], labels int32 [A])`. With no valid ground truth (an
-      empty image) every anchor is negative.
+      empty image) every (valid) anchor is negative.
     """
     _checks.check_rank("iou", iou, 2)
     _checks.check_rank("gt_valid", gt_valid, 1)
@@ -63,13 +67,26 @@ def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quali
             f"low_threshold ({low_threshold}) must not exceed high_threshold ({high_threshold})"
         )
     num_anchors, num_gt = iou.shape
+    if anchor_valid is None:
+        anchor_valid = jnp.ones((num_anchors,), bool)
+    else:
+        _checks.check_rank("anchor_valid", anchor_valid, 1)
+        if anchor_valid.shape[0] != num_anchors:
+            raise ValueError(
+                f"iou [A, G] and anchor_valid [A] disagree on A: iou {iou.shape}, "
+                f"anchor_valid {anchor_valid.shape}"
+            )
+        anchor_valid = jnp.asarray(anchor_valid, bool)
     if num_gt == 0:
         return MatchResult(
-            jnp.zeros((num_anchors,), jnp.int32), jnp.full((num_anchors,), NEGATIVE, jnp.int32)
+            jnp.zeros((num_anchors,), jnp.int32),
+            jnp.where(anchor_valid, NEGATIVE, IGNORE).astype(jnp.int32),
         )
     gt_valid = jnp.asarray(gt_valid, bool)
-    # Padded slots get -1, below any real IoU, so they are never anyone's best.
+    # Padded slots and removed anchors get -1, below any real IoU, so they are never anyone's
+    # best.
     iou = jnp.where(gt_valid[None, :], jnp.asarray(iou, jnp.float32), -1.0)
+    iou = jnp.where(anchor_valid[:, None], iou, -1.0)
     matched_gt = jnp.argmax(iou, axis=1).astype(jnp.int32)  # [A]
     best_iou = jnp.max(iou, axis=1)  # [A]; -1 when no slot is valid
     labels = jnp.where(
@@ -81,4 +98,5 @@ def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quali
         best_per_gt = jnp.max(iou, axis=0)  # [G]
         is_best = (iou == best_per_gt[None, :]) & (best_per_gt > 0)[None, :] & gt_valid[None, :]
         labels = jnp.where(is_best.any(axis=1), POSITIVE, labels)
+    labels = jnp.where(anchor_valid, labels, IGNORE)
     return MatchResult(matched_gt, labels.astype(jnp.int32))

@@ -107,6 +107,34 @@ class MatchBoxesTest(chex.TestCase):
                 np.asarray(got.matched_gt)[positive], want_matches[positive]
             )
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_removed_anchors_are_ignored_and_never_a_boxs_best(self):
+        iou = np.array(
+            [
+                # gt0   gt1
+                [0.90, 0.10],  # 0: removed: would be positive, and gt0's best
+                [0.60, 0.05],  # 1: gt0's best among the kept anchors -> forced positive
+                [0.20, 0.40],  # 2: removed: gt1's best
+                [0.10, 0.35],  # 3: gt1's best among the kept ones -> positive
+                [0.10, 0.10],  # 4: negative
+            ],
+            np.float32,
+        )
+        kept = np.array([False, True, False, True, True])
+        match = self.variant(functools.partial(ops.match_boxes, **RPN))
+        result = match(iou, np.array([True, True]), anchor_valid=kept)
+        np.testing.assert_array_equal(result.labels, [-1, 1, -1, 1, 0])
+        np.testing.assert_array_equal(np.asarray(result.matched_gt)[[1, 3]], [0, 1])
+        # Removing nothing is the plain rule; an empty image leaves removed anchors ignored.
+        everything = match(iou, np.array([True, True]), anchor_valid=np.ones(5, bool))
+        np.testing.assert_array_equal(everything.labels, match(iou, np.array([True, True]))[1])
+        empty = match(iou, np.zeros(2, bool), anchor_valid=kept)
+        np.testing.assert_array_equal(empty.labels, [-1, 0, -1, 0, 0])
+        no_slots = ops.match_boxes(np.zeros((5, 0)), np.zeros(0, bool), anchor_valid=kept, **RPN)
+        np.testing.assert_array_equal(no_slots.labels, [-1, 0, -1, 0, 0])
+        with pytest.raises(ValueError, match=r"disagree on A.*\(5, 2\).*\(4,\)"):
+            ops.match_boxes(iou, np.ones(2, bool), anchor_valid=np.ones(4, bool), **RPN)
+
     def test_vmap_over_images(self):
         rng = np.random.default_rng(2)
         iou = rng.uniform(size=(2, 50, 4)).astype(np.float32)

@@ -1,0 +1,90 @@
+"""Config files: every RPN/head field exists in the config tree and can be overridden on the
+command line of every config file, changing the model that `build_model` makes."""
+
+import dataclasses
+import pathlib
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from frcnn_jax.config import base_config, check_config, config_from_file
+from frcnn_jax.models import HeadSettings, RPNSettings, build_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "demo_ops.py")
+ALTERNATIVES = {  # a second valid value for string fields
+    "objectness": ("softmax", "sigmoid"),
+    "pooler": ("pool", "align"),
+    "box_head": ("mlp", "res5"),
+}
+
+
+def parse(config_file, *overrides, monkeypatch):
+    """The config `python -m frcnn_jax.train --config FILE OVERRIDES...` would run with."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
+    argv = ["train", f"--config={config_file}", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    flag_values(argv)
+    return flag_values.config
+
+
+def other_value(name, value):
+    """A valid value of the same kind that differs from `value`."""
+    if name in ALTERNATIVES:
+        first, second = ALTERNATIVES[name]
+        return second if value == first else first
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if value is None:
+        return 5.0
+    if isinstance(value, float):
+        return round(value / 2 + 0.1, 4) if value <= 1 else value + 1.5
+    if not value:  # an empty tuple (the res5 head's fc widths)
+        return (64,)
+    if isinstance(value[0], tuple):  # anchor sizes per pyramid level
+        return tuple(tuple(2 * s for s in level) for level in value)
+    if all(0 <= v <= 1 for v in value):  # (lo, hi) IoU ranges
+        return tuple(round(v / 2 + 0.05, 4) for v in value)
+    return tuple(v + 1 for v in value)
+
+
+def test_the_config_tree_holds_every_settings_field_with_its_default():
+    c = base_config()
+    for section, cls in (("rpn", RPNSettings), ("head", HeadSettings)):
+        assert set(c.model[section]) == {f.name for f in dataclasses.fields(cls)}
+        assert dict(c.model[section]) == dataclasses.asdict(cls())
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_rpn_and_head_field_is_overridable(config_file, monkeypatch):
+    plain = build_model(parse(config_file, monkeypatch=monkeypatch))
+    for section, cls in (("rpn", RPNSettings), ("head", HeadSettings)):
+        for field in dataclasses.fields(cls):
+            value = other_value(field.name, getattr(getattr(plain, section), field.name))
+            text = value if isinstance(value, str) else repr(value)
+            flag = f"--config.model.{section}.{field.name}={text}"
+            config = parse(config_file, flag, monkeypatch=monkeypatch)
+            got = getattr(getattr(build_model(config), section), field.name)
+            assert got == value, (config_file.name, flag, got)
+
+
+def test_optional_fields_take_none_or_a_number_and_reject_anything_else(monkeypatch):
+    voc = ROOT / "configs" / "voc07_vgg16.py"
+    for flag, want in (("allowed_border=None", None), ("box_normalizer=256", 256)):
+        config = parse(voc, f"--config.model.rpn.{flag}", monkeypatch=monkeypatch)
+        assert getattr(build_model(config).rpn, flag.split("=")[0]) == want
+    config = parse(voc, "--config.model.rpn.allowed_border=wide", monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match=r"config.model.rpn.allowed_border must be float or None"):
+        build_model(config)
+    with pytest.raises(flags.IllegalFlagValueError, match="nms_threshold"):
+        parse(voc, "--config.model.head.nms_threshold=high", monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_files_pass_the_checks(config_file):
+    check_config(config_from_file(config_file))
