@@ -302,6 +302,7 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
         train=False,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        agree=_hosts_agree(),
     )
     detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
     if jax.process_count() > 1:
@@ -330,6 +331,16 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
 def eval_data_name(config):
     """The dataset evaluated: `config.eval.data_name`, or `config.data.name` when unset."""
     return config.eval.get("data_name") or config.data.name
+
+
+def _hosts_agree():
+    """Several hosts: the loaders' agreement on which canvas the next batch uses (every host's
+    bucket sizes, gathered); one host: None (local decisions)."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    return lambda counts: np.asarray(multihost_utils.process_allgather(counts))
 
 
 def _gather_batch(batch):
@@ -395,6 +406,7 @@ def _train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_ste
         seed=train.seed + seed_offset,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        agree=_hosts_agree(),
     )
     meta = {"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)}
     latest = checkpoints.latest_step()

@@ -52,7 +52,7 @@ def test_zf_pools_six_by_six_and_vgg_seven_by_seven():
         variables = jax.eval_shape(
             lambda k, m=model: m.init(
                 k, jnp.zeros((1, 224, 224, 3)), jnp.array([[224, 224]]), method=FasterRCNN.detect
-            ),  # fmt: skip
+            ),
             jax.random.key(0),
         )
         fc6 = variables["params"]["box_head"]["fc6"]["kernel"]
@@ -107,7 +107,7 @@ def test_voc0712_evaluates_on_voc2007_test_and_label_less_splits_are_refused():
     small = dict(min_size=64, max_size=96, canvas=(64, 96), workers=0)
     with tfds.testing.mock_data(num_examples=3):
         data.update(small)
-        batches, info = pipeline.make_batches(data, "test", batch_size=1, train=False)
+        _, info = pipeline.make_batches(data, "test", batch_size=1, train=False)
         assert info.num_examples == 3 and len(info.class_names) == 20
         with pytest.raises(ValueError, match=r"split 'test' of voc/2012 has no ground truth"):
             pipeline.make_batches(data_config(name="voc/2012", **small), "test", batch_size=1,
@@ -156,8 +156,8 @@ def test_voc_iou_equals_the_devkits_plus_one_iou():
     gt_one_based = np.concatenate([lo, lo + rng.integers(0, 150, (50, 2))], axis=1)
     det = rng.uniform(0, 300, (40, 4))
     det[:, 2:] = det[:, :2] + rng.uniform(1, 150, (40, 2))
-    gt = gt_one_based.astype(np.float64) - [1, 1, 0, 0]
-    det_one_based = det + [1, 1, 0, 0]
+    gt = gt_one_based.astype(np.float64) - np.array([1, 1, 0, 0])
+    det_one_based = det + np.array([1, 1, 0, 0])
     np.testing.assert_allclose(
         voc_iou(det, gt), voc_iou(det_one_based, gt_one_based, plus_one=True), atol=1e-12
     )

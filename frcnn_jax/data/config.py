@@ -25,7 +25,11 @@ def data_config(**overrides):
     )  # shapes split sizes
     c.min_size = 600  # paper: short side 600
     c.max_size = 1000  # paper: long side <= 1000
-    c.canvas = (600, 1000)  # static (H, W) every image is padded to
+    c.canvas = (600, 1000)  # static (H, W) every image is padded to (see orient_canvas)
+    # Images of the other orientation use the transposed canvas (1000, 600), so portrait images
+    # keep min_size on their short side too; batches group images of one canvas (two compiled
+    # shapes). False: one canvas, portrait images shrunk to fit it.
+    c.orient_canvas = True
     c.max_boxes = 64  # G: ground-truth slots per image (64 VOC, 100 COCO)
     c.flip = True  # paper: random horizontal flip in training
     c.exclude_difficult = True  # VOC "difficult" boxes are not training targets (kept for eval)

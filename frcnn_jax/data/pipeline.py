@@ -134,11 +134,17 @@ class _Preprocess(grain.RandomMapTransform):
             canvas=tuple(data.canvas),
             max_boxes=data.max_boxes,
             exclude_difficult=train and data.exclude_difficult,
+            orient=data.orient_canvas,
         )
         self.flip = train and data.flip
 
     def random_map(self, element, rng):
         record, index = element
+        return self.example(record, index, flip=bool(self.flip and rng.random() < 0.5))
+
+    def example(self, record, index, *, flip):
+        """The preprocessed example of `record` (source row `index`), or {"problems": ...}.
+        `_index` and `_flip` let a resumed loader rebuild examples it had buffered."""
         problems = checks.Problems()
         if "problem" in record:
             problems.add(*record["problem"])
@@ -148,12 +154,13 @@ class _Preprocess(grain.RandomMapTransform):
         except checks.BadExample as e:
             problems.add(e.kind, e.detail)
             return {"problems": problems}
-        flip = bool(self.flip and rng.random() < 0.5)
         example, dropped = preprocess.preprocess(
             image, boxes, labels, difficult, flip=flip, **self.kwargs
         )
         example["image_id"] = np.int64(image_id)
         example["valid"] = np.bool_(True)
+        example["_index"] = np.int64(index)
+        example["_flip"] = np.bool_(flip)
         if dropped:
             problems.add("boxes over max_boxes dropped", name, dropped)
         if problems:
@@ -181,16 +188,32 @@ class _WithIndex:
             return {"problem": ("unreadable record", f"{self.name}[{index}]: {e}")}, index
 
 
+def _local_only(counts):
+    """`Batches`' agreement for a single process: its own counts are everyone's."""
+    return np.asarray(counts)[None]
+
+
 class Batches:
     """Iterator of batches (dict of NumPy arrays with a leading batch axis) with a saveable
     position: `get_state()` / `set_state()` (JSON-serializable).
 
     Training: endless, reshuffled every epoch, `batch_size` valid examples per batch.
-    Evaluation: one pass; the last batch is padded with `valid=False` examples.
+    Evaluation: one pass; partly filled batches are padded with `valid=False` examples.
+
+    Every batch holds images of one canvas (`preprocess.canvas_for`: the configured canvas and,
+    with `data.orient_canvas`, its transpose for the other orientation), like torchvision's
+    aspect-ratio grouping: examples wait in one bucket per canvas until a bucket holds a
+    batch. Buffered examples are part of the saved position (their record index and flip), so
+    a resumed run yields exactly the batches an uninterrupted one would.
+
+    `agree` keeps several hosts in step: called with this host's [bucket sizes..., exhausted]
+    it returns every host's ([hosts, n + 1], e.g. `process_allgather`); a canvas is emitted
+    when every host has a batch of it (or, at the end of an evaluation pass, any example of
+    it), so all hosts feed the same shape at each step. Without it, only this host counts.
     """
 
     def __init__(self, source, data, *, batch_size, train, seed, shard_index=0, shard_count=1,
-                 worker_count=None, name="data"):  # fmt: skip
+                 worker_count=None, name="data", agree=None):  # fmt: skip
         self.batch_size = batch_size
         self.train = train
         self.records = len(source)
@@ -205,56 +228,72 @@ class Batches:
         workers = data.workers if worker_count is None else worker_count
         if workers and not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (notebooks, tests)
+        self._source = _WithIndex(source, name)
+        self._preprocess = _Preprocess(data, train)
         self._loader = grain.DataLoader(
-            data_source=_WithIndex(source, name),
+            data_source=self._source,
             sampler=sampler,
-            operations=[_Preprocess(data, train)],
+            operations=[self._preprocess],
             worker_count=workers,
             shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=train),
         )
         self._iter = iter(self._loader)
         self.consumed = 0  # records taken from the loader, valid or not
         self.name = name
-        # Evaluation: every host yields the same number of batches (padding with valid=False
-        # examples), so multi-host collectives stay in step when shards differ in size.
-        per_shard = -(-self.records // shard_count)
-        self.num_batches = None if train else -(-per_shard // batch_size)
-        self._yielded = 0
+        self.canvases = preprocess.canvases(data.canvas, orient=data.orient_canvas)
+        self._buckets = {canvas: [] for canvas in self.canvases}
+        self._agree = agree or _local_only
+        self._exhausted = False
+        self._max_boxes = data.max_boxes
         self._since_valid = 0
         self.problems = checks.Problems()
-        self._template = None
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        examples = []
-        while len(examples) < self.batch_size:
-            try:
-                example = next(self._iter)
-            except StopIteration:
-                break
-            self._count(example)
-            if "image" in example:
-                examples.append(example)
-                self._since_valid = 0
-            else:
-                self._since_valid += 1
-                if self._since_valid > self.records:  # a whole pass without one good record
-                    raise ValueError(
-                        f"{self.name}: no valid example in a whole pass over the data "
-                        f"(problems: {self.problems.summary()})"
-                    )
-        if not examples and (self.train or self._yielded >= self.num_batches):
-            self._log_epoch()
-            raise StopIteration
-        if self._template is None and not examples:
-            raise ValueError(f"{self.name}: this host's shard of the split has no valid example")
-        self._template = self._template or examples[0]
-        self._yielded += 1
+        while True:
+            sizes = [len(self._buckets[c]) for c in self.canvases]
+            everyone = np.asarray(self._agree(np.array([*sizes, self._exhausted], np.int64)))
+            sizes, exhausted = everyone[:, :-1], everyone[:, -1].all()
+            full = np.flatnonzero((sizes >= self.batch_size).all(axis=0))
+            if full.size:
+                return self._emit(self.canvases[full[0]])
+            if exhausted:  # end of an evaluation pass: flush what is left, padded
+                left = np.flatnonzero(sizes.max(axis=0) > 0)
+                if not left.size:
+                    self._log_epoch()
+                    raise StopIteration
+                return self._emit(self.canvases[left[0]])
+            self._pull()
+
+    def _pull(self):
+        """Take one example from the loader into its canvas's bucket."""
+        if self._exhausted:
+            return
+        try:
+            example = next(self._iter)
+        except StopIteration:
+            self._exhausted = True
+            return
+        self._count(example)
+        if "image" in example:
+            self._buckets[example["image"].shape[:2]].append(example)
+            self._since_valid = 0
+        else:
+            self._since_valid += 1
+            if self._since_valid > self.records:  # a whole pass without one good record
+                raise ValueError(
+                    f"{self.name}: no valid example in a whole pass over the data "
+                    f"(problems: {self.problems.summary()})"
+                )
+
+    def _emit(self, canvas):
+        bucket = self._buckets[canvas]
+        examples, self._buckets[canvas] = bucket[: self.batch_size], bucket[self.batch_size :]
         while len(examples) < self.batch_size:  # pad the last evaluation batch(es)
-            examples.append(_invalid_like(self._template))
-        keys = [k for k in examples[0] if k != "problems"]
+            examples.append(_padding(canvas, self._max_boxes))
+        keys = [k for k in examples[0] if k != "problems" and not k.startswith("_")]
         return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
 
     def _count(self, example):
@@ -271,15 +310,38 @@ class Batches:
         self.problems = checks.Problems()
 
     def get_state(self):
-        return {"loader": self._iter.get_state().decode(), "consumed": self.consumed}
+        buffered = [
+            [int(e["_index"]), bool(e["_flip"])] for c in self.canvases for e in self._buckets[c]
+        ]
+        return {
+            "loader": self._iter.get_state().decode(),
+            "consumed": self.consumed,
+            "buffered": buffered,
+        }
 
     def set_state(self, state):
         self._iter.set_state(state["loader"].encode())
         self.consumed = int(state["consumed"])
+        self._buckets = {canvas: [] for canvas in self.canvases}
+        for index, flip in state.get("buffered", []):  # rebuilt exactly as first made
+            example = self._preprocess.example(*self._source[index], flip=flip)
+            self._buckets[example["image"].shape[:2]].append(example)
 
 
-def _invalid_like(example):
-    return {k: np.zeros_like(v) for k, v in example.items() if k != "problems"}
+def _padding(canvas, max_boxes):
+    """An all-zero example marked `valid=False` (and no ground truth) on `canvas`."""
+    return {
+        "image": np.zeros((*canvas, 3), np.uint8),
+        "image_size": np.zeros(2, np.int32),
+        "original_size": np.zeros(2, np.int32),
+        "scale": np.float32(0),
+        "gt_boxes": np.zeros((max_boxes, 4), np.float32),
+        "gt_classes": np.zeros(max_boxes, np.int32),
+        "gt_valid": np.zeros(max_boxes, bool),
+        "gt_difficult": np.zeros(max_boxes, bool),
+        "image_id": np.int64(0),
+        "valid": np.bool_(False),
+    }
 
 
 class _VocOneBased:
@@ -351,7 +413,7 @@ class _Concat:
 
 
 def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
-                 worker_count=None):  # fmt: skip
+                 worker_count=None, agree=None):  # fmt: skip
     """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
     check_data_config(data)
     builders = prepare_all(data)
@@ -377,5 +439,6 @@ def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard
         shard_count=shard_count,
         worker_count=worker_count,
         name=f"{data.name}:{split}",
+        agree=agree,
     )
     return batches, info

@@ -1,9 +1,10 @@
 """Per-example preprocessing to static shapes (NumPy, runs in the loader's workers).
 
 decode -> resize (short side to `min_size`, long side <= `max_size`, and the result must fit the
-canvas) -> optional horizontal flip -> pad bottom/right to the canvas; boxes converted once from
-TFDS's normalized (ymin, xmin, ymax, xmax) to absolute (x1, y1, x2, y2) in the resized frame and
-padded to `max_boxes` with `valid` and `difficult` masks.
+canvas of the image's orientation) -> optional horizontal flip -> pad bottom/right to the
+canvas; boxes converted once from TFDS's normalized (ymin, xmin, ymax, xmax) to absolute
+(x1, y1, x2, y2) in the resized frame and padded to `max_boxes` with `valid` and `difficult`
+masks.
 """
 
 import math
@@ -12,10 +13,36 @@ import numpy as np
 from PIL import Image
 
 
+def canvas_for(height, width, canvas, *, orient=True):
+    """The static (H, W) canvas an image of `height` x `width` goes on.
+
+    With `orient`, images whose orientation differs from the configured `canvas` go on the
+    transposed canvas (a portrait image on (1000, 600) when the canvas is (600, 1000)), so
+    every image keeps the same scale rule whatever its orientation: at most two shapes, each
+    compiled once. Square images and square canvases keep `canvas`. Without `orient`, every
+    image goes on `canvas` and portrait images are shrunk to fit it."""
+    canvas_h, canvas_w = canvas
+    if (
+        orient
+        and canvas_h != canvas_w
+        and height != width
+        and (height > width) != (canvas_h > canvas_w)
+    ):
+        return canvas_w, canvas_h
+    return canvas_h, canvas_w
+
+
+def canvases(canvas, *, orient=True):
+    """Every canvas `canvas_for` can return: the configured one first."""
+    canvas = tuple(canvas)
+    other = canvas[::-1]
+    return [canvas, other] if orient and other != canvas else [canvas]
+
+
 def resize_scale(height, width, *, min_size, max_size, canvas):
     """The one scale factor for an image: short side -> min_size, long side <= max_size, and the
-    resized image fits the (height, width) canvas (portrait images on a landscape canvas are
-    scaled down rather than cropped)."""
+    resized image fits the (height, width) canvas (images that do not fit it are scaled down
+    rather than cropped)."""
     return min(
         min_size / min(height, width),
         max_size / max(height, width),
@@ -42,14 +69,15 @@ def flip_boxes(boxes, width):
 
 
 def preprocess(image, boxes, labels, difficult, *, min_size, max_size, canvas, max_boxes,
-               flip=False, exclude_difficult=False):  # fmt: skip
+               flip=False, exclude_difficult=False, orient=True):  # fmt: skip
     """One example to fixed shapes.
 
     Args:
       image: uint8 [h, w, 3] RGB.
       boxes: float [N, 4] (x1, y1, x2, y2) pixels of `image`; labels: int [N] in 1..K;
         difficult: bool [N].
-      min_size, max_size: 600 / 1000 in the paper; canvas: (H, W) static output size.
+      min_size, max_size: 600 / 1000 in the paper; canvas: (H, W) static output size, used
+        transposed for images of the other orientation when `orient` (see `canvas_for`).
       max_boxes: G; boxes beyond it are dropped (the count is returned).
       flip: mirror image and boxes horizontally.
       exclude_difficult: mark difficult boxes not `gt_valid` (training targets skip them).
@@ -60,6 +88,7 @@ def preprocess(image, boxes, labels, difficult, *, min_size, max_size, canvas, m
       gt_valid bool [G], gt_difficult bool [G]; number of boxes dropped by `max_boxes`).
     """
     height, width = image.shape[:2]
+    canvas = canvas_for(height, width, canvas, orient=orient)
     scale = resize_scale(height, width, min_size=min_size, max_size=max_size, canvas=canvas)
     new_h, new_w = resized_size(height, width, scale)
     if (new_h, new_w) != (height, width):

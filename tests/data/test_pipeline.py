@@ -165,3 +165,135 @@ def test_a_source_with_no_good_record_is_an_error_not_a_hang():
     batches = pipeline.Batches(source, data, batch_size=2, train=True, seed=0, name="broken")
     with pytest.raises(ValueError, match="broken: no valid example in a whole pass"):
         next(batches)
+
+
+def _record(height, width, seed):
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return {
+        "image": out.getvalue(),
+        "image/id": seed,
+        "objects": {
+            "bbox": np.array([[0.2, 0.1, 0.7, 0.6]], np.float32),
+            "label": np.array([seed % 3]),
+            "is_difficult": np.zeros(1, bool),
+        },
+    }
+
+
+class _MixedSource:
+    """Landscape (40 x 50) and portrait (50 x 40) images in an irregular order."""
+
+    PORTRAIT = (1, 2, 5, 8, 9, 10, 13)
+
+    def __init__(self, count=16):
+        self.records = [
+            _record(*((50, 40) if i in self.PORTRAIT else (40, 50)), seed=i) for i in range(count)
+        ]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+MIXED = dict(min_size=60, max_size=100, canvas=(60, 100), max_boxes=2, workers=0)
+LANDSCAPE, PORTRAIT = (60, 100), (100, 60)
+
+
+def test_a_portrait_voc_image_keeps_the_papers_scale_on_a_portrait_canvas():
+    source = _MixedSource(0)
+    source.records = [_record(500, 375, seed=0), _record(375, 500, seed=1)]  # VOC's two shapes
+    data = data_config(min_size=600, max_size=1000, canvas=(600, 1000), workers=0)
+    batches = pipeline.Batches(source, data, batch_size=1, train=False, seed=0)
+    portrait, landscape = next(batches), next(batches)
+    assert portrait["image"].shape == (1, 1000, 600, 3)
+    assert portrait["image_size"].tolist() == [[800, 600]] and portrait["scale"][0] == 1.6
+    assert landscape["image"].shape == (1, 600, 1000, 3)
+    assert landscape["image_size"].tolist() == [[600, 800]]
+    # the single-canvas option shrinks the portrait image to fit (600 x 450)
+    data.orient_canvas = False
+    shrunk = next(pipeline.Batches(source, data, batch_size=1, train=False, seed=0))
+    assert shrunk["image"].shape == (1, 600, 1000, 3) and shrunk["image_size"].tolist() == [
+        [600, 450]
+    ]
+
+
+def test_training_batches_group_by_orientation_and_resume_with_buffered_examples():
+    data = data_config(**MIXED)
+
+    def fresh():
+        return pipeline.Batches(_MixedSource(), data, batch_size=3, train=True, seed=2)
+
+    expected = _take(fresh(), 14)  # 42 examples: more than two epochs of 16
+    canvases = [b["image"].shape[1:3] for b in expected]
+    assert set(canvases) == {LANDSCAPE, PORTRAIT}
+    for batch in expected:
+        portrait = batch["image_size"][:, 0] > batch["image_size"][:, 1]
+        assert portrait.all() == (batch["image"].shape[1:3] == PORTRAIT) and batch["valid"].all()
+    resumed_with_buffer = 0
+    for cut in range(1, 13):
+        run = fresh()
+        head = _take(run, cut)
+        state = run.get_state()
+        resumed_with_buffer += bool(state["buffered"])
+        resumed = fresh()
+        resumed.set_state(state)
+        assert _same(expected, head + _take(resumed, 14 - cut)), cut
+    assert resumed_with_buffer >= 3  # the buffered examples' rebuild was exercised
+
+
+def test_evaluation_groups_by_orientation_and_sees_every_image_once():
+    data = data_config(**MIXED)
+    batches = list(pipeline.Batches(_MixedSource(), data, batch_size=3, train=False, seed=0))
+    ids = np.concatenate([b["image_id"][b["valid"]] for b in batches])
+    assert sorted(ids.tolist()) == list(range(16))
+    for batch in batches:
+        sizes = batch["image_size"][batch["valid"]]
+        assert ((sizes[:, 0] > sizes[:, 1]) == (batch["image"].shape[1:3] == PORTRAIT)).all()
+    assert sum(b["valid"].size - b["valid"].sum() for b in batches) <= 2 * 2  # one partial each
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_hosts_agree_on_the_canvas_of_every_batch(train):
+    """Two hosts (threads, each a shard) exchange bucket sizes as `process_allgather` would:
+    every step both feed the same canvas, so a multi-host jit sees one shape."""
+    import threading
+
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def agree_for(host):
+        def agree(counts):
+            slots[host] = np.asarray(counts)
+            barrier.wait()
+            both = np.stack(slots)
+            barrier.wait()
+            return both
+
+        return agree
+
+    data = data_config(**MIXED)
+    outputs = [[], []]
+
+    def run(host):
+        shard = dict(shard_index=host, shard_count=2, agree=agree_for(host))
+        batches = pipeline.Batches(_MixedSource(), data, batch_size=2, train=train, seed=0, **shard)
+        for i, batch in enumerate(batches):
+            outputs[host].append(batch)
+            if train and i == 9:
+                break
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(outputs[0]) == len(outputs[1]) > 0
+    shapes = [[b["image"].shape for b in out] for out in outputs]
+    assert shapes[0] == shapes[1] and len(set(shapes[0])) == 2
+    if not train:
+        ids = [i for out in outputs for b in out for i in b["image_id"][b["valid"]].tolist()]
+        assert sorted(ids) == list(range(16))
