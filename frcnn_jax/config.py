@@ -39,6 +39,8 @@ def base_config():
     # Empty: num_steps split 1/3, 1/6, 1/3, 1/6, with lr_steps and warm-up scaled alike.
     c.train.alternating_stage_steps = ()
     c.train.alternating_stage_lr_steps = ()
+    # ... and each step's batch size; empty: batch_size (py-faster-rcnn: 1, 2, 1, 2 images)
+    c.train.alternating_stage_batch_sizes = ()
     c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
     c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
     c.train.learning_rate = 1e-3  # paper: 1e-3
@@ -48,6 +50,7 @@ def base_config():
     c.train.warmup_factor = 1e-3
     c.train.momentum = 0.9  # paper: 0.9
     c.train.weight_decay = 5e-4  # paper: 5e-4 (on kernels; frozen layers excluded)
+    c.train.bias_lr_factor = 1.0  # biases' learning rate / the rate (py-faster-rcnn: 2)
     c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # None: off
     c.train.seed = 0
     c.train.log_every = 20
@@ -98,6 +101,7 @@ def torchvision_heads(model):
         test_pre_nms_top_n=1000,
         test_post_nms_top_n=1000,
         min_size=1e-3,
+        min_size_original=False,
         box_weight=1.0,
         box_normalizer=None,
     )
@@ -131,6 +135,13 @@ def check_config(c):
             "config.train.alternating_stage_lr_steps: need 4 decay steps, one per stage, and "
             f"alternating_stage_steps set; got {decays} with stage steps {stages}"
         )
+    sizes = c.train.alternating_stage_batch_sizes
+    if sizes and (len(sizes) != 4 or min(sizes) <= 0):
+        raise ValueError(
+            f"config.train.alternating_stage_batch_sizes: need 4 positive sizes, got {sizes}"
+        )
+    if c.train.bias_lr_factor <= 0:
+        raise ValueError(f"config.train.bias_lr_factor must be > 0, got {c.train.bias_lr_factor}")
     if c.eval.metric not in METRICS:
         raise ValueError(f"config.eval.metric must be one of {METRICS}, got {c.eval.metric!r}")
     for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):

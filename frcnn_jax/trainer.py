@@ -57,22 +57,30 @@ def learning_rate_schedule(train):
 
 
 def make_optimizer(train, trainable):
-    """SGD with momentum and weight decay on kernels; frozen parameters get no update and no
-    decay (`trainable` mask); optional gradient clipping by global norm."""
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda path, t: t and path[-1].key == "kernel", trainable
-    )
-    parts = []
-    if train.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    parts += [
-        optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate_schedule(train), momentum=train.momentum),
-    ]
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-    return optax.multi_transform(
-        {"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels
-    )
+    """SGD with momentum; weight decay on kernels only; biases at `bias_lr_factor` times the
+    learning rate (py-faster-rcnn / Caffe: lr_mult 2, no decay on biases); frozen parameters
+    (`trainable` mask) get no update and no decay; optional clipping by global norm."""
+    schedule = learning_rate_schedule(train)
+    factor = train.bias_lr_factor
+
+    def group(path, trainable_leaf):
+        if not trainable_leaf:
+            return "frozen"
+        return {"kernel": "kernel", "bias": "bias"}.get(path[-1].key, "other")
+
+    def sgd(rate):
+        return optax.sgd(rate, momentum=train.momentum)
+
+    groups = {
+        "kernel": optax.chain(optax.add_decayed_weights(train.weight_decay), sgd(schedule)),
+        "bias": sgd(schedule if factor == 1 else lambda step: factor * schedule(step)),
+        "other": sgd(schedule),
+        "frozen": optax.set_to_zero(),
+    }
+    tx = optax.multi_transform(groups, jax.tree_util.tree_map_with_path(group, trainable))
+    if train.grad_clip_norm:  # frozen parameters' gradients are zero: the norm is the same
+        tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
+    return tx
 
 
 # ---------------------------------------------------------------- the step
@@ -91,8 +99,11 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
     gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
     if objective == "head":
         source = proposer if proposer is not None else {"params": state.params, **state.frozen}
-        proposals = model.apply(source, *inputs, method=FasterRCNN.training_proposals)
+        proposals = model.apply(
+            source, *inputs, batch.get("scale"), method=FasterRCNN.training_proposals
+        )
     method = {"joint": FasterRCNN.losses, "rpn": FasterRCNN.rpn_losses}.get(objective)
+    scales = (batch.get("scale"),) if objective == "joint" else ()  # rpn_losses: no proposals
 
     def loss_fn(params):
         variables = {"params": params, **state.frozen}
@@ -101,7 +112,8 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
             terms = model.apply(variables, *inputs, *proposals, *gt, sample_key,
                                 method=FasterRCNN.head_losses, rngs=rngs)  # fmt: skip
         else:
-            terms = model.apply(variables, *inputs, *gt, sample_key, method=method, rngs=rngs)
+            terms = model.apply(variables, *inputs, *gt, sample_key, *scales, method=method,
+                                rngs=rngs)  # fmt: skip
         return sum(terms.values()), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -486,6 +498,8 @@ def alternating_schedules(train):
         stage = train.copy_and_resolve_references()
         with stage.unlocked():
             stage.num_steps = num_steps
+            if train.alternating_stage_batch_sizes:
+                stage.batch_size = int(train.alternating_stage_batch_sizes[index])
             stage.warmup_steps = round(train.warmup_steps * scale)
             if train.alternating_stage_lr_steps:
                 stage.lr_steps = (int(train.alternating_stage_lr_steps[index]),)
@@ -537,8 +551,11 @@ def _train_alternating(config, workdir, model, mesh, writer):
         checkpoints = checkpointing.Checkpoints(
             workdir / "alternating" / f"step{index}", max_to_keep=train.keep_checkpoints
         )
+        stage_config = config.copy_and_resolve_references()
+        with stage_config.unlocked():
+            stage_config.train = stage_train
         state = _train_stage(
-            config, model, mesh, state, tx, checkpoints, writer, num_steps=num_steps,
+            stage_config, model, mesh, state, tx, checkpoints, writer, num_steps=num_steps,
             objective=objective, proposer=proposer, seed_offset=index, name=f"step{index}/",
             lr_fn=learning_rate_schedule(stage_train),
         )  # fmt: skip

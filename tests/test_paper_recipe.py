@@ -72,12 +72,14 @@ def test_alternating_stages_are_py_faster_rcnns_alt_opt_solvers():
     stages = trainer.alternating_schedules(train)
     assert [n for n, _ in stages] == [80000, 40000, 80000, 40000]
     assert [s.lr_steps for _, s in stages] == [(60000,), (30000,), (60000,), (30000,)]
+    assert [s.batch_size for _, s in stages] == [1, 2, 1, 2]  # RPN: 1 image, Fast R-CNN: 2
     rates = [trainer.learning_rate_schedule(s) for _, s in stages]
     np.testing.assert_allclose([float(r(29999)) for r in rates], [1e-3] * 4, rtol=1e-6)
     np.testing.assert_allclose(float(rates[1](30000)), 1e-4, rtol=1e-6)
     assert trainer.final_step(train) == 240000
     # Without stage lengths, num_steps is shared 1/3, 1/6, 1/3, 1/6 and the decays scaled.
     train.alternating_stage_steps, train.alternating_stage_lr_steps = (), ()
+    train.alternating_stage_batch_sizes = ()
     train.num_steps, train.lr_steps = 120, (90,)
     stages = trainer.alternating_schedules(train)
     assert [(n, s.lr_steps) for n, s in stages] == [(40, (30,)), (20, (15,)), (40, (30,)),
@@ -183,3 +185,43 @@ def test_two_thousand_test_proposals_for_evaluation_and_recall():
     result = recall.result()
     assert result.recall.shape == (3, len(result.iou_thresholds))
     assert (np.diff(result.recall, axis=0) >= 0).all()  # more proposals never lose recall
+
+
+def test_biases_learn_at_twice_the_rate_without_weight_decay():
+    train = voc().train
+    assert train.bias_lr_factor == 2.0 and train.weight_decay == 5e-4
+    params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+              "conv1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}  # fmt: skip
+    trainable = {"fc": {"kernel": True, "bias": True}, "conv1": {"kernel": False, "bias": False}}
+    tx = trainer.make_optimizer(train, trainable)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["fc"]["bias"], -2e-3, rtol=1e-6)  # 2 x lr, no decay
+    np.testing.assert_allclose(updates["fc"]["kernel"], -1e-3 * (1 + 5e-4), rtol=1e-6)
+    assert not np.asarray(updates["conv1"]["kernel"]).any()  # frozen: no update, no decay
+    assert not np.asarray(updates["conv1"]["bias"]).any()
+
+
+def test_rpn_min_size_counts_original_image_pixels_as_py_faster_rcnn():
+    """py-faster-rcnn drops proposals under 16 x im_scale resized pixels (16 px of the original
+    image); with `min_size_original=False` min_size counts resized pixels (torchvision)."""
+    images, sizes = one_image()
+    scales = jnp.array([2.0])
+
+    def proposals(min_size, original):
+        config = tiny_config()
+        config.model.rpn.min_size = min_size
+        config.model.rpn.min_size_original = original
+        config.model.rpn.test_post_nms_top_n = 1000
+        model = build_model(config)
+        variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+        _, (boxes, valid) = model.apply(variables, images, sizes, scales, return_proposals=True,
+                                        method=FasterRCNN.detect)  # fmt: skip
+        return np.asarray(boxes), np.asarray(valid)
+
+    original, resized = proposals(20.0, True), proposals(40.0, False)
+    np.testing.assert_array_equal(original[1], resized[1])
+    np.testing.assert_allclose(original[0], resized[0])
+    assert original[1].sum() < proposals(20.0, False)[1].sum()
+    sides = original[0][original[1]][:, 2:] - original[0][original[1]][:, :2]
+    assert (sides >= 40.0).all()

@@ -39,7 +39,10 @@ class RPNSettings:
     test_pre_nms_top_n: int = 6000  # torchvision: 1000
     test_post_nms_top_n: int = 300  # torchvision: 1000
     nms_threshold: float = 0.7
-    min_size: float = 16.0  # resized pixels; torchvision: 1e-3
+    min_size: float = 16.0  # smallest proposal side; torchvision: 1e-3
+    # min_size in original-image pixels (py-faster-rcnn: 16 x the image's scale); False:
+    # resized pixels (torchvision)
+    min_size_original: bool = True
     box_weight: float = 10.0  # lambda in equation (1); torchvision: 1 with box_normalizer None
     box_normalizer: float | None = 2400.0  # N_reg ~ anchor locations; None: sampled anchors
     beta: float = 1 / 9  # py-faster-rcnn's sigma = 3
@@ -129,28 +132,27 @@ class FasterRCNN(nn.Module):
             levels.append((anchors, *self.rpn_head(feature)))  # one head shared by all levels
         return levels
 
-    def _proposals(self, levels, image_sizes, *, train):
+    def _proposals(self, levels, image_sizes, scales=None, *, train):
+        """The RPN's proposals per image; `scales` (float32 [B], resized / original) turn
+        `rpn.min_size` into resized pixels when `rpn.min_size_original` (1 when omitted)."""
         pre, post = (
             (self.rpn.train_pre_nms_top_n, self.rpn.train_post_nms_top_n)
             if train
             else (self.rpn.test_pre_nms_top_n, self.rpn.test_post_nms_top_n)
         )
-        kwargs = dict(
-            pre_nms_top_n=pre,
-            post_nms_top_n=post,
-            nms_threshold=self.rpn.nms_threshold,
-            min_size=self.rpn.min_size,
-        )
+        kwargs = dict(pre_nms_top_n=pre, post_nms_top_n=post, nms_threshold=self.rpn.nms_threshold)
         anchors = [a for a, _, _ in levels]
+        if scales is None or not self.rpn.min_size_original:
+            scales = jnp.ones(image_sizes.shape[0], jnp.float32)
 
-        def one_image(scores, deltas, size):
-            hw = dict(image_height=size[0], image_width=size[1])
+        def one_image(scores, deltas, size, scale):
+            hw = dict(image_height=size[0], image_width=size[1], min_size=self.rpn.min_size * scale)
             if len(anchors) == 1:
                 return targets.generate_proposals(scores[0], deltas[0], anchors[0], **hw, **kwargs)
             return targets.generate_multilevel_proposals(scores, deltas, anchors, **hw, **kwargs)
 
         scores = [objectness_scores(logits) for _, logits, _ in levels]
-        return jax.vmap(one_image)(scores, [d for _, _, d in levels], image_sizes)
+        return jax.vmap(one_image)(scores, [d for _, _, d in levels], image_sizes, scales)
 
     def _box_predictions(self, features, rois, *, train):
         """Pool [B, R, 4] RoIs from the feature maps; logits [B, R, K+1], deltas
@@ -243,7 +245,7 @@ class FasterRCNN(nn.Module):
             class_logits, box_deltas, roi_targets
         )
 
-    def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
+    def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key, scales=None):
         """Training losses of a batch (approximate joint training unless
         `head.proposal_gradients`), averaged over images.
 
@@ -251,6 +253,7 @@ class FasterRCNN(nn.Module):
           images: float [B, H, W, 3] RGB 0-255; image_sizes: int32 [B, 2] (height, width).
           gt_boxes: float32 [B, G, 4]; gt_classes: int32 [B, G] in 1..K; gt_valid: bool [B, G].
           key: PRNG key for anchor and RoI sampling (dropout takes the 'dropout' rng).
+          scales: optional float32 [B] resized / original size (for `rpn.min_size_original`).
 
         Returns:
           {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
@@ -259,7 +262,7 @@ class FasterRCNN(nn.Module):
         levels = self._rpn(features)
         rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         rpn_terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
-        proposals = self._proposals(levels, image_sizes, train=True)
+        proposals = self._proposals(levels, image_sizes, scales, train=True)
         head_terms = self._head_terms(
             features, proposals.boxes, proposals.valid, gt_boxes, gt_classes, gt_valid, roi_keys
         )
@@ -273,10 +276,10 @@ class FasterRCNN(nn.Module):
         terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
         return jax.tree.map(jnp.mean, terms)
 
-    def training_proposals(self, images, image_sizes):
+    def training_proposals(self, images, image_sizes, scales=None):
         """The RPN's training-time proposals (boxes [B, P, 4], valid [B, P]), no gradient."""
         proposals = self._proposals(
-            self._rpn(self._features(images, train=False)), image_sizes, train=True
+            self._rpn(self._features(images, train=False)), image_sizes, scales, train=True
         )
         return jax.lax.stop_gradient(proposals.boxes), proposals.valid
 
@@ -295,10 +298,10 @@ class FasterRCNN(nn.Module):
         1 when omitted). With `return_proposals`, also the RPN's proposals (boxes [B, P, 4] in
         the resized frame, descending objectness, and their `valid` mask) for recall studies."""
         features = self._features(images, train=False)
-        proposals = self._proposals(self._rpn(features), image_sizes, train=False)
-        class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
         if scales is None:
             scales = jnp.ones(images.shape[0], jnp.float32)
+        proposals = self._proposals(self._rpn(features), image_sizes, scales, train=False)
+        class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
         detect = functools.partial(
             postprocess.detect,
             score_threshold=self.head.score_threshold,
