@@ -26,6 +26,7 @@ def get_config(arg=None):
     c.model.num_classes = 20
     # RPN and head: the paper's values are RPNSettings / HeadSettings' defaults (RoIPool 7x7,
     # fc6/fc7 4096, 128 RoIs, 12000/2000 and 6000/300 proposals, lambda 10).
+    c.model.rpn.anchor_style = "py-faster-rcnn"  # its generate_anchors: centred in each cell
     c.model.head.background_iou = (0.0, 0.5)  # py-faster-rcnn BG_THRESH_LO 0.0 (Fast R-CNN: 0.1)
 
     # py-faster-rcnn's end2end solver: 70k iterations of 2 images (1 image, iter_size 2),

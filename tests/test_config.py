@@ -18,6 +18,7 @@ ALTERNATIVES = {  # a second valid value for string fields
     "objectness": ("softmax", "sigmoid"),
     "pooler": ("pool", "align"),
     "box_head": ("mlp", "res5"),
+    "anchor_style": ("torchvision", "py-faster-rcnn"),
 }
 
 

@@ -18,6 +18,7 @@ from frcnn_jax.data.config import data_config
 from frcnn_jax.evaluation.recall import ProposalRecall
 from frcnn_jax.evaluation.voc import voc_iou
 from frcnn_jax.models import FasterRCNN, build_model
+from frcnn_jax.models.faster_rcnn import level_anchors
 from tests.models.test_faster_rcnn import one_image, tiny_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -225,3 +226,24 @@ def test_rpn_min_size_counts_original_image_pixels_as_py_faster_rcnn():
     assert original[1].sum() < proposals(20.0, False)[1].sum()
     sides = original[0][original[1]][:, 2:] - original[0][original[1]][:, :2]
     assert (sides >= 40.0).all()
+
+
+def test_voc_anchors_are_py_faster_rcnns():
+    """py-faster-rcnn: `generate_anchors()` (inclusive boxes around (7.5, 7.5)) shifted by
+    16 px per cell, location-major; continuous boxes add 1 to x2 and y2."""
+    rpn = build_model(voc()).rpn
+    assert rpn.anchor_style == "py-faster-rcnn"
+    anchors = np.asarray(level_anchors(rpn, 0, 38, 50, 16))
+    generate_anchors = np.array(  # py-faster-rcnn's 9 anchors (lib/rpn/generate_anchors.py)
+        [[-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
+         [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
+         [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359]], np.float32,
+    )  # fmt: skip
+    shift_y, shift_x = np.meshgrid(np.arange(38) * 16, np.arange(50) * 16, indexing="ij")
+    shifts = np.stack([shift_x, shift_y, shift_x, shift_y], -1).reshape(-1, 1, 4)
+    want = (shifts + generate_anchors[None]).reshape(-1, 4) + np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(anchors, want)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    np.testing.assert_array_equal(centres[:9], 8.0)  # the first cell's centre
+    torchvision_style = np.asarray(level_anchors(build_model(voc("coco_r50_fpn")).rpn, 0, 2, 2, 4))
+    np.testing.assert_array_equal((torchvision_style[:3, :2] + torchvision_style[:3, 2:]) / 2, 0.0)

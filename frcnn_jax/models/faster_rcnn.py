@@ -27,6 +27,10 @@ class RPNSettings:
 
     anchor_sizes: tuple = (128, 256, 512)  # or one tuple per pyramid level: ((32,), (64,), ...)
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    # "torchvision": anchors centred on each cell's top-left pixel corner, sides rounded as
+    # torchvision; "py-faster-rcnn": its `generate_anchors` (centred stride/2 further in, sides
+    # rounded per ratio first), for paper fidelity
+    anchor_style: str = "torchvision"
     channels: int = 512  # 3x3 conv width (256 for ZF / FPN)
     objectness: str = "softmax"  # 2k scores; torchvision: "sigmoid"
     positive_iou: float = 0.7
@@ -70,6 +74,33 @@ class HeadSettings:
     proposal_gradients: bool = False  # True: non-approximate joint training (needs "align")
 
 
+ANCHOR_STYLES = ("torchvision", "py-faster-rcnn")
+
+
+def level_anchor_sizes(rpn, level):
+    """The anchor sizes of pyramid `level` (one tuple for every level when not nested)."""
+    sizes = rpn.anchor_sizes
+    return sizes[level] if isinstance(sizes[0], (tuple, list)) else sizes
+
+
+def level_anchors(rpn, level, feature_height, feature_width, stride):
+    """float32 [Hf * Wf * k, 4] anchors of one feature level for `RPNSettings` `rpn`."""
+    sizes = level_anchor_sizes(rpn, level)
+    if rpn.anchor_style == "py-faster-rcnn":  # inclusive boxes -> continuous: x2, y2 + 1
+        base = ops.legacy_base_anchors(
+            base_size=stride, ratios=rpn.aspect_ratios, scales=[s / stride for s in sizes]
+        ) + jnp.array([0.0, 0.0, 1.0, 1.0])
+    elif rpn.anchor_style == "torchvision":
+        base = ops.base_anchors(sizes=sizes, aspect_ratios=rpn.aspect_ratios)
+    else:
+        raise ValueError(
+            f"rpn.anchor_style must be one of {ANCHOR_STYLES}; got {rpn.anchor_style!r}"
+        )
+    return ops.anchor_grid(
+        base, feature_height=feature_height, feature_width=feature_width, stride=stride
+    )
+
+
 class FasterRCNN(nn.Module):
     backbone: nn.Module
     num_classes: int  # K object classes, background excluded
@@ -106,8 +137,7 @@ class FasterRCNN(nn.Module):
         return tuple(strides) if strides is not None else (self.backbone.stride,)
 
     def _anchor_sizes(self, level):
-        sizes = self.rpn.anchor_sizes
-        return sizes[level] if isinstance(sizes[0], (tuple, list)) else sizes
+        return level_anchor_sizes(self.rpn, level)
 
     def _features(self, images, *, train):
         """The backbone's maps as a list, finest first (one entry for single-level backbones)."""
@@ -120,15 +150,7 @@ class FasterRCNN(nn.Module):
         """Per level: (anchors [A_l, 4], logits [B, A_l] or [B, A_l, 2], deltas [B, A_l, 4])."""
         levels = []
         for level, (feature, stride) in enumerate(zip(features, self._strides(), strict=True)):
-            base = ops.base_anchors(
-                sizes=self._anchor_sizes(level), aspect_ratios=self.rpn.aspect_ratios
-            )
-            anchors = ops.anchor_grid(
-                base,
-                feature_height=feature.shape[1],
-                feature_width=feature.shape[2],
-                stride=stride,
-            )
+            anchors = level_anchors(self.rpn, level, feature.shape[1], feature.shape[2], stride)
             levels.append((anchors, *self.rpn_head(feature)))  # one head shared by all levels
         return levels
 
