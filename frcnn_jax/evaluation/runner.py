@@ -34,6 +34,9 @@ def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_thr
 
     Returns:
       dict of metrics (JSON-ready): "voc" (mAP, AP per class), "coco" (12 numbers), "recall".
+
+    Raises:
+      ValueError naming `title` when the images hold no ground truth at all (mAP undefined).
     """
     voc = VOCEvaluator(info.class_names, iou_threshold=iou_threshold, use_07_metric=use_07_metric)
     coco_eval = COCOEvaluator(info.category_ids, category_names=info.class_names) if coco else None
@@ -54,6 +57,12 @@ def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_thr
                      seen, info.num_examples, rate, eta)  # fmt: skip
             last_log = now
     voc_result = voc.result()
+    if seen and not sum(c.num_gt for c in voc_result.classes):
+        raise ValueError(
+            f"{title or 'evaluation'}: no ground-truth box in {seen} images, so there is "
+            "nothing to measure (a split without public labels? set config.eval.split or "
+            "config.eval.data_name)"
+        )
     metrics = {"voc": voc_result.as_dict(), "num_images": seen}
     if coco_eval is not None:
         metrics["coco"] = coco_eval.result()

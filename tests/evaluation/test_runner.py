@@ -84,3 +84,10 @@ def test_runs_the_real_model(test_split):
     metrics = evaluate_detections(detect_fn, batches, info, coco=False)
     assert metrics["num_images"] == 7
     assert 0.0 <= metrics["voc"]["mAP"] < 0.2  # random weights
+
+
+def test_a_split_without_any_ground_truth_is_an_error_naming_it(test_split):
+    batches, info = make_batches(test_split, "test", batch_size=3, train=False)
+    unlabelled = ({**b, "gt_valid": np.zeros_like(b["gt_valid"])} for b in batches)
+    with pytest.raises(ValueError, match="voc/2012 test, step 5: no ground-truth box in 7 images"):
+        evaluate_detections(_perfect, unlabelled, info, coco=False, title="voc/2012 test, step 5")
