@@ -253,6 +253,10 @@ class Batches:
 
     def __next__(self):
         while True:
+            # Locally first (one agreement per batch in the common case), then every host
+            # asks once per round, so all hosts make the same number of `agree` calls.
+            while not self._exhausted and self._largest_bucket() < self.batch_size:
+                self._pull()
             sizes = [len(self._buckets[c]) for c in self.canvases]
             everyone = np.asarray(self._agree(np.array([*sizes, self._exhausted], np.int64)))
             sizes, exhausted = everyone[:, :-1], everyone[:, -1].all()
@@ -266,6 +270,9 @@ class Batches:
                     raise StopIteration
                 return self._emit(self.canvases[left[0]])
             self._pull()
+
+    def _largest_bucket(self):
+        return max(len(bucket) for bucket in self._buckets.values())
 
     def _pull(self):
         """Take one example from the loader into its canvas's bucket."""
