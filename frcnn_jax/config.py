@@ -10,6 +10,7 @@ import types
 import ml_collections
 
 from frcnn_jax.data.config import check_data_config, data_config
+from frcnn_jax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from frcnn_jax.models.faster_rcnn import HeadSettings, RPNSettings
 
 SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
@@ -24,7 +25,13 @@ def base_config():
     c.model.num_classes = 20  # K object classes (VOC: 20)
     c.model.dtype = "float32"  # "bfloat16": bf16 conv/matmul, float32 parameters and box math
     c.model.frozen_stages = ml_collections.FieldReference(None, field_type=int)  # None: default
-    c.model.init_checkpoint = ml_collections.FieldReference(None, field_type=str)  # .npz weights
+    # .npz from `python -m frcnn_jax.import_weights` (ImageNet backbones or a whole detector)
+    c.model.init_checkpoint = ml_collections.FieldReference(None, field_type=str)
+    # The input convention of the weights (see frcnn_jax.weights): torchvision's ImageNet RGB
+    # mean/std in 0-255 units; Caffe's VGG-16/ZF: "bgr", mean (102.98, 115.95, 122.77), std 1.
+    c.model.pixel_mean = IMAGENET_MEAN
+    c.model.pixel_std = IMAGENET_STD
+    c.model.channel_order = "rgb"
     c.model.rpn = settings_config(RPNSettings)  # every field, paper values (see RPNSettings)
     c.model.head = settings_config(HeadSettings)  # every field, paper values (see HeadSettings)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from frcnn_jax import checkpointing, sharding
+from frcnn_jax import checkpointing, sharding, weights
 from frcnn_jax.data import make_batches, pipeline
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model, trainable_mask
@@ -150,8 +150,9 @@ def jit_train_step(model, tx, mesh, *, objective="joint"):
 # ---------------------------------------------------------------- set-up
 
 
-def init_state(config, model, tx_fn):
-    """Initial state on the host (parameters from `config.model.init_checkpoint` if set)."""
+def initial_variables(config, model):
+    """The model's initial variables on the host: a fresh initialisation (seed
+    `train.seed`), with `config.model.init_checkpoint`'s tensors put in when it is set."""
     height, width = config.data.canvas
     init = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))
     variables = init(
@@ -160,9 +161,19 @@ def init_state(config, model, tx_fn):
         jnp.array([[height, width]], jnp.int32),
     )
     variables = flax.core.unfreeze(variables)
+    path = config.model.get("init_checkpoint")
+    if path:
+        flat, covers = weights.load(path)
+        variables = weights.restore_into(
+            variables, flat, covers, source=f"config.model.init_checkpoint {path}"
+        )
+    return variables
+
+
+def init_state(config, model, tx_fn):
+    """Initial state on the host (parameters from `config.model.init_checkpoint` if set)."""
+    variables = initial_variables(config, model)
     params = variables.pop("params")
-    if config.model.get("init_checkpoint"):
-        params = load_pretrained(params, config.model.init_checkpoint)
     tx = tx_fn(trainable_mask(model, {"params": params, **variables}))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -172,31 +183,6 @@ def init_state(config, model, tx_fn):
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
     return state, tx
-
-
-def load_pretrained(params, path):
-    """Overwrite parameters from an .npz whose keys are '/'-joined parameter paths (e.g.
-    'backbone/conv1_1/kernel'), as written by the weight converters. Keys absent from the file
-    keep their initialization; a key the model lacks or a shape mismatch is an error."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config.model.init_checkpoint: no such file {path}")
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    with np.load(path) as weights:
-        unknown = sorted(set(weights.files) - set(flat))
-        if unknown:
-            raise ValueError(
-                f"config.model.init_checkpoint {path}: parameters not in the model: {unknown[:5]}"
-            )
-        for key in weights.files:
-            if weights[key].shape != flat[key].shape:
-                raise ValueError(
-                    f"config.model.init_checkpoint {path}: {key} has shape {weights[key].shape}, "
-                    f"the model expects {flat[key].shape}"
-                )
-            flat[key] = jnp.asarray(weights[key], flat[key].dtype)
-    log.info("initialized %d parameter arrays from %s", len(weights.files), path)
-    return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 class _Stop:
@@ -564,17 +550,23 @@ def _train_alternating(config, workdir, model, mesh, writer):
 
 def evaluate_checkpoint(config, workdir, step=None):
     """Evaluate the checkpoint at `step` (latest if None) of `workdir` on `config.eval.split`;
-    the report goes to `<workdir>/eval/step_<step>/`."""
+    the report goes to `<workdir>/eval/step_<step>/`. A workdir without checkpoints evaluates
+    `config.model.init_checkpoint` (an imported detector) as step 0."""
     checkpoints = checkpointing.Checkpoints(workdir)
     step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}: train first")
-    saved = checkpoints.restore_arrays(step)
     model = build_model(config)
     mesh = sharding.data_mesh()
-    variables = jax.device_put(
-        {"params": saved["params"], **saved["frozen"]}, sharding.replicated(mesh)
-    )
+    if step is None and config.model.get("init_checkpoint"):
+        step, variables = 0, initial_variables(config, model)
+    elif step is None:
+        raise FileNotFoundError(
+            f"no checkpoints in {checkpoints.directory}: train first, or set "
+            "config.model.init_checkpoint to evaluate imported weights"
+        )
+    else:
+        saved = checkpoints.restore_arrays(step)
+        variables = {"params": saved["params"], **saved["frozen"]}
+    variables = jax.device_put(variables, sharding.replicated(mesh))
     report = pathlib.Path(workdir) / "eval" / f"step_{step}"
     result = evaluate(config, model, variables, mesh, workdir=report, step=step)
     _print_result(config, result, report)

@@ -11,13 +11,14 @@ import sys
 import textwrap
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from frcnn_jax import checkpointing, trainer
+from frcnn_jax import checkpointing, trainer, weights
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.models import FasterRCNN, build_model
 
@@ -349,7 +350,7 @@ def test_non_approximate_joint_training_moves_gradients_into_proposals(data_dir,
     assert result["num_images"] == 6
 
 
-def test_pretrained_weights_load_and_mismatches_are_named(data_dir, tmp_path):
+def test_init_checkpoint_loads_an_imported_file_strictly(data_dir, tmp_path):
     config = tiny_config(data_dir)
     model = build_model(config)
     state, _ = trainer.init_state(
@@ -357,21 +358,33 @@ def test_pretrained_weights_load_and_mismatches_are_named(data_dir, tmp_path):
     )
     kernel = np.asarray(state.params["backbone"]["body"]["conv0"]["kernel"])
     path = tmp_path / "backbone.npz"
-    np.savez(path, **{"backbone/body/conv0/kernel": np.full_like(kernel, 0.25)})
+    body = {"params/backbone/body/conv0/kernel": np.full_like(kernel, 0.25)}
+    weights.save(path, body, ["params/backbone/body/conv0/kernel"])
     config.model.init_checkpoint = str(path)
     loaded, _ = trainer.init_state(
         config, model, lambda mask: trainer.make_optimizer(config.train, mask)
     )
     assert (np.asarray(loaded.params["backbone"]["body"]["conv0"]["kernel"]) == 0.25).all()
-    np.testing.assert_array_equal(  # untouched parameters keep their initialization
+    np.testing.assert_array_equal(  # tensors the file does not cover keep their initialization
         loaded.params["backbone"]["body"]["conv1"]["kernel"],
         state.params["backbone"]["body"]["conv1"]["kernel"],
     )
-    np.savez(path, **{"backbone/body/conv0/kernel": np.zeros((1, 2, 3))})
-    with pytest.raises(ValueError, match=r"backbone/body/conv0/kernel has shape \(1, 2, 3\)"):
-        trainer.load_pretrained(state.params, path)
-    np.savez(path, **{"backbone/nope/kernel": np.zeros(1)})
-    with pytest.raises(ValueError, match="parameters not in the model"):
-        trainer.load_pretrained(state.params, path)
+    weights.save(path, body, ["params/backbone/body"])  # claims the whole body, lacks most
+    with pytest.raises(ValueError, match=r"init_checkpoint .*lacks \['params/backbone/body/con"):
+        trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+    config.model.init_checkpoint = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="init_checkpoint: no such file"):
-        trainer.load_pretrained(state.params, tmp_path / "missing.npz")
+        trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+
+
+def test_evaluate_runs_imported_weights_when_the_workdir_has_no_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    variables = trainer.initial_variables(config, build_model(config))
+    path = tmp_path / "detector.npz"
+    weights.save(path, flax.traverse_util.flatten_dict(variables, sep="/"), ["params"])
+    with pytest.raises(FileNotFoundError, match=r"set config\.model\.init_checkpoint"):
+        trainer.evaluate_checkpoint(config, tmp_path / "run")
+    config.model.init_checkpoint = str(path)
+    result = trainer.evaluate_checkpoint(config, tmp_path / "run")
+    assert result["num_images"] == 6
+    assert (tmp_path / "run" / "eval" / "step_0" / "metrics.json").is_file()

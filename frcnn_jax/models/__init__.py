@@ -7,7 +7,14 @@ import types
 import jax
 import jax.numpy as jnp
 
-from frcnn_jax.models.backbones import VGG16, ZF, TinyBackbone, get_backbone
+from frcnn_jax.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VGG16,
+    ZF,
+    TinyBackbone,
+    get_backbone,
+)
 from frcnn_jax.models.faster_rcnn import FasterRCNN, HeadSettings, RPNSettings
 from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
@@ -63,8 +70,10 @@ def _check_type(name, value, annotation):
 def build_model(config) -> FasterRCNN:
     """The detector described by `config.model`: backbone (name), num_classes, dtype
     ("float32" or "bfloat16" for conv/matmul compute), frozen_stages (optional: leading
-    backbone stages without gradient), and the `rpn` / `head` sections whose fields are those
-    of `RPNSettings` / `HeadSettings` (paper values by default)."""
+    backbone stages without gradient), pixel_mean / pixel_std / channel_order (the input
+    convention of the weights; torchvision's ImageNet RGB statistics by default), and the
+    `rpn` / `head` sections whose fields are those of `RPNSettings` / `HeadSettings` (paper
+    values by default)."""
     model = config.model
     dtype = jnp.dtype(model.get("dtype", "float32"))
     return FasterRCNN(
@@ -74,6 +83,9 @@ def build_model(config) -> FasterRCNN:
         num_classes=model.num_classes,
         rpn=_settings(RPNSettings, model.get("rpn"), "rpn"),
         head=_settings(HeadSettings, model.get("head"), "head"),
+        pixel_mean=tuple(model.get("pixel_mean", IMAGENET_MEAN)),
+        pixel_std=tuple(model.get("pixel_std", IMAGENET_STD)),
+        channel_order=model.get("channel_order", "rgb"),
         dtype=dtype,
     )
 

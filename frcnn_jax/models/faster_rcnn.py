@@ -83,8 +83,12 @@ def level_anchor_sizes(rpn, level):
     return sizes[level] if isinstance(sizes[0], (tuple, list)) else sizes
 
 
-def level_anchors(rpn, level, feature_height, feature_width, stride):
-    """float32 [Hf * Wf * k, 4] anchors of one feature level for `RPNSettings` `rpn`."""
+def level_anchors(rpn, level, feature_height, feature_width, stride, canvas=None):
+    """float32 [Hf * Wf * k, 4] anchors of one feature level for `RPNSettings` `rpn`.
+
+    "torchvision" anchors step by canvas size // feature size per axis when `canvas` (H, W) is
+    given, as torchvision's `AnchorGenerator` does: the nominal stride wherever the canvas is
+    a multiple of it, but e.g. (61, 64) for FPN's P6 (13 x 17) of an 800 x 1088 image."""
     sizes = level_anchor_sizes(rpn, level)
     if rpn.anchor_style == "py-faster-rcnn":  # inclusive boxes -> continuous: x2, y2 + 1
         base = ops.legacy_base_anchors(
@@ -92,6 +96,8 @@ def level_anchors(rpn, level, feature_height, feature_width, stride):
         ) + jnp.array([0.0, 0.0, 1.0, 1.0])
     elif rpn.anchor_style == "torchvision":
         base = ops.base_anchors(sizes=sizes, aspect_ratios=rpn.aspect_ratios)
+        if canvas is not None:
+            stride = (canvas[0] // feature_height, canvas[1] // feature_width)
     else:
         raise ValueError(
             f"rpn.anchor_style must be one of {ANCHOR_STYLES}; got {rpn.anchor_style!r}"
@@ -106,11 +112,14 @@ class FasterRCNN(nn.Module):
     num_classes: int  # K object classes, background excluded
     rpn: RPNSettings = RPNSettings()
     head: HeadSettings = HeadSettings()
-    pixel_mean: tuple = IMAGENET_MEAN
+    pixel_mean: tuple = IMAGENET_MEAN  # of the channels in `channel_order`, 0-255 units
     pixel_std: tuple = IMAGENET_STD
+    channel_order: str = "rgb"  # "bgr": the images' RGB channels are reversed first (Caffe)
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr'; got {self.channel_order!r}")
         if self.head.pooler not in ("pool", "align"):
             raise ValueError(f"head.pooler must be 'pool' or 'align'; got {self.head.pooler!r}")
         if self.head.proposal_gradients and self.head.pooler != "align":
@@ -139,18 +148,32 @@ class FasterRCNN(nn.Module):
     def _anchor_sizes(self, level):
         return level_anchor_sizes(self.rpn, level)
 
-    def _features(self, images, *, train):
-        """The backbone's maps as a list, finest first (one entry for single-level backbones)."""
+    def _features(self, images, image_sizes=None, *, train):
+        """The backbone's maps as a list, finest first (one entry for single-level backbones).
+
+        Images are normalized, then the canvas outside each image (`image_sizes`) is set to
+        zero, as torchvision and py-faster-rcnn pad normalized images with zeros."""
         mean = jnp.asarray(self.pixel_mean, jnp.float32)
         std = jnp.asarray(self.pixel_std, jnp.float32)
-        out = self.backbone((images.astype(jnp.float32) - mean) / std, train=train)
+        images = images.astype(jnp.float32)
+        if self.channel_order == "bgr":
+            images = images[..., ::-1]
+        images = (images - mean) / std
+        if image_sizes is not None:
+            rows = jnp.arange(images.shape[1])[None, :, None] < image_sizes[:, 0, None, None]
+            cols = jnp.arange(images.shape[2])[None, None, :] < image_sizes[:, 1, None, None]
+            images = jnp.where((rows & cols)[..., None], images, 0.0)
+        out = self.backbone(images, train=train)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def _rpn(self, features):
-        """Per level: (anchors [A_l, 4], logits [B, A_l] or [B, A_l, 2], deltas [B, A_l, 4])."""
+    def _rpn(self, features, canvas):
+        """Per level: (anchors [A_l, 4], logits [B, A_l] or [B, A_l, 2], deltas [B, A_l, 4]);
+        `canvas`: the images' padded (H, W)."""
         levels = []
         for level, (feature, stride) in enumerate(zip(features, self._strides(), strict=True)):
-            anchors = level_anchors(self.rpn, level, feature.shape[1], feature.shape[2], stride)
+            anchors = level_anchors(
+                self.rpn, level, feature.shape[1], feature.shape[2], stride, canvas
+            )
             levels.append((anchors, *self.rpn_head(feature)))  # one head shared by all levels
         return levels
 
@@ -280,8 +303,8 @@ class FasterRCNN(nn.Module):
         Returns:
           {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
         """
-        features = self._features(images, train=True)
-        levels = self._rpn(features)
+        features = self._features(images, image_sizes, train=True)
+        levels = self._rpn(features, images.shape[1:3])
         rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         rpn_terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
         proposals = self._proposals(levels, image_sizes, scales, train=True)
@@ -293,7 +316,7 @@ class FasterRCNN(nn.Module):
     def rpn_losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
         """The RPN's terms alone (alternating training, steps 1 and 3); same keys as `losses`."""
         del gt_classes
-        levels = self._rpn(self._features(images, train=True))
+        levels = self._rpn(self._features(images, image_sizes, train=True), images.shape[1:3])
         rpn_keys, _ = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
         return jax.tree.map(jnp.mean, terms)
@@ -301,14 +324,17 @@ class FasterRCNN(nn.Module):
     def training_proposals(self, images, image_sizes, scales=None):
         """The RPN's training-time proposals (boxes [B, P, 4], valid [B, P]), no gradient."""
         proposals = self._proposals(
-            self._rpn(self._features(images, train=False)), image_sizes, scales, train=True
+            self._rpn(self._features(images, image_sizes, train=False), images.shape[1:3]),
+            image_sizes,
+            scales,
+            train=True,
         )
         return jax.lax.stop_gradient(proposals.boxes), proposals.valid
 
     def head_losses(self, images, image_sizes, proposals, proposal_valid, gt_boxes, gt_classes,
                     gt_valid, key):  # fmt: skip
         """Fast R-CNN's terms on given (fixed) proposals (alternating training, steps 2 and 4)."""
-        features = self._features(images, train=True)
+        features = self._features(images, image_sizes, train=True)
         _, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         terms = self._head_terms(
             features, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys
@@ -319,10 +345,11 @@ class FasterRCNN(nn.Module):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,
         1 when omitted). With `return_proposals`, also the RPN's proposals (boxes [B, P, 4] in
         the resized frame, descending objectness, and their `valid` mask) for recall studies."""
-        features = self._features(images, train=False)
+        features = self._features(images, image_sizes, train=False)
         if scales is None:
             scales = jnp.ones(images.shape[0], jnp.float32)
-        proposals = self._proposals(self._rpn(features), image_sizes, scales, train=False)
+        levels = self._rpn(features, images.shape[1:3])
+        proposals = self._proposals(levels, image_sizes, scales, train=False)
         class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
         detect = functools.partial(
             postprocess.detect,

@@ -1,0 +1,296 @@
+"""torchvision weights: backbones and heads give torchvision's outputs, the whole COCO detector
+gives its proposals and detections, loading is strict, and a weight file never runs code."""
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from frcnn_jax import weights
+from frcnn_jax.models import VGG16, Res5Head, ResNet
+from frcnn_jax.models.roi_heads import MLPHead
+
+torch.manual_seed(0)
+
+
+def tree(flat, prefix):
+    """The sub-tree of '/'-joined `flat` paths under `prefix`, unflattened."""
+    inner = {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + "/")}
+    return flax.traverse_util.unflatten_dict(inner, sep="/")
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def assert_close(got, want, rtol=1e-4):
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, atol=rtol * np.abs(want).max(), rtol=0)
+
+
+def randomize_batch_norm(model):
+    """Random BatchNorm statistics and affine terms, so that they matter to the test."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if hasattr(module, "running_var"):
+            n = module.running_var.shape[0]
+            module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(0.5 * torch.rand(n, generator=generator) + 0.25)
+            module.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+    return model
+
+
+@torch.no_grad()
+def test_vgg16_features_and_fc6_fc7_equal_torchvisions():
+    reference = torchvision.models.vgg16().eval()
+    flat, covers = weights.from_torchvision(reference.state_dict(), arch="vgg16")
+    assert covers == ["params/backbone", "params/box_head"]
+    images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
+    got = VGG16().apply({"params": tree(flat, "params/backbone")}, images)
+    want = reference.features[:-1](nchw(images)).permute(0, 2, 3, 1).numpy()  # conv5_3, no pool5
+    assert_close(got, want)
+    pooled = np.random.default_rng(1).normal(size=(5, 7, 7, 512)).astype(np.float32)
+    head = MLPHead((4096, 4096), 0.5).apply({"params": tree(flat, "params/box_head")}, pooled,
+                                            train=False)  # fmt: skip
+    want = reference.classifier[:5](nchw(pooled).flatten(1)).numpy()  # fc6, relu, drop, fc7, relu
+    assert_close(head, want)
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+@torch.no_grad()
+def test_resnet_c4_and_fpn_bodies_equal_torchvisions(depth):
+    reference = randomize_batch_norm(getattr(torchvision.models, f"resnet{depth}")()).eval()
+    images = np.random.default_rng(0).normal(size=(1, 64, 96, 3)).astype(np.float32)
+    x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(nchw(images)))))
+    stages = []
+    for layer in (reference.layer1, reference.layer2, reference.layer3, reference.layer4):
+        x = layer(x)
+        stages.append(x.permute(0, 2, 3, 1).numpy())
+
+    flat, _ = weights.from_torchvision(reference.state_dict(), arch=f"resnet{depth}", body="c4")
+    variables = {"params": tree(flat, "params/backbone"),
+                 "batch_stats": tree(flat, "batch_stats/backbone")}  # fmt: skip
+    assert_close(ResNet(depth, num_stages=3).apply(variables, images), stages[2])
+    pooled = np.random.default_rng(1).normal(size=(3, 14, 14, 1024)).astype(np.float32)
+    res5 = {
+        "params": tree(flat, "params/box_head"),
+        "batch_stats": tree(flat, "batch_stats/box_head"),
+    }
+    want = reference.layer4(nchw(pooled)).mean((2, 3)).numpy()
+    assert_close(Res5Head(depth).apply(res5, pooled, train=False), want)
+
+    flat, covers = weights.from_torchvision(reference.state_dict(), arch=f"resnet{depth}",
+                                            body="fpn")  # fmt: skip
+    assert covers == ["params/backbone/body", "batch_stats/backbone/body"]
+    variables = {"params": tree(flat, "params/backbone/body"),
+                 "batch_stats": tree(flat, "batch_stats/backbone/body")}  # fmt: skip
+    got = ResNet(depth, num_stages=4).apply(variables, images, all_stages=True)
+    for ours, theirs in zip(got, stages, strict=True):
+        assert_close(ours, theirs)
+
+
+def test_a_state_dict_of_another_model_is_named():
+    state = torchvision.models.vgg16().state_dict()
+    with pytest.raises(KeyError, match=r"no tensor .conv1\.weight"):
+        weights.from_torchvision(state, arch="resnet50")
+    state["extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"no place in frcnn_jax's model, e.g. \['extra.weight'\]"):
+        weights.from_torchvision(state, arch="vgg16")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        weights.from_torchvision(state, arch="alexnet")
+
+
+def coco_reference():
+    """torchvision's COCO detector with random weights, random frozen-BN statistics, class
+    logits scaled up so that detections pass the 0.05 score threshold, and objectness logits
+    scaled up so that proposals' scores are not all within float32 noise of 0.5."""
+    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None
+    ).eval()
+    randomize_batch_norm(reference.backbone.body)
+    with torch.no_grad():
+        reference.roi_heads.box_predictor.cls_score.weight.mul_(50.0)
+        # objectness logits spread over a few units (not all ~0): fewer ties within noise
+        reference.rpn.head.cls_logits.weight.mul_(100.0)
+    return reference
+
+
+def coco_model(num_classes, canvas):
+    from frcnn_jax.config import config_from_file
+    from frcnn_jax.models import FasterRCNN, build_model
+
+    config = config_from_file(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "coco_r50_fpn.py")
+    )
+    config.model.num_classes = num_classes
+    model = build_model(config)
+    shapes = jax.eval_shape(
+        lambda k: model.init(
+            k, jnp.zeros((1, *canvas, 3)), jnp.array([canvas]), method=FasterRCNN.detect
+        ),
+        jax.random.key(0),
+    )
+    return model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+@torch.no_grad()
+def torchvision_run(reference, image):
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    images, _ = reference.transform([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
+    assert images.tensors.shape[-2:] == image.shape[:2]  # the transform kept the pixels
+    features = reference.backbone(images.tensors)
+    rpn, levels = reference.rpn, list(features.values())
+    objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(images, levels)
+    per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    boxes = rpn.box_coder.decode(deltas, anchors).view(1, -1, 4)
+    proposals, scores = rpn.filter_proposals(boxes, objectness, images.image_sizes, per_level)
+    detections, _ = reference.roi_heads(features, proposals, images.image_sizes)
+    return proposals[0].numpy(), scores[0].numpy(), {k: v.numpy() for k, v in detections[0].items()}
+
+
+def test_the_coco_detector_gives_torchvisions_proposals_and_detections():
+
+    reference = coco_reference()
+    image = np.random.default_rng(0).integers(0, 256, (800, 1088, 3), dtype=np.uint8)
+    want_proposals, want_scores, want = torchvision_run(reference, image)
+
+    model, variables = coco_model(90, (800, 1088))  # 91 outputs: labels = COCO category ids
+    flat, covers = weights.from_torchvision(reference.state_dict(), arch="fasterrcnn_resnet50_fpn")
+    variables = weights.restore_into(variables, flat, covers)
+    sizes = jnp.array([[800, 1088]])
+
+    def rpn_and_detect(module, images):
+        levels = module._rpn(module._features(images, sizes, train=False), images.shape[1:3])
+        return module._proposals(levels, sizes, train=False), module.detect(images, sizes)
+
+    with jax.default_matmul_precision("highest"):  # direct convolutions, as torch's
+        rpn, detections = jax.jit(lambda v, x: model.apply(v, x, method=rpn_and_detect))(
+            variables, jnp.asarray(image[None], jnp.float32)
+        )
+    valid = np.asarray(rpn.valid[0])
+    proposals = np.asarray(rpn.boxes[0])[valid]
+    scores = np.asarray(jax.nn.sigmoid(rpn.scores[0]))[valid]
+    assert proposals.shape == want_proposals.shape == (1000, 4)
+    # The same boxes, scores and order. Two libraries' float32 rounding differs by ~1e-6, so
+    # where candidates' scores tie within that noise, which one ranks first, survives NMS or
+    # makes a level's top 1000 may differ (torchvision's own sort orders exact ties either
+    # way): a few boxes may be swapped or replaced, never more than 1%.
+    distance = np.abs(proposals[:, None] - want_proposals[None]).max(-1)  # [ours, theirs]
+    ours = distance.argmin(axis=0)
+    matched = distance[ours, np.arange(1000)] < 1e-3
+    assert matched.mean() >= 0.99, np.flatnonzero(~matched)
+    np.testing.assert_allclose(scores[ours[matched]], want_scores[matched], atol=1e-5)
+    ranks, tied = ours[matched], want_scores[matched]
+    out_of_order = (np.diff(ranks) < 0) & (np.abs(np.diff(tied)) >= 1e-5)
+    assert not out_of_order.any(), np.flatnonzero(out_of_order)
+    np.testing.assert_array_equal(ours[:50], np.arange(50))  # the best, well apart: exact
+    keep = np.asarray(detections.valid[0])
+    assert keep.sum() == len(want["scores"]) > 10
+    np.testing.assert_allclose(np.asarray(detections.boxes[0])[keep], want["boxes"], atol=1e-2)
+    np.testing.assert_allclose(np.asarray(detections.scores[0])[keep], want["scores"], atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(detections.classes[0])[keep], want["labels"])
+
+
+def test_other_class_counts_reinitialise_the_predictor_and_coco80_selects_rows(caplog):
+    state = coco_reference().state_dict()
+    flat, covers = weights.from_torchvision(state, arch="fasterrcnn_resnet50_fpn")
+    _, variables = coco_model(8, (64, 64))
+    with caplog.at_level(logging.WARNING):
+        loaded = weights.restore_into(variables, flat, covers)
+    message = " ".join(r.message for r in caplog.records)
+    assert "re-initialised the predictor" in message
+    assert "params/predictor/cls_score/kernel (1024, 91) -> (1024, 9)" in message
+    np.testing.assert_array_equal(loaded["params"]["predictor"]["cls_score"]["kernel"], 0.0)
+    np.testing.assert_array_equal(  # everything else loaded
+        loaded["params"]["box_head"]["fc7"]["kernel"], flat["params/box_head/fc7/kernel"]
+    )
+
+    flat80, _ = weights.from_torchvision(state, arch="fasterrcnn_resnet50_fpn", coco80=True)
+    _, variables = coco_model(80, (64, 64))
+    loaded = weights.restore_into(variables, flat80, covers)["params"]["predictor"]
+    weight = state["roi_heads.box_predictor.cls_score.weight"].numpy()
+    box_weight = state["roi_heads.box_predictor.bbox_pred.weight"].numpy()
+    for label, category in ((0, 0), (1, 1), (12, 13), (80, 90)):  # TFDS label + 1 -> COCO id
+        np.testing.assert_array_equal(loaded["cls_score"]["kernel"][:, label], weight[category])
+        np.testing.assert_array_equal(
+            loaded["bbox_pred"]["kernel"][:, 4 * label : 4 * label + 4],
+            box_weight[4 * category : 4 * category + 4].T,
+        )
+    assert len(weights.COCO_CATEGORY_IDS) == 80 and weights.COCO_CATEGORY_IDS[-1] == 90
+
+
+def test_loading_is_strict_and_names_the_tensor(tmp_path):
+    _, variables = coco_model(8, (64, 64))
+    flat = flax.traverse_util.flatten_dict(variables, sep="/")
+    full = ["params", "batch_stats"]
+    name = "params/box_head/fc6/kernel"
+    missing = {k: v for k, v in flat.items() if k != name}
+    with pytest.raises(
+        ValueError, match=r"lacks \['params/box_head/fc6/kernel'\].*\(12544, 1024\)"
+    ):
+        weights.restore_into(variables, missing, full)
+    with pytest.raises(ValueError, match=r"tensors not in the model: \['params/extra/kernel'\]"):
+        weights.restore_into(variables, {**flat, "params/extra/kernel": np.zeros(2)}, full)
+    wrong = {**flat, name: np.zeros((12544, 512), np.float32)}
+    with pytest.raises(ValueError, match=r"fc6/kernel has shape \(12544, 512\) in the file, "
+                                         r"the model expects \(12544, 1024\)"):  # fmt: skip
+        weights.restore_into(variables, wrong, full)
+    # A backbone-only file leaves the rest freshly initialised; a round trip through a file.
+    body = {k: v + 1 for k, v in flat.items() if k.startswith("params/backbone/body/")}
+    path = tmp_path / "body.npz"
+    weights.save(path, body, ["params/backbone/body"])
+    loaded = weights.restore_into(variables, *weights.load(path))
+    np.testing.assert_array_equal(loaded["params"]["backbone"]["body"]["conv1"]["kernel"], 1.0)
+    np.testing.assert_array_equal(loaded["params"]["rpn_head"]["conv"]["kernel"], 0.0)
+    np.savez(tmp_path / "plain.npz", **body)
+    with pytest.raises(ValueError, match="not a frcnn_jax weight file"):
+        weights.load(tmp_path / "plain.npz")
+
+
+def run_import(*args):
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
+    return subprocess.run([sys.executable, "-m", "frcnn_jax.import_weights", *args],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_import_weights_converts_a_file_and_never_runs_code_from_one(tmp_path):
+    source, output = tmp_path / "r50.pth", tmp_path / "r50.npz"
+    torch.save(torchvision.models.resnet50().state_dict(), source)
+    done = run_import("--arch=resnet50", "--body=fpn", f"--input={source}", f"--output={output}")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "layer4.2.conv3.weight" in done.stdout and "converted 265 tensors" in done.stderr
+    )  # 53 convs, 53 x 4 BN
+    flat, covers = weights.load(output)
+    assert covers == ["params/backbone/body", "batch_stats/backbone/body"]
+    assert flat["params/backbone/body/conv1/kernel"].shape == (7, 7, 3, 64)
+
+    marker, bad = tmp_path / "pwned", tmp_path / "bad.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"conv1.weight": _Exploit(marker)}, f)
+    refused = run_import("--arch=resnet50", f"--input={bad}", f"--output={tmp_path / 'x.npz'}")
+    assert refused.returncode != 0 and "refused" in refused.stderr
+    assert not marker.exists() and not (tmp_path / "x.npz").exists()
+    wrong = run_import("--arch=vgg16", f"--input={source}", f"--output={tmp_path / 'y.npz'}")
+    assert wrong.returncode != 0 and "features.0.weight" in wrong.stderr
