@@ -253,6 +253,46 @@ def time_torchvision_in_child(name, repeats):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def time_import():
+    """Seconds to convert a full `fasterrcnn_resnet50_fpn` weight file (read with
+    weights_only, convert, write the .npz: `python -m frcnn_jax.import_weights`) and to load
+    the .npz into the model's variables; and the file's size in MB."""
+    import tempfile
+
+    from frcnn_jax import weights
+    from frcnn_jax.import_weights import read_state_dict
+
+    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        source, output = os.path.join(directory, "r50.pth"), os.path.join(directory, "r50.npz")
+        torch.save(reference.state_dict(), source)
+        start = time.perf_counter()
+        flat, covers = weights.from_torchvision(
+            read_state_dict(source), arch="fasterrcnn_resnet50_fpn"
+        )
+        weights.save(output, flat, covers)
+        convert_s = time.perf_counter() - start
+        model = build_model(
+            ml_collections.ConfigDict(
+                {"model": {**SETUPS["r50_fpn"]["ours"], "num_classes": NUM_CLASSES["r50_fpn"]}}
+            )
+        )
+        shapes = jax.eval_shape(
+            lambda k: model.init(
+                k, jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]), method=FasterRCNN.detect
+            ),
+            jax.random.key(0),
+        )
+        variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+        start = time.perf_counter()
+        weights.restore_into(variables, *weights.load(output))
+        load_s = time.perf_counter() - start
+        size_mb = os.path.getsize(source) / 1e6
+    return convert_s, load_s, size_mb
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg16,r50_fpn")
@@ -287,6 +327,12 @@ def main():
         f"# peak resident memory: frcnn_jax's process {peak_rss_gb():.1f} GB, torchvision's "
         f"{max(t['peak_rss_gb'] for t in theirs.values()):.1f} GB"
     )
+    if "r50_fpn" in names:
+        convert_s, load_s, size_mb = time_import()
+        print(
+            f"# importing a fasterrcnn_resnet50_fpn file ({size_mb:.0f} MB): read, convert and "
+            f"write {convert_s:.1f} s; load into the model {load_s:.1f} s"
+        )
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"# frcnn_jax peak device memory: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")

@@ -163,11 +163,27 @@ def initial_variables(config, model):
     variables = flax.core.unfreeze(variables)
     path = config.model.get("init_checkpoint")
     if path:
-        flat, covers = weights.load(path)
+        flat, covers = _init_weights(path)
         variables = weights.restore_into(
             variables, flat, covers, source=f"config.model.init_checkpoint {path}"
         )
     return variables
+
+
+def _init_weights(path):
+    """(flat, covers) of an imported .npz, or of a training run's directory (its latest
+    checkpoint's parameters and frozen statistics: fine-tuning a trained detector)."""
+    if not pathlib.Path(path).is_dir():
+        return weights.load(path)
+    checkpoints = checkpointing.Checkpoints(path)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"config.model.init_checkpoint: no checkpoints in {path}")
+    saved = checkpoints.restore_arrays(step)
+    tree = {"params": saved["params"], **saved["frozen"]}
+    flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+    log.info("config.model.init_checkpoint: step %d of %s", step, checkpoints.directory)
+    return flat, sorted(tree)
 
 
 def init_state(config, model, tx_fn):

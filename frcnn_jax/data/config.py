@@ -31,6 +31,9 @@ def data_config(**overrides):
     # shapes). False: one canvas, portrait images shrunk to fit it.
     c.orient_canvas = True
     c.max_boxes = 64  # G: ground-truth slots per image (64 VOC, 100 COCO)
+    # Train and evaluate on these classes only, labelled 1..len in this order (other objects'
+    # boxes are dropped); empty: every class of the dataset.
+    c.class_subset = ()
     c.flip = True  # paper: random horizontal flip in training
     c.exclude_difficult = True  # VOC "difficult" boxes are not training targets (kept for eval)
     c.workers = 2  # grain worker processes (0: decode in the main process)

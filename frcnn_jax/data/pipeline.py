@@ -127,7 +127,8 @@ def to_example(record, index, problems):
 class _Preprocess(grain.RandomMapTransform):
     """Decode + preprocess one record; a record that cannot be decoded comes out marked bad."""
 
-    def __init__(self, data, train):
+    def __init__(self, data, train, label_map=None):
+        self.label_map = label_map  # int [K_all + 1]: dataset label -> 1..K, 0 to drop
         self.kwargs = dict(
             min_size=data.min_size,
             max_size=data.max_size,
@@ -154,6 +155,10 @@ class _Preprocess(grain.RandomMapTransform):
         except checks.BadExample as e:
             problems.add(e.kind, e.detail)
             return {"problems": problems}
+        if self.label_map is not None:
+            labels = self.label_map[labels]
+            keep = labels > 0
+            boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
         example, dropped = preprocess.preprocess(
             image, boxes, labels, difficult, flip=flip, **self.kwargs
         )
@@ -213,7 +218,7 @@ class Batches:
     """
 
     def __init__(self, source, data, *, batch_size, train, seed, shard_index=0, shard_count=1,
-                 worker_count=None, name="data", agree=None):  # fmt: skip
+                 worker_count=None, name="data", agree=None, label_map=None):  # fmt: skip
         self.batch_size = batch_size
         self.train = train
         self.records = len(source)
@@ -229,7 +234,7 @@ class Batches:
         if workers and not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (notebooks, tests)
         self._source = _WithIndex(source, name)
-        self._preprocess = _Preprocess(data, train)
+        self._preprocess = _Preprocess(data, train, label_map)
         self._loader = grain.DataLoader(
             data_source=self._source,
             sampler=sampler,
@@ -419,6 +424,22 @@ class _Concat:
         return self.sources[which][index - int(self.offsets[which])]
 
 
+def _subset(info, names):
+    """`info` for the classes `names` only, and the label map (dataset label 1..K_all -> 1..K,
+    0 for classes left out)."""
+    unknown = [n for n in names if n not in info.class_names]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"config.data.class_subset: {unknown or names} (need distinct names of "
+            f"{list(info.class_names)})"
+        )
+    label_map = np.zeros(len(info.class_names) + 1, np.int64)
+    for new, name in enumerate(names, start=1):
+        label_map[info.class_names.index(name) + 1] = new
+    ids = tuple(info.category_ids[info.class_names.index(n)] for n in names)
+    return dataclasses.replace(info, class_names=names, category_ids=ids), label_map
+
+
 def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
                  worker_count=None, agree=None):  # fmt: skip
     """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
@@ -436,6 +457,9 @@ def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard
         raise ValueError(f"config.data.name: the datasets of {data.name!r} have different classes")
     source = sources[0] if len(sources) == 1 else _Concat(sources)
     info = dataclasses.replace(infos[0], num_examples=len(source))
+    label_map = None
+    if data.class_subset:
+        info, label_map = _subset(info, tuple(data.class_subset))
     batches = Batches(
         source,
         data,
@@ -447,5 +471,6 @@ def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard
         worker_count=worker_count,
         name=f"{data.name}:{split}",
         agree=agree,
+        label_map=label_map,
     )
     return batches, info

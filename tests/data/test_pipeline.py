@@ -297,3 +297,23 @@ def test_hosts_agree_on_the_canvas_of_every_batch(train):
     if not train:
         ids = [i for out in outputs for b in out for i in b["image_id"][b["valid"]].tolist()]
         assert sorted(ids) == list(range(16))
+
+
+def test_a_class_subset_keeps_and_renumbers_those_classes_only(shapes_data):
+    everything, info = pipeline.make_batches(shapes_data, "test", batch_size=10, train=False)
+    subset = shapes_data.copy_and_resolve_references()
+    subset.class_subset = ("triangle", "rectangle")
+    batches, sub_info = pipeline.make_batches(subset, "test", batch_size=10, train=False)
+    assert sub_info.class_names == ("triangle", "rectangle") and sub_info.category_ids == (
+        info.class_names.index("triangle") + 1,
+        1,
+    )
+    full, part = next(everything), next(batches)
+    names = np.array(("background", *info.class_names))
+    for i in range(10):
+        kept = names[full["gt_classes"][i][full["gt_valid"][i]]]
+        want = [{"triangle": 1, "rectangle": 2}[n] for n in kept if n in sub_info.class_names]
+        assert part["gt_classes"][i][part["gt_valid"][i]].tolist() == want
+    subset.class_subset = ("rectangle", "hexagonal prism")
+    with pytest.raises(ValueError, match=r"class_subset: \['hexagonal prism'\]"):
+        pipeline.make_batches(subset, "test", batch_size=1, train=False)
