@@ -1,4 +1,9 @@
-"""ResNet-50 C4 (He et al. 2016's detection setup) on VOC 2007: res5 runs on each 14x14 RoI."""
+"""ResNet-50 C4 (He et al. 2016's detection setup) on VOC 2007: res5 runs on each 14x14 RoI.
+
+From ImageNet weights: `python -m frcnn_jax.import_weights --arch resnet50 --body c4 --input
+resnet50-0676ba61.pth --output weights/r50_c4.npz`, then
+`--config.model.init_checkpoint=weights/r50_c4.npz` (stem to res4 as the backbone, res5 as the
+box head)."""
 
 import pathlib
 

@@ -1,7 +1,13 @@
 """The paper's headline (Table 3): VGG-16 trained on VOC 2007 trainval, tested on VOC 2007 test,
-reported 69.9 mAP (with ImageNet-pretrained VGG-16: set model.init_checkpoint).
+reported 69.9 mAP, starting from ImageNet-pretrained VGG-16 (conv layers and fc6/fc7):
 
-    python -m frcnn_jax.train --config configs/voc07_vgg16.py --workdir runs/voc07_vgg16
+    python -m frcnn_jax.import_weights --arch vgg16 --input vgg16-397923af.pth \
+        --output weights/vgg16.npz
+    python -m frcnn_jax.train --config configs/voc07_vgg16.py --workdir runs/voc07_vgg16 \
+        --config.model.init_checkpoint=weights/vgg16.npz
+
+(torchvision's ImageNet VGG-16 and its RGB input statistics, the config's defaults; the
+paper's Caffe model needs channel_order "bgr" and its means, see frcnn_jax/weights.py.)
 
 Schemes: the paper's 69.9 comes from 4-step alternating training
 (`--config.train.scheme=alternating`, with py-faster-rcnn's alt-opt stage lengths below);

@@ -1,4 +1,8 @@
-"""The paper's fast net: ZF on VOC 2007 trainval, 59.9 mAP on VOC 2007 test (Table 3)."""
+"""The paper's fast net: ZF on VOC 2007 trainval, 59.9 mAP on VOC 2007 test (Table 3).
+
+torchvision has no ImageNet ZF: a converted Caffe ZF model (BGR, mean-only: set
+model.channel_order="bgr", pixel_mean=(102.98, 115.95, 122.77), pixel_std=(1, 1, 1)) can be
+saved with `frcnn_jax.weights.save` under the parameter paths of `frcnn_jax.models.ZF`."""
 
 import pathlib
 

@@ -142,6 +142,14 @@ def check_config(c):
             "config.train.alternating_stage_lr_steps: need 4 decay steps, one per stage, and "
             f"alternating_stage_steps set; got {decays} with stage steps {stages}"
         )
+    if c.model.channel_order not in ("rgb", "bgr"):
+        raise ValueError(
+            f"config.model.channel_order must be 'rgb' or 'bgr', got {c.model.channel_order!r}"
+        )
+    for field in ("pixel_mean", "pixel_std"):
+        values = c.model[field]
+        if len(values) != 3 or (field == "pixel_std" and min(values) <= 0):
+            raise ValueError(f"config.model.{field}: need 3 values (std > 0), got {values}")
     sizes = c.train.alternating_stage_batch_sizes
     if sizes and (len(sizes) != 4 or min(sizes) <= 0):
         raise ValueError(

@@ -89,3 +89,21 @@ def test_optional_fields_take_none_or_a_number_and_reject_anything_else(monkeypa
 @pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_files_pass_the_checks(config_file):
     check_config(config_from_file(config_file))
+
+
+def test_input_convention_fields_reach_the_model_and_bad_values_are_named(monkeypatch):
+    voc = ROOT / "configs" / "voc07_vgg16.py"
+    config = parse(voc, "--config.model.channel_order=bgr",
+                   "--config.model.pixel_mean=(102.98, 115.95, 122.77)",
+                   "--config.model.pixel_std=(1.0, 1.0, 1.0)", monkeypatch=monkeypatch)  # fmt: skip
+    check_config(config)
+    model = build_model(config)
+    assert (model.channel_order, model.pixel_mean, model.pixel_std) == (
+        "bgr", (102.98, 115.95, 122.77), (1.0, 1.0, 1.0)
+    )  # fmt: skip
+    config = parse(voc, "--config.model.channel_order=brg", monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match=r"config\.model\.channel_order must be 'rgb' or 'bgr'"):
+        check_config(config)
+    config = parse(voc, "--config.model.pixel_std=(1.0, 0.0, 1.0)", monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match=r"config.model.pixel_std: need 3 values"):
+        check_config(config)
