@@ -66,6 +66,27 @@ class Checkpoints:
         )
         return restored.state
 
+    def restore_params(self, step):
+        """Only the parameters and frozen statistics at `step` ({"params", "frozen"}), on the
+        first device: the optimizer state is not read (inference, fine-tuning)."""
+        self._check_step(step)
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
+        tree = getattr(saved, "item_metadata", saved)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = {
+            key: jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[key]
+            )
+            for key in ("params", "frozen")
+        }
+        restored = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True)
+            ),
+        )
+        return restored.state
+
     def wait(self):
         self.manager.wait_until_finished()
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from frcnn_jax import checkpointing, sharding, weights
+from frcnn_jax import checkpointing, rundir, sharding, weights
 from frcnn_jax.data import make_batches, pipeline
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model, trainable_mask
@@ -179,7 +179,7 @@ def _init_weights(path):
     step = checkpoints.latest_step()
     if step is None:
         raise FileNotFoundError(f"config.model.init_checkpoint: no checkpoints in {path}")
-    saved = checkpoints.restore_arrays(step)
+    saved = checkpoints.restore_params(step)
     tree = {"params": saved["params"], **saved["frozen"]}
     flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
     log.info("config.model.init_checkpoint: step %d of %s", step, checkpoints.directory)
@@ -378,6 +378,8 @@ def train_and_evaluate(config, workdir):
     if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals
         model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
     _prepare_once(config.data)
+    if jax.process_index() == 0:  # the config and class names: a workdir rebuilds its model
+        rundir.write(workdir, config, pipeline.open_split(config.data, config.data.train_split)[1])
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if train.scheme == "alternating":
         state = _train_alternating(config, workdir, model, mesh, writer)
@@ -580,7 +582,7 @@ def evaluate_checkpoint(config, workdir, step=None):
             "config.model.init_checkpoint to evaluate imported weights"
         )
     else:
-        saved = checkpoints.restore_arrays(step)
+        saved = checkpoints.restore_params(step)
         variables = {"params": saved["params"], **saved["frozen"]}
     variables = jax.device_put(variables, sharding.replicated(mesh))
     report = pathlib.Path(workdir) / "eval" / f"step_{step}"

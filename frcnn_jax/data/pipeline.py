@@ -440,9 +440,9 @@ def _subset(info, names):
     return dataclasses.replace(info, class_names=names, category_ids=ids), label_map
 
 
-def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
-                 worker_count=None, agree=None):  # fmt: skip
-    """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
+def open_split(data, split):
+    """Prepare the dataset(s) of `data` if needed: (random-access source of `split`,
+    `DatasetInfo`, label map of `data.class_subset` or None)."""
     check_data_config(data)
     builders = prepare_all(data)
     sources = []
@@ -460,6 +460,13 @@ def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard
     label_map = None
     if data.class_subset:
         info, label_map = _subset(info, tuple(data.class_subset))
+    return source, info, label_map
+
+
+def make_batches(data, split, *, batch_size, train, seed=0, shard_index=0, shard_count=1,
+                 worker_count=None, agree=None):  # fmt: skip
+    """Prepare the dataset if needed and return (`Batches`, `DatasetInfo`)."""
+    source, info, label_map = open_split(data, split)
     batches = Batches(
         source,
         data,
