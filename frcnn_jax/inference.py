@@ -5,7 +5,7 @@
     draw(image, results[0]).save("out.jpg")
 
 Each image is resized as in training (short side `data.min_size`, long side at most
-`data.max_size`) onto the canvas of its orientation (`frcnn_jax.data.preprocess.canvas_for`:
+`data.max_size`) onto the canvas of its orientation (`frcnn_jax.canvas.canvas_for`:
 the configured canvas or, for the other orientation, its transpose), so portrait and landscape
 images both keep the training scale; images of one canvas are batched together and each
 (canvas, batch size) compiles once. Boxes come back in the original image's pixels.

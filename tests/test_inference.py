@@ -132,3 +132,62 @@ def test_predict_command_writes_json_and_pictures_and_skips_bad_files(run, tmp_p
         assert annotated.shape == np.asarray(Image.open(source)).shape
         assert (annotated.astype(int) - np.asarray(Image.open(source))).any()
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "tall.jpg", "wide.jpg"]
+
+
+EXPORTED_SCRIPT = """
+import sys, numpy as np
+from frcnn_jax.exported import load
+detector = load(sys.argv[1])
+inputs = np.load(sys.argv[2])
+boxes, scores, classes, valid = detector.detect_canvas(inputs["canvas"], inputs["size"],
+                                                       inputs["scale"])
+np.savez(sys.argv[3], boxes=boxes, scores=scores, classes=classes, valid=valid)
+whole = detector(inputs["image"])
+assert whole["boxes"].shape[1] == 4 and len(whole["class_names"]) == len(whole["scores"])
+heavy = sorted(m for m in ("flax", "tensorflow", "tensorflow_datasets", "grain", "PIL", "optax",
+                           "frcnn_jax.models", "frcnn_jax.data") if m in sys.modules)
+print("IMPORTED", heavy, detector.meta["platforms"], detector.meta["canvases"])
+"""
+
+
+def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    path = tmp_path / "model.jaxexport"
+    done = subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.export", f"--workdir={run}", f"--output={path}",
+         "--canvas=96,128"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "for cpu, cuda, tpu (canvases [[96, 128], [128, 96]]" in done.stdout
+
+    config, names, _ = rundir.read(run)
+    config.data.canvas, config.data.min_size, config.data.max_size = (96, 128), 96, 128
+    config.model.head.score_threshold = 0.0
+    trained = Detector.from_workdir(run)
+    detector = Detector.from_config(config, trained.variables, class_names=names)
+    image = picture(150, 110, 5)  # portrait: the (128, 96) canvas
+    canvas, size, scale = detector.prepare(image)
+    np.savez(tmp_path / "inputs.npz", canvas=canvas[None].astype(np.float32), size=size[None],
+             scale=np.array([scale]), image=image)  # fmt: skip
+    script = tmp_path / "run_exported.py"
+    script.write_text(EXPORTED_SCRIPT)
+    ran = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"),
+         str(tmp_path / "outputs.npz")], capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "IMPORTED [] ['cpu', 'cuda', 'tpu']" in ran.stdout  # nothing but jax and numpy
+    got = np.load(tmp_path / "outputs.npz")
+    want = detector.model.apply(
+        {**trained.variables}, jnp.asarray(canvas[None], jnp.float32), jnp.asarray(size[None]),
+        jnp.asarray([scale]), method=FasterRCNN.detect,
+    )  # fmt: skip
+    # The exported model's score threshold is the trained config's (0.05), not this one's.
+    keep = np.asarray(got["valid"][0])
+    np.testing.assert_array_equal(
+        keep, np.asarray(want.valid[0]) & (np.asarray(want.scores[0]) >= 0.05)
+    )
+    np.testing.assert_allclose(got["boxes"][0][keep], np.asarray(want.boxes[0])[keep], atol=1e-3)
+    np.testing.assert_allclose(got["scores"][0][keep], np.asarray(want.scores[0])[keep], atol=1e-5)
+    np.testing.assert_array_equal(got["classes"][0][keep], np.asarray(want.classes[0])[keep])

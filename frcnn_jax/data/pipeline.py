@@ -21,6 +21,7 @@ import grain.python as grain
 import numpy as np
 from absl import flags
 
+from frcnn_jax import canvas as canvas_lib
 from frcnn_jax.data import checks, preprocess
 from frcnn_jax.data.config import check_data_config
 
@@ -205,11 +206,11 @@ class Batches:
     Training: endless, reshuffled every epoch, `batch_size` valid examples per batch.
     Evaluation: one pass; partly filled batches are padded with `valid=False` examples.
 
-    Every batch holds images of one canvas (`preprocess.canvas_for`: the configured canvas and,
-    with `data.orient_canvas`, its transpose for the other orientation), like torchvision's
-    aspect-ratio grouping: examples wait in one bucket per canvas until a bucket holds a
-    batch. Buffered examples are part of the saved position (their record index and flip), so
-    a resumed run yields exactly the batches an uninterrupted one would.
+    Every batch holds images of one canvas (`frcnn_jax.canvas.canvas_for`: the configured
+    canvas and, with `data.orient_canvas`, its transpose for the other orientation), like
+    torchvision's aspect-ratio grouping: examples wait in one bucket per canvas until a bucket
+    holds a batch. Buffered examples are part of the saved position (their record index and
+    flip), so a resumed run yields exactly the batches an uninterrupted one would.
 
     `agree` keeps several hosts in step: called with this host's [bucket sizes..., exhausted]
     it returns every host's ([hosts, n + 1], e.g. `process_allgather`); a canvas is emitted
@@ -245,7 +246,7 @@ class Batches:
         self._iter = iter(self._loader)
         self.consumed = 0  # records taken from the loader, valid or not
         self.name = name
-        self.canvases = preprocess.canvases(data.canvas, orient=data.orient_canvas)
+        self.canvases = canvas_lib.canvases(data.canvas, orient=data.orient_canvas)
         self._buckets = {canvas: [] for canvas in self.canvases}
         self._agree = agree or _local_only
         self._exhausted = False

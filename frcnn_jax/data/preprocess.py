@@ -7,53 +7,10 @@ canvas; boxes converted once from TFDS's normalized (ymin, xmin, ymax, xmax) to 
 masks.
 """
 
-import math
-
 import numpy as np
 from PIL import Image
 
-
-def canvas_for(height, width, canvas, *, orient=True):
-    """The static (H, W) canvas an image of `height` x `width` goes on.
-
-    With `orient`, images whose orientation differs from the configured `canvas` go on the
-    transposed canvas (a portrait image on (1000, 600) when the canvas is (600, 1000)), so
-    every image keeps the same scale rule whatever its orientation: at most two shapes, each
-    compiled once. Square images and square canvases keep `canvas`. Without `orient`, every
-    image goes on `canvas` and portrait images are shrunk to fit it."""
-    canvas_h, canvas_w = canvas
-    if (
-        orient
-        and canvas_h != canvas_w
-        and height != width
-        and (height > width) != (canvas_h > canvas_w)
-    ):
-        return canvas_w, canvas_h
-    return canvas_h, canvas_w
-
-
-def canvases(canvas, *, orient=True):
-    """Every canvas `canvas_for` can return: the configured one first."""
-    canvas = tuple(canvas)
-    other = canvas[::-1]
-    return [canvas, other] if orient and other != canvas else [canvas]
-
-
-def resize_scale(height, width, *, min_size, max_size, canvas):
-    """The one scale factor for an image: short side -> min_size, long side <= max_size, and the
-    resized image fits the (height, width) canvas (images that do not fit it are scaled down
-    rather than cropped)."""
-    return min(
-        min_size / min(height, width),
-        max_size / max(height, width),
-        canvas[0] / height,
-        canvas[1] / width,
-    )
-
-
-def resized_size(height, width, scale):
-    # floor like torchvision's interpolate(scale_factor=...), never below one pixel
-    return max(math.floor(height * scale + 1e-6), 1), max(math.floor(width * scale + 1e-6), 1)
+from frcnn_jax.canvas import canvas_for, resize_scale, resized_size
 
 
 def boxes_to_pixels(normalized_yxyx, height, width):

@@ -28,12 +28,15 @@ them while keeping parameters, shapes and semantics (figures: ResNet-50-FPN's tr
   `precision=jax.lax.Precision.HIGHEST` on a layer, or `jax.default_matmul_precision("highest")`
   around tracing, keeps the direct convolution.
 
-All three apply to float32 on the CPU backend only (GPUs/TPUs get XLA's convolution untouched),
-and Winograd only where it measured faster: at least `_MIN_TILES` 4x4 output tiles, at least
+All three apply to float32 on the CPU backend only (GPUs/TPUs get XLA's convolution untouched;
+`cpu_tuning(False)` or FRCNN_JAX_CPU_TUNING=0 turns them off), and Winograd only where it
+measured faster: at least `_MIN_TILES` 4x4 output tiles, at least
 `_MIN_CHANNEL_PRODUCT` input x output channels, maps of 8x8 or more.
 """
 
+import contextlib
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -88,9 +91,32 @@ _MIN_SIDE = 8
 _MAX_TAPWISE_3X3 = 256 * 256
 
 
+# Whether the speed-ups above apply (on the CPU backend): `cpu_tuning(False)` or the
+# environment variable FRCNN_JAX_CPU_TUNING=0 gives XLA's own convolutions everywhere.
+_TUNING = [os.environ.get("FRCNN_JAX_CPU_TUNING", "1") != "0"]
+
+
+@contextlib.contextmanager
+def cpu_tuning(enabled):
+    """Within this block, functions traced use (True) or skip (False) this module's CPU
+    speed-ups. Off: plain `jax.lax.conv_general_dilated`, no layout pins; what
+    `frcnn_jax.export` traces under, since the pins are CPU-only custom calls that a portable
+    (serialized) model cannot carry; also for A/B timings."""
+    previous = _TUNING[0]
+    _TUNING[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _TUNING[0] = previous
+
+
+def _cpu_tuned():
+    return _TUNING[0] and jax.default_backend() == "cpu"
+
+
 def _row_major(x):
     """x pinned to the row-major layout on the CPU (the docstring's "Layout"); x elsewhere."""
-    if jax.default_backend() != "cpu":
+    if not _cpu_tuned():
         return x
     return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
@@ -283,7 +309,7 @@ def _full_precision_requested(precision):
 def _route(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
            feature_group_count, precision, extra):  # fmt: skip
     """How to run this convolution: ("winograd" | "tapwise" | None for XLA's, padding)."""
-    if jax.default_backend() != "cpu" or extra or feature_group_count != 1 or lhs.ndim != 4:
+    if not _cpu_tuned() or extra or feature_group_count != 1 or lhs.ndim != 4:
         return None, None
     if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return None, None

@@ -14,9 +14,9 @@ from frcnn_jax.data import preprocess
     ],
 )
 def test_resize_rule(size, canvas, expected_scale, expected_size):
-    scale = preprocess.resize_scale(*size, min_size=600, max_size=1000, canvas=canvas)
+    scale = canvas.resize_scale(*size, min_size=600, max_size=1000, canvas=canvas)
     assert scale == pytest.approx(expected_scale)
-    assert preprocess.resized_size(*size, scale) == expected_size
+    assert canvas.resized_size(*size, scale) == expected_size
 
 
 def test_hand_worked_example():
