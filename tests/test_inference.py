@@ -191,3 +191,19 @@ def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run
     np.testing.assert_allclose(got["boxes"][0][keep], np.asarray(want.boxes[0])[keep], atol=1e-3)
     np.testing.assert_allclose(got["scores"][0][keep], np.asarray(want.scores[0])[keep], atol=1e-5)
     np.testing.assert_array_equal(got["classes"][0][keep], np.asarray(want.classes[0])[keep])
+
+
+def test_the_readme_detector_example_runs(run, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [
+        part.split("```", 1)[0]
+        for part in readme.split("```python\n")[1:]
+        if "Detector.from_workdir" in part.split("```", 1)[0]
+    ]
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(picture(100, 140, 0)).save("photo.jpg")
+    block = block.replace('"runs/shapes_tiny"', repr(str(run)))
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["result"]["boxes"].shape[1] == 4
+    assert Image.open("annotated.jpg").size == (140, 100)

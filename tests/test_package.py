@@ -60,6 +60,7 @@ def test_demo_rejects_unknown_config_field():
 def test_readme_examples_run():
     readme = (ROOT / "README.md").read_text()
     blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+    blocks = [b for b in blocks if "Detector.from_workdir" not in b]  # tests/test_inference.py
     assert len(blocks) == 3
     ops_example, model_example, data_example = ({} for _ in blocks)
     exec(compile(blocks[0], "README.md", "exec"), ops_example)
