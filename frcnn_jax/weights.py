@@ -1,9 +1,9 @@
 """Pretrained weights: torchvision state dicts -> frcnn_jax variables, and strict loading.
 
-`from_torchvision(state_dict, arch=...)` returns the part of the variables dict that
-`build_model(config)` makes (`{"params": ..., "batch_stats": ...}`) which the file provides;
-`save` / `load` write and read it as an `.npz` of '/'-joined paths
-(`params/backbone/conv1_1/kernel`) together with the prefixes the file covers;
+`from_torchvision(state_dict, arch=...)` returns the part of the variables that
+`build_model(config)` makes (`{"params": ..., "batch_stats": ...}`) which the state dict
+provides, flat ('/'-joined paths such as `params/backbone/conv1_1/kernel`), with the path
+prefixes it covers completely; `save` / `load` write and read that as an `.npz`;
 `restore_into` puts it into a model's variables, strictly.
 
 Every layout change between torchvision and frcnn_jax is made here, once:
