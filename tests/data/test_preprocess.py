@@ -92,3 +92,18 @@ def test_empty_image_has_no_valid_boxes():
         min_size=20, max_size=20, canvas=(20, 20), max_boxes=3,
     )  # fmt: skip
     assert dropped == 0 and not out["gt_valid"].any() and out["gt_boxes"].shape == (3, 4)
+
+
+def test_canvas_follows_the_images_orientation():
+    landscape = (600, 1000)
+    assert canvas_lib.canvas_for(375, 500, landscape) == (600, 1000)
+    assert canvas_lib.canvas_for(500, 375, landscape) == (1000, 600)
+    assert canvas_lib.canvas_for(400, 400, landscape) == (600, 1000)  # square: as configured
+    assert canvas_lib.canvas_for(500, 375, landscape, orient=False) == (600, 1000)
+    assert canvas_lib.canvas_for(500, 375, (512, 512)) == (512, 512)
+    assert canvas_lib.canvases(landscape) == [(600, 1000), (1000, 600)]
+    assert canvas_lib.canvases((512, 512)) == [(512, 512)]
+    assert canvas_lib.canvases(landscape, orient=False) == [(600, 1000)]
+    portrait = canvas_lib.canvas_for(500, 375, landscape)
+    scale = canvas_lib.resize_scale(500, 375, min_size=600, max_size=1000, canvas=portrait)
+    assert canvas_lib.resized_size(500, 375, scale) == (800, 600)  # the paper's scale kept
