@@ -66,9 +66,9 @@ class Checkpoints:
         )
         return restored.state
 
-    def restore_params(self, step):
-        """Only the parameters and frozen statistics at `step` ({"params", "frozen"}), on the
-        first device: the optimizer state is not read (inference, fine-tuning)."""
+    def restore_variables(self, step):
+        """The model's variables at `step` ({"params", ...frozen collections}, what
+        `model.apply` takes), on the first device: the optimizer state is not read."""
         self._check_step(step)
         saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
         tree = getattr(saved, "item_metadata", saved)
@@ -85,7 +85,7 @@ class Checkpoints:
                 state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True)
             ),
         )
-        return restored.state
+        return {"params": restored.state["params"], **restored.state["frozen"]}
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -62,8 +62,7 @@ class Detector:
         step = checkpoints.latest_step() if checkpoint is None else checkpoint
         if step is None:
             raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
-        saved = checkpoints.restore_params(step)
-        detector = cls.from_config(config, {"params": saved["params"], **saved["frozen"]},
+        detector = cls.from_config(config, checkpoints.restore_variables(step),
                                    class_names=class_names, batch_size=batch_size)  # fmt: skip
         detector.step = step
         return detector

@@ -179,8 +179,7 @@ def _init_weights(path):
     step = checkpoints.latest_step()
     if step is None:
         raise FileNotFoundError(f"config.model.init_checkpoint: no checkpoints in {path}")
-    saved = checkpoints.restore_params(step)
-    tree = {"params": saved["params"], **saved["frozen"]}
+    tree = checkpoints.restore_variables(step)
     flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
     log.info("config.model.init_checkpoint: step %d of %s", step, checkpoints.directory)
     return flat, sorted(tree)
@@ -582,8 +581,7 @@ def evaluate_checkpoint(config, workdir, step=None):
             "config.model.init_checkpoint to evaluate imported weights"
         )
     else:
-        saved = checkpoints.restore_params(step)
-        variables = {"params": saved["params"], **saved["frozen"]}
+        variables = checkpoints.restore_variables(step)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     report = pathlib.Path(workdir) / "eval" / f"step_{step}"
     result = evaluate(config, model, variables, mesh, workdir=report, step=step)
