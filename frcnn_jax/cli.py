@@ -17,3 +17,12 @@ def define_config_and_workdir(workdir_help):
 def setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's per-call notices
+
+
+def canvas(values):
+    """A --canvas flag's ["H", "W"] as (H, W); None when not given."""
+    if not values:
+        return None
+    if len(values) != 2 or not all(v.strip().isdigit() and int(v) > 0 for v in values):
+        raise ValueError(f"--canvas must be H,W (two positive integers), got {','.join(values)}")
+    return int(values[0]), int(values[1])

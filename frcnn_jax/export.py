@@ -17,13 +17,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.DEFINE_string("output", None, "File to write (e.g. model.jaxexport).")
 flags.DEFINE_integer("checkpoint", None, "Step to export (default: the latest).")
-flags.DEFINE_string("canvas", None, "H,W canvas instead of the config's.")
+flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's.")
 flags.DEFINE_integer("batch_size", 1, "Images per call of the exported function.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Platforms to lower for.")
 
 
-def export_detector(detector, path, *, canvas=None, batch_size=1, platforms=("cpu",)):
-    """Write `detector` (a `frcnn_jax.inference.Detector`) to `path`; returns the metadata."""
+def export_detector(detector, path, *, batch_size=1, platforms=("cpu",)):
+    """Write `detector` (a `frcnn_jax.inference.Detector`, with its canvas) to `path`; returns
+    the metadata."""
     import jax
     import jax.numpy as jnp
     from jax import export
@@ -32,7 +33,7 @@ def export_detector(detector, path, *, canvas=None, batch_size=1, platforms=("cp
     from frcnn_jax.exported import FORMAT
     from frcnn_jax.models import FasterRCNN, conv
 
-    canvas = tuple(canvas or detector.canvas)
+    canvas = detector.canvas
     variables = detector.variables
 
     def infer(images, sizes, scales):
@@ -69,13 +70,13 @@ def main(argv):
     del argv
     if not FLAGS.workdir or not FLAGS.output:
         raise app.UsageError("need --workdir and --output")
-    from frcnn_jax.cli import setup_logging
+    from frcnn_jax import cli
     from frcnn_jax.inference import Detector
 
-    setup_logging()
-    canvas = tuple(int(v) for v in FLAGS.canvas.split(",")) if FLAGS.canvas else None
-    detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
-    meta = export_detector(detector, FLAGS.output, canvas=canvas, batch_size=FLAGS.batch_size,
+    cli.setup_logging()
+    detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                                     canvas=cli.canvas(FLAGS.canvas))  # fmt: skip
+    meta = export_detector(detector, FLAGS.output, batch_size=FLAGS.batch_size,
                            platforms=FLAGS.platforms)  # fmt: skip
     platforms = ", ".join(meta["platforms"])
     print(f"exported step {detector.step} of {FLAGS.workdir} for {platforms} (canvases "

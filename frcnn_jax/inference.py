@@ -31,9 +31,12 @@ class Detector:
       model: a `FasterRCNN` (e.g. `build_model(config)`); variables: its {"params", ...}.
       class_names: names of classes 1..K. data: the config's `data` section (min_size,
         max_size, canvas, orient_canvas). batch_size: images per compiled call.
+      canvas: (H, W) instead of `data.canvas`, e.g. smaller for pictures of a known size
+        (VOC's 500x375 at min_size 600 fit (608, 800): 19% fewer pixels than (600, 1000));
+        an image whose resized size does not fit it is scaled down to fit, as in training.
     """
 
-    def __init__(self, model, variables, *, class_names, data, batch_size=1):
+    def __init__(self, model, variables, *, class_names, data, batch_size=1, canvas=None):
         if len(class_names) != model.num_classes:
             raise ValueError(
                 f"{len(class_names)} class names for a model of {model.num_classes} classes"
@@ -42,19 +45,20 @@ class Detector:
         self.variables = jax.device_put(variables)
         self.class_names = tuple(class_names)
         self.resize = dict(min_size=data.min_size, max_size=data.max_size)
-        self.canvas, self.orient = tuple(data.canvas), bool(data.get("orient_canvas", True))
+        self.canvas = tuple(int(v) for v in (canvas or data.canvas))
+        self.orient = bool(data.get("orient_canvas", True))
         self.batch_size = int(batch_size)
         self.traces = 0  # compilations so far (one per canvas and batch size)
         self._detect = jax.jit(self._apply)
 
     @classmethod
-    def from_config(cls, config, variables, *, class_names, batch_size=1):
+    def from_config(cls, config, variables, *, class_names, batch_size=1, canvas=None):
         """From a config (`model` and `data` sections) and variables ({"params", ...})."""
         return cls(build_model(config), variables, class_names=class_names, data=config.data,
-                   batch_size=batch_size)  # fmt: skip
+                   batch_size=batch_size, canvas=canvas)  # fmt: skip
 
     @classmethod
-    def from_workdir(cls, workdir, *, checkpoint=None, batch_size=1):
+    def from_workdir(cls, workdir, *, checkpoint=None, batch_size=1, canvas=None):
         """From a training directory: its run.json (config, class names) and the parameters
         of checkpoint `checkpoint` (the latest if None); the optimizer state is not read."""
         config, class_names, _ = rundir.read(workdir)
@@ -63,7 +67,8 @@ class Detector:
         if step is None:
             raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
         detector = cls.from_config(config, checkpoints.restore_variables(step),
-                                   class_names=class_names, batch_size=batch_size)  # fmt: skip
+                                   class_names=class_names, batch_size=batch_size,
+                                   canvas=canvas)  # fmt: skip
         detector.step = step
         return detector
 

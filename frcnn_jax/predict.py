@@ -1,5 +1,5 @@
 """python -m frcnn_jax.predict --workdir W --output DIR IMAGE_OR_DIR... [--checkpoint N]
-    [--score_threshold S] [--batch_size B]
+    [--score_threshold S] [--batch_size B] [--canvas H,W]
 
 Runs a trained detector (the workdir's run.json and checkpoint) on pictures: writes
 DIR/detections.json (COCO-results style, one entry per detection: file, image size, class
@@ -29,6 +29,7 @@ flags.DEFINE_integer("checkpoint", None, "Step to use (default: the latest).")
 flags.DEFINE_string("output", None, "Folder for detections.json and the annotated images.")
 flags.DEFINE_float("score_threshold", 0.5, "Draw detections at or above this score.")
 flags.DEFINE_integer("batch_size", 1, "Images per call of the detector.")
+flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's (see Detector).")
 
 log = logging.getLogger("frcnn_jax.predict")
 
@@ -102,7 +103,8 @@ def main(argv):
     if not files:
         raise app.UsageError(f"no images found in {paths}")
     detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                     batch_size=FLAGS.batch_size)  # fmt: skip
+                                     batch_size=FLAGS.batch_size,
+                                     canvas=cli.canvas(FLAGS.canvas))  # fmt: skip
     log.info("%s, step %d: %d images", FLAGS.workdir, detector.step, len(files))
     entries, skipped = predict(detector, files, FLAGS.output,
                                score_threshold=FLAGS.score_threshold)  # fmt: skip

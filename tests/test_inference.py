@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax import rundir, trainer
+from frcnn_jax import cli, rundir, trainer
 from frcnn_jax.inference import Detector, draw
 from frcnn_jax.models import FasterRCNN
 from tests.data.test_folders import _bomb_png
@@ -88,6 +88,16 @@ def test_batched_calls_give_the_same_detections(run):
     assert three.traces == 1
 
 
+def test_a_given_canvas_replaces_the_configs_for_both_orientations(run):
+    detector = Detector.from_workdir(run, canvas=(64, 96))  # the run's canvas: (128, 128)
+    for shape, want in (((200, 300), (64, 96)), ((300, 200), (96, 64))):
+        canvas, size, _ = detector.prepare(picture(*shape, 0))
+        assert canvas.shape[:2] == want and size[0] <= want[0] and size[1] <= want[1]
+    assert cli.canvas(["64", "96"]) == (64, 96) and cli.canvas(None) is None
+    with pytest.raises(ValueError, match="--canvas must be H,W"):
+        cli.canvas(["64"])
+
+
 def test_draw_marks_detections_above_the_threshold_only():
     image = picture(100, 150, 0)
     detections = {"boxes": np.array([[10, 10, 60, 50]], np.float32), "scores": np.array([0.9]),
@@ -110,7 +120,7 @@ def test_predict_command_writes_json_and_pictures_and_skips_bad_files(run, tmp_p
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "frcnn_jax.predict", f"--workdir={run}", f"--output={out}",
-         "--score_threshold=0.0", str(folder)],
+         "--score_threshold=0.0", "--canvas=96,144", str(folder)],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
     )  # fmt: skip
