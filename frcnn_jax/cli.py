@@ -1,4 +1,8 @@
-"""What the command-line entry points share: the --config/--workdir flags and logging."""
+"""What the command-line entry points share: the --config/--workdir flags, start-up and logging.
+
+Entry points define their flags under `if __name__ == "__main__"` and call `start()` first in
+`main()`: importing one (from a notebook, a test or another program) defines no flag and
+changes nothing in the process."""
 
 import logging
 
@@ -12,6 +16,15 @@ def define_config_and_workdir(workdir_help):
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+def start():
+    """An entry point's first step: the CPU tuning of `frcnn_jax.runtime` (before JAX starts),
+    then logging."""
+    from frcnn_jax.runtime import configure_runtime
+
+    configure_runtime()
+    setup_logging()
 
 
 def setup_logging():

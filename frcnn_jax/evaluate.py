@@ -5,26 +5,28 @@ writes DIR/eval/step_<STEP>/: metrics.json, table.md (mAP and per-class AP), pr/
 recall.png (with --config.eval.proposal_recall=True), detections_coco.json.
 """
 
-from frcnn_jax.runtime import configure_runtime
+from absl import app, flags
 
-configure_runtime()
-
-from absl import app, flags  # noqa: E402
-
-from frcnn_jax import cli, trainer  # noqa: E402
-from frcnn_jax.config import check_config  # noqa: E402
+from frcnn_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_config_and_workdir("The training run's directory.")
-flags.DEFINE_integer("checkpoint", None, "Step to evaluate (default: the latest).")
+
+
+def define_flags():
+    cli.define_config_and_workdir("The training run's directory.")
+    flags.DEFINE_integer("checkpoint", None, "Step to evaluate (default: the latest).")
 
 
 def main(argv):
     del argv
-    cli.setup_logging()
+    cli.start()  # CPU tuning before JAX starts, logging
+    from frcnn_jax import trainer
+    from frcnn_jax.config import check_config
+
     check_config(FLAGS.config)
     trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

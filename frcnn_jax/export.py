@@ -14,12 +14,15 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_string("output", None, "File to write (e.g. model.jaxexport).")
-flags.DEFINE_integer("checkpoint", None, "Step to export (default: the latest).")
-flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's.")
-flags.DEFINE_integer("batch_size", 1, "Images per call of the exported function.")
-flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Platforms to lower for.")
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", None, "The training run's directory.")
+    flags.DEFINE_string("output", None, "File to write (e.g. model.jaxexport).")
+    flags.DEFINE_integer("checkpoint", None, "Step to export (default: the latest).")
+    flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's.")
+    flags.DEFINE_integer("batch_size", 1, "Images per call of the exported function.")
+    flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Platforms to lower for.")
 
 
 def export_detector(detector, path, *, batch_size=1, platforms=("cpu",)):
@@ -73,7 +76,7 @@ def main(argv):
     from frcnn_jax import cli
     from frcnn_jax.inference import Detector
 
-    cli.setup_logging()
+    cli.start()  # CPU tuning before JAX starts, logging
     detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                      canvas=cli.canvas(FLAGS.canvas))  # fmt: skip
     meta = export_detector(detector, FLAGS.output, batch_size=FLAGS.batch_size,
@@ -84,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

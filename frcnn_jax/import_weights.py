@@ -17,11 +17,14 @@ from absl import app, flags
 from frcnn_jax import weights
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("arch", None, list(weights.ARCHS), "What the file holds.")
-flags.DEFINE_string("input", None, "torchvision weight file (.pth: a state dict).")
-flags.DEFINE_string("output", None, "frcnn_jax weight file to write (.npz).")
-flags.DEFINE_enum("body", "c4", ["c4", "fpn"], "ResNets: C4 (resnet*_c4) or FPN (resnet*_fpn).")
-flags.DEFINE_bool("coco80", False, "Detector: keep background + the 80 used COCO categories.")
+
+
+def define_flags():
+    flags.DEFINE_enum("arch", None, list(weights.ARCHS), "What the file holds.")
+    flags.DEFINE_string("input", None, "torchvision weight file (.pth: a state dict).")
+    flags.DEFINE_string("output", None, "frcnn_jax weight file to write (.npz).")
+    flags.DEFINE_enum("body", "c4", ["c4", "fpn"], "ResNets: C4 (resnet*_c4) or FPN (resnet*_fpn).")
+    flags.DEFINE_bool("coco80", False, "Detector: keep background + the 80 used COCO categories.")
 
 
 def read_state_dict(path):
@@ -74,4 +77,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

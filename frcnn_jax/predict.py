@@ -21,15 +21,18 @@ import time
 from absl import app, flags
 
 from frcnn_jax import cli
-from frcnn_jax.runtime import configure_runtime
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_integer("checkpoint", None, "Step to use (default: the latest).")
-flags.DEFINE_string("output", None, "Folder for detections.json and the annotated images.")
-flags.DEFINE_float("score_threshold", 0.5, "Draw detections at or above this score.")
-flags.DEFINE_integer("batch_size", 1, "Images per call of the detector.")
-flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's (see Detector).")
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", None, "The training run's directory.")
+    flags.DEFINE_integer("checkpoint", None, "Step to use (default: the latest).")
+    flags.DEFINE_string("output", None, "Folder for detections.json and the annotated images.")
+    flags.DEFINE_float("score_threshold", 0.5, "Draw detections at or above this score.")
+    flags.DEFINE_integer("batch_size", 1, "Images per call of the detector.")
+    flags.DEFINE_list("canvas", None, "H,W canvas instead of the config's (see Detector).")
+
 
 log = logging.getLogger("frcnn_jax.predict")
 
@@ -95,8 +98,7 @@ def main(argv):
     paths = argv[1:]
     if not FLAGS.workdir or not FLAGS.output or not paths:
         raise app.UsageError("need --workdir, --output and at least one image or folder")
-    configure_runtime()
-    cli.setup_logging()
+    cli.start()  # CPU tuning before JAX starts, logging
     from frcnn_jax.inference import Detector, find_images
 
     files = find_images(paths)
@@ -115,4 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

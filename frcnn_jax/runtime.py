@@ -1,5 +1,7 @@
-"""Process-level settings that entry points apply before JAX starts (no jax import here):
-`configure_runtime()` = the XLA CPU flags below + `retain_freed_memory()`.
+"""CPU tuning of the process, applied by the entry points (`python -m frcnn_jax.train`,
+`evaluate`, `predict`, the experiments) inside `main()`, before JAX starts, and never on
+import: `configure_runtime()` = the XLA CPU flags below + `retain_freed_memory()` when the CPU
+is JAX's platform (no jax import here).
 
 XLA's CPU backend in jaxlib 0.10 routes convolutions through experimental "YNN" fusions whose
 backward passes are about 2x slower than its default kernels (a 3x3, 256-channel convolution at
@@ -20,6 +22,7 @@ were measured with.
 """
 
 import ctypes
+import importlib.util
 import os
 from importlib import metadata
 
@@ -99,12 +102,29 @@ def retain_freed_memory(environ=None):
     return _retaining
 
 
+_ACCELERATOR_MODULES = ("libtpu", "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin",
+                        "jax_rocm60_plugin", "jax_rocm7_plugin")  # fmt: skip
+
+
+def cpu_is_the_platform(environ=None):
+    """Whether JAX will compute on the CPU, decided without starting a backend (starting one
+    would take a GPU's memory, e.g. in a torch benchmark's child process): the first of
+    JAX_PLATFORMS if set, else whether no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_MODULES)
+
+
 def configure_runtime():
-    """What entry points call first, before JAX starts: XLA's CPU flags and the allocator.
+    """What entry points call first in `main()`, before JAX starts: XLA's CPU flags and, when
+    the CPU is JAX's platform, the allocator setting (measured for XLA's CPU temporaries; GPU
+    and TPU hosts keep glibc's default). Library code never calls it.
 
     Returns (XLA flags added, whether freed memory is retained).
     """
-    return configure_xla_cpu(), retain_freed_memory()
+    return configure_xla_cpu(), cpu_is_the_platform() and retain_freed_memory()
 
 
 def describe_runtime():

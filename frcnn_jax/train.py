@@ -5,27 +5,29 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id, or --m
 `jax.distributed.initialize()` finds the cluster in the environment (TPU pods, SLURM, ...).
 """
 
-from frcnn_jax.runtime import configure_runtime
+from absl import app, flags
 
-configure_runtime()
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from frcnn_jax import cli, trainer  # noqa: E402
-from frcnn_jax.config import check_config  # noqa: E402
+from frcnn_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_config_and_workdir("Checkpoints, metrics and reports go here.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.DEFINE_bool("multihost", False, "Multi-host with the cluster detected from the environment.")
+
+
+def define_flags():
+    cli.define_config_and_workdir("Checkpoints, metrics and reports go here.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+    flags.DEFINE_bool("multihost", False, "Multi-host with the cluster found in the environment.")
 
 
 def main(argv):
     del argv
-    cli.setup_logging()
+    cli.start()  # CPU tuning before JAX starts, logging
+    import jax
+
+    from frcnn_jax import trainer
+    from frcnn_jax.config import check_config
+
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -40,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -13,7 +13,7 @@ from frcnn_jax.config import base_config, check_config, config_from_file
 from frcnn_jax.models import HeadSettings, RPNSettings, build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "demo_ops.py")
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
 ALTERNATIVES = {  # a second valid value for string fields
     "objectness": ("softmax", "sigmoid"),
     "pooler": ("pool", "align"),

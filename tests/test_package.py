@@ -1,9 +1,12 @@
-"""The package as users meet it: import boundaries and the README's main command."""
+"""The package as users meet it: the core install alone, import boundaries, no side effects of
+importing an entry point, and the README's examples."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,41 +30,8 @@ def test_ops_import_needs_only_jax_and_numpy():
     assert int(run_python("-c", code).stdout) >= 20
 
 
-def test_demo_main_command_runs():
-    result = run_python(
-        "-m", "frcnn_jax.demo", "--config", "configs/demo_ops.py", "--config.repeats=1"
-    )
-    counts = {}
-    for line in result.stdout.splitlines():
-        name, _, value = line.strip().rpartition(" ")
-        if name and value.isdigit():
-            counts[name.strip()] = int(value)
-    assert counts["anchors"] == 38 * 63 * 9  # VGG-16 at 600 x 1000, 9 anchors per location
-    assert counts["sampled positives"] <= 128
-    assert counts["sampled positives"] + counts["sampled negatives"] == 256
-    assert counts["sampled positives"] == min(counts["positive anchors"], 128)
-    assert 0 < counts["proposals after NMS"] <= 2000
-    assert counts["ground truth recalled at IoU 0.7"] == 5
-
-
-def test_demo_rejects_unknown_config_field():
-    result = run_python(
-        "-m",
-        "frcnn_jax.demo",
-        "--config",
-        "configs/demo_ops.py",
-        "--config.no_such_field=1",
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "no_such_field" in result.stderr
-
-
 def test_readme_examples_run():
-    readme = (ROOT / "README.md").read_text()
-    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
-    blocks = [b for b in blocks if "Detector.from_workdir" not in b]  # tests/test_inference.py
-    assert len(blocks) == 3
+    blocks = readme_examples()
     ops_example, model_example, data_example = ({} for _ in blocks)
     exec(compile(blocks[0], "README.md", "exec"), ops_example)
     assert ops_example["proposals"].shape == (2000, 4)
@@ -76,3 +46,100 @@ def test_readme_examples_run():
         "fast_rcnn_class",
         "fast_rcnn_box",
     }
+
+
+HEAVY = ("tensorflow", "tensorflow_datasets", "grain", "pycocotools", "matplotlib", "PIL",
+         "tensorboard", "torch")  # fmt: skip
+
+
+def readme_examples():
+    """The README's ops, model and data examples (its Detector example: test_inference.py)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+    blocks = [b for b in blocks if "Detector.from_workdir" not in b]
+    assert len(blocks) == 3
+    return blocks
+
+
+def test_the_core_install_runs_the_ops_example_and_a_model(tmp_path):
+    """`pip install frcnn_jax` without extras, in a fresh virtualenv: the README's ops and model
+    examples run, and none of the extras' packages is installed or imported."""
+    source = tmp_path / "source"  # a copy: pip builds in the tree it installs from
+    shutil.copytree(ROOT / "frcnn_jax", source / "frcnn_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", str(source)], check=True,
+                   capture_output=True, timeout=1200)  # fmt: skip
+    ops_example, model_example, _ = readme_examples()
+    script = tmp_path / "core.py"
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "installed = [n for n in heavy if importlib.util.find_spec(n)]\n"
+        "assert not installed, installed\n"
+        "import frcnn_jax.ops\n"
+        "assert not {'flax', 'tensorflow'} & {m.split('.')[0] for m in sys.modules}\n"
+        + ops_example
+        + "\nassert proposals.shape == (2000, 4)\n"
+        + model_example
+        + "\nassert detections.boxes.shape == (2, 100, 4)\n"
+        "print('CORE OK', sorted(losses), frcnn_jax.ops.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([python, str(script)], cwd=tmp_path, env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CORE OK" in done.stdout and str(venv) in done.stdout  # the installed package
+
+
+def test_importing_the_entry_points_changes_nothing_in_the_process():
+    """train, evaluate, predict, export and import_weights in one process (as a notebook would):
+    no flag is defined, no environment variable or allocator setting changes, JAX does not
+    start; and the tuning applies when an entry point runs."""
+    code = textwrap.dedent(
+        """
+        import os
+        before = dict(os.environ)
+        from absl import flags
+        import frcnn_jax.train, frcnn_jax.evaluate, frcnn_jax.predict, frcnn_jax.export
+        import frcnn_jax.import_weights
+        from frcnn_jax import runtime
+        assert dict(os.environ) == before
+        assert not runtime._retaining
+        assert not {"config", "workdir", "output", "checkpoint"} & set(flags.FLAGS), "flags"
+        from jax._src import xla_bridge
+        assert not xla_bridge._backends, "JAX started"
+        frcnn_jax.train.define_flags()  # what `python -m frcnn_jax.train` does first
+        assert "config" in flags.FLAGS
+        added, retained = runtime.configure_runtime()
+        print("OK", bool(added), retained, "xla_cpu" in os.environ.get("XLA_FLAGS", ""))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "XLA_FLAGS"))}
+    env.pop("FRCNN_JAX_MALLOC", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["OK", "True", "True", "True"]
+
+
+def test_the_allocator_setting_is_for_the_cpu_only():
+    from frcnn_jax import runtime
+
+    assert runtime.cpu_is_the_platform({"JAX_PLATFORMS": "cpu"})
+    assert not runtime.cpu_is_the_platform({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not runtime.cpu_is_the_platform({"JAX_PLATFORMS": "tpu"})
+    code = (
+        "import os; from frcnn_jax import runtime\n"
+        "print(runtime.configure_runtime()[1], runtime._retaining)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("FRCNN_JAX_MALLOC", None)
+    env = {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cuda"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert done.stdout.split() == ["False", "False"], done.stderr  # a GPU host: glibc's default

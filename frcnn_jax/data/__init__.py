@@ -1,7 +1,26 @@
 """Datasets and the input pipeline: TFDS sources, user folders, the `shapes` synthetic set,
-preprocessing to static shapes (`data.preprocess`) and a resumable grain loader."""
+preprocessing to static shapes (`data.preprocess`) and a resumable grain loader.
 
-from frcnn_jax.data.config import check_data_config, data_config
-from frcnn_jax.data.pipeline import Batches, DatasetInfo, make_batches
+The names below load their modules on first use, so `frcnn_jax.data.preprocess` (what
+`frcnn_jax.inference` needs: PIL) does not import TFDS, TensorFlow or grain."""
 
-__all__ = ["Batches", "DatasetInfo", "check_data_config", "data_config", "make_batches"]
+import importlib
+
+_EXPORTS = {
+    "Batches": "pipeline",
+    "DatasetInfo": "pipeline",
+    "make_batches": "pipeline",
+    "check_data_config": "config",
+    "data_config": "config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'frcnn_jax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"frcnn_jax.data.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

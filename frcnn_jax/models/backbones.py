@@ -70,7 +70,7 @@ max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class TinyBackbone(nn.Module):
-    """A small stride-16 convnet for tests, the offline demo and CPU experiments."""
+    """A small stride-16 convnet for tests and CPU experiments."""
 
     widths: Sequence[int] = (16, 32, 64, 128)
     dtype: jnp.dtype = jnp.float32
