@@ -20,7 +20,7 @@ from frcnn_jax.runtime import configure_runtime
 
 configure_runtime()
 
-from frcnn_jax import trainer  # noqa: E402
+from frcnn_jax import training  # noqa: E402
 from frcnn_jax.cli import setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 
@@ -54,7 +54,7 @@ def main():
         check_config(config)
         start = time.perf_counter()
         workdir = pathlib.Path(args.workdir) / name.replace(", ", "_").replace(" ", "_")
-        result = trainer.train_and_evaluate(config, workdir)
+        result = training.train_and_evaluate(config, workdir)
         rows.append((name, result["voc"]["mAP"], (time.perf_counter() - start) / 60))
     print(f"\n{pathlib.Path(args.config).name}, {args.steps} steps of "
           f"{config.train.batch_size} images each, test split")  # fmt: skip

@@ -20,7 +20,7 @@ from frcnn_jax.runtime import configure_runtime
 
 configure_runtime()
 
-from frcnn_jax import trainer  # noqa: E402
+from frcnn_jax import training  # noqa: E402
 from frcnn_jax.cli import setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 
@@ -52,7 +52,7 @@ def target_config(steps, seed, init=None):
 
 def run(config, workdir):
     start = time.perf_counter()
-    result = trainer.train_and_evaluate(config, workdir)
+    result = training.train_and_evaluate(config, workdir)
     return result["voc"]["mAP"], (time.perf_counter() - start) / 60
 
 

@@ -3,15 +3,14 @@
     python experiments/step_time.py --config configs/voc07_vgg16.py [--batch 1,2]
         [--dtypes float32,bfloat16] [--steps 10]
 
-Runs `frcnn_jax.trainer.jit_train_step` (the step `frcnn_jax.train` runs: same model, optimizer,
-mesh and shardings) on a synthetic batch of the config's canvas size (random image, 5 boxes per
-image), so no dataset is needed. Prints compile time, the median step time over `--steps`
-steps after a warm-up, images/s and the compiled step's temporary memory (XLA's own estimate;
-a GPU's peak use also holds the autotuner's scratch), one row per (dtype, batch size).
+Runs `frcnn_jax.training.step.jit_train_step` (the step `frcnn_jax.train` runs: same model,
+optimizer, mesh and shardings) on a synthetic batch of the config's canvas size (random image, 5
+boxes per image), so no dataset is needed. Prints compile time, the median step time over
+`--steps` steps after a warm-up, images/s and the compiled step's temporary memory (XLA's own
+estimate; a GPU's peak use also holds the autotuner's scratch), one row per (dtype, batch size).
 """
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -23,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from synthetic import ground_truth  # noqa: E402
 
-from frcnn_jax import sharding, trainer  # noqa: E402
+from frcnn_jax import sharding, training  # noqa: E402
 from frcnn_jax.config import config_from_file  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
 
@@ -46,11 +45,9 @@ def time_steps(config, batch_size, steps):
     config.train.batch_size = batch_size
     model = build_model(config)
     mesh = sharding.data_mesh()
-    state, tx = trainer.init_state(
-        config, model, functools.partial(trainer.make_optimizer, config.train)
-    )
+    state, tx = training.initial.init_state(config, model)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step_fn = trainer.jit_train_step(model, tx, mesh)
+    step_fn = training.step.jit_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
     batch = synthetic_batch(
         rng, batch_size, config.data.canvas, config.data.max_boxes, config.model.num_classes

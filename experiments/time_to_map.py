@@ -25,7 +25,7 @@ configure_runtime()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from frcnn_jax import sharding, trainer  # noqa: E402
+from frcnn_jax import sharding, training  # noqa: E402
 from frcnn_jax.config import config_from_file  # noqa: E402
 from frcnn_jax.data import make_batches  # noqa: E402
 from frcnn_jax.evaluation.runner import evaluate_detections  # noqa: E402
@@ -40,11 +40,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def run_ours(config, marks, evaluate_fn):
     model = build_model(config)
     mesh = sharding.data_mesh(jax.devices()[:1])
-    state, tx = trainer.init_state(
-        config, model, functools.partial(trainer.make_optimizer, config.train)
+    state, tx = training.initial.init_state(config, model)
+    step_fn = jax.jit(
+        functools.partial(training.step.train_step, model=model, tx=tx), donate_argnums=0
     )
-    step_fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx), donate_argnums=0)
-    detect_fn = trainer.make_detect_fn(model, mesh)
+    detect_fn = training.evaluation.make_detect_fn(model, mesh)
     batches, _ = make_batches(config.data, config.data.train_split,
                               batch_size=config.train.batch_size, train=True, seed=0)  # fmt: skip
     key = jax.random.key(config.train.seed)
@@ -151,7 +151,7 @@ def run_torch(config, marks, evaluate_fn):
          {"params": no_decay, "weight_decay": 0.0}],
         lr=train.learning_rate, momentum=train.momentum,
     )  # fmt: skip
-    schedule = trainer.learning_rate_schedule(train)
+    schedule = training.optim.learning_rate_schedule(train)
     batches, _ = make_batches(config.data, config.data.train_split,
                               batch_size=train.batch_size, train=True, seed=0)  # fmt: skip
     steps = 0

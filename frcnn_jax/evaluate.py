@@ -20,11 +20,11 @@ def define_flags():
 def main(argv):
     del argv
     cli.start()  # CPU tuning before JAX starts, logging
-    from frcnn_jax import trainer
+    from frcnn_jax import training
     from frcnn_jax.config import check_config
 
     check_config(FLAGS.config)
-    trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    training.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,30 @@ def shard_batch(batch, mesh):
     """Host-local NumPy batch dict -> global jax.Arrays split along the batch axis."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def gather(tree):
+    """Every host's rows of `tree` (concatenated in process order); one host: `tree`."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def hosts_agree():
+    """Several hosts: the loaders' agreement on which canvas the next batch uses (every host's
+    bucket sizes, gathered); one host: None (local decisions)."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    return lambda counts: np.asarray(multihost_utils.process_allgather(counts))
+
+
+def gather_batch(batch):
+    """Every host's examples (in global batch order), keeping this host's under "_local"."""
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(batch, tiled=True)
+    return {**{k: np.asarray(v) for k, v in gathered.items()}, "_local": batch}

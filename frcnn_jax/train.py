@@ -25,7 +25,7 @@ def main(argv):
     cli.start()  # CPU tuning before JAX starts, logging
     import jax
 
-    from frcnn_jax import trainer
+    from frcnn_jax import training
     from frcnn_jax.config import check_config
 
     if FLAGS.coordinator_address or FLAGS.num_processes:
@@ -38,7 +38,7 @@ def main(argv):
     elif FLAGS.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster from the environment
         jax.distributed.initialize()
     check_config(FLAGS.config)
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax import cli, rundir, trainer
+from frcnn_jax import cli, rundir, training
 from frcnn_jax.inference import Detector, draw
 from frcnn_jax.models import FasterRCNN
 from tests.data.test_folders import _bomb_png
@@ -22,7 +22,7 @@ from tests.test_trainer import ROOT, tiny_config
 def run(tmp_path_factory):
     """A finished tiny training run (6 steps)."""
     workdir = tmp_path_factory.mktemp("run")
-    trainer.train_and_evaluate(tiny_config(tmp_path_factory.mktemp("tfds")), workdir)
+    training.train_and_evaluate(tiny_config(tmp_path_factory.mktemp("tfds")), workdir)
     return workdir
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.object_detection import voc as tfds_voc
 
-from frcnn_jax import targets, trainer
+from frcnn_jax import targets, training
 from frcnn_jax.config import config_from_file
 from frcnn_jax.data import checks, folders, pipeline
 from frcnn_jax.data.config import data_config
@@ -63,29 +63,29 @@ def test_zf_pools_six_by_six_and_vgg_seven_by_seven():
 def test_end2end_schedule_is_py_faster_rcnns_solver():
     train = voc().train
     assert (train.batch_size, train.num_steps, train.lr_steps) == (2, 70000, (50000,))
-    schedule = trainer.learning_rate_schedule(train)
+    schedule = training.optim.learning_rate_schedule(train)
     np.testing.assert_allclose([schedule(49999), schedule(50000)], [1e-3, 1e-4], rtol=1e-6)
 
 
 def test_alternating_stages_are_py_faster_rcnns_alt_opt_solvers():
     train = voc().train.copy_and_resolve_references()
     train.scheme = "alternating"
-    stages = trainer.alternating_schedules(train)
+    stages = training.alternating.alternating_schedules(train)
     assert [n for n, _ in stages] == [80000, 40000, 80000, 40000]
     assert [s.lr_steps for _, s in stages] == [(60000,), (30000,), (60000,), (30000,)]
     assert [s.batch_size for _, s in stages] == [1, 2, 1, 2]  # RPN: 1 image, Fast R-CNN: 2
-    rates = [trainer.learning_rate_schedule(s) for _, s in stages]
+    rates = [training.optim.learning_rate_schedule(s) for _, s in stages]
     np.testing.assert_allclose([float(r(29999)) for r in rates], [1e-3] * 4, rtol=1e-6)
     np.testing.assert_allclose(float(rates[1](30000)), 1e-4, rtol=1e-6)
-    assert trainer.final_step(train) == 240000
+    assert training.alternating.final_step(train) == 240000
     # Without stage lengths, num_steps is shared 1/3, 1/6, 1/3, 1/6 and the decays scaled.
     train.alternating_stage_steps, train.alternating_stage_lr_steps = (), ()
     train.alternating_stage_batch_sizes = ()
     train.num_steps, train.lr_steps = 120, (90,)
-    stages = trainer.alternating_schedules(train)
+    stages = training.alternating.alternating_schedules(train)
     assert [(n, s.lr_steps) for n, s in stages] == [(40, (30,)), (20, (15,)), (40, (30,)),
                                                     (20, (15,))]  # fmt: skip
-    assert trainer.final_step(train) == 120
+    assert training.alternating.final_step(train) == 120
 
 
 def test_alternating_steps_start_as_in_the_paper():
@@ -93,7 +93,7 @@ def test_alternating_steps_start_as_in_the_paper():
         return {k: tag for k in ("backbone", "rpn_head", "box_head", "predictor")}
 
     initial, finals = net("init"), [net("s1"), net("s2"), net("s3")]
-    start = trainer.alternating_start
+    start = training.alternating.alternating_start
     assert start(1, initial, []) == initial
     assert start(2, initial, finals[:1]) == initial
     assert start(2, initial, finals[:1], step2_init="step1") == finals[0]
@@ -105,8 +105,8 @@ def test_alternating_steps_start_as_in_the_paper():
 
 def test_voc0712_evaluates_on_voc2007_test_and_label_less_splits_are_refused():
     c = voc("voc0712_vgg16")
-    assert trainer.eval_data_name(c) == "voc/2007" and c.eval.split == "test"
-    data = pipeline.with_name(c.data, trainer.eval_data_name(c))
+    assert training.evaluation.eval_data_name(c) == "voc/2007" and c.eval.split == "test"
+    data = pipeline.with_name(c.data, training.evaluation.eval_data_name(c))
     small = dict(min_size=64, max_size=96, canvas=(64, 96), workers=0)
     with tfds.testing.mock_data(num_examples=3):
         data.update(small)
@@ -194,7 +194,7 @@ def test_biases_learn_at_twice_the_rate_without_weight_decay():
     params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
               "conv1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}  # fmt: skip
     trainable = {"fc": {"kernel": True, "bias": True}, "conv1": {"kernel": False, "bias": False}}
-    tx = trainer.make_optimizer(train, trainable)
+    tx = training.optim.make_optimizer(train, trainable)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["fc"]["bias"], -2e-3, rtol=1e-6)  # 2 x lr, no decay

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from frcnn_jax import checkpointing, trainer, weights
+from frcnn_jax import checkpointing, training, weights
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.models import FasterRCNN, build_model
 
@@ -105,7 +105,7 @@ def test_every_config_file_builds():
 
 def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tmp_path):
     config = tiny_config(data_dir, eval_every=4)
-    result = trainer.train_and_evaluate(config, tmp_path)
+    result = training.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6 and "mAP" in result["voc"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "train/loss" in x]
@@ -120,7 +120,7 @@ def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tm
     assert {"metrics.json", "table.md", "pr"} <= {p.name for p in report.iterdir()}
 
     start = time.perf_counter()
-    again = trainer.train_and_evaluate(config, tmp_path)
+    again = training.train_and_evaluate(config, tmp_path)
     assert again == result and time.perf_counter() - start < 5
 
 
@@ -130,7 +130,7 @@ def test_frozen_parameters_do_not_move(data_dir, tmp_path):
     model = build_model(c)
     with jax.default_device(jax.devices("cpu")[0]):
         c.data.canvas = (64, 64)
-        state, tx = trainer.init_state(c, model, lambda mask: trainer.make_optimizer(c.train, mask))
+        state, tx = training.initial.init_state(c, model)
         grads = jax.tree.map(jnp.ones_like, state.params)
         updates, _ = tx.update(grads, state.opt_state, state.params)
     assert float(jnp.abs(updates["backbone"]["conv1_1"]["kernel"]).max()) == 0.0
@@ -141,9 +141,7 @@ def test_frozen_parameters_do_not_move(data_dir, tmp_path):
 def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
     config = tiny_config(data_dir)
     model = build_model(config)
-    state, tx = trainer.init_state(
-        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
-    )
+    state, tx = training.initial.init_state(config, model)
     batch = {
         "image": jnp.full((2, 128, 128, 3), jnp.nan),
         "image_size": jnp.full((2, 2), 128),
@@ -151,14 +149,14 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
         "gt_classes": jnp.ones((2, 16), jnp.int32),
         "gt_valid": jnp.ones((2, 16), bool),
     }
-    new, metrics = trainer.train_step(state, batch, jax.random.key(0), model=model, tx=tx)
+    new, metrics = training.step.train_step(state, batch, jax.random.key(0), model=model, tx=tx)
     assert not np.isfinite(float(metrics["loss"])) and int(new.nonfinite_step) == 0
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
     exploding = tiny_config(data_dir, learning_rate=1e12, warmup_steps=0, grad_clip_norm=None)
     with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d") as e:
-        trainer.train_and_evaluate(exploding, tmp_path)
+        training.train_and_evaluate(exploding, tmp_path)
     message = str(e.value)
     assert "fast_rcnn_class" in message or "metrics.jsonl" in message
     bad_step = int(message.split("at step ")[1].split()[0])
@@ -220,7 +218,7 @@ EQUIVALENCE_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, pathlib, sys
 sys.path.insert(0, {root!r})
 from tests.test_trainer import tiny_config
-from frcnn_jax import sharding, trainer
+from frcnn_jax import sharding, training
 from frcnn_jax.data import make_batches
 from frcnn_jax.models import build_model
 config = tiny_config({data_dir!r}, batch_size=8)
@@ -230,9 +228,9 @@ batch = {{k: v for k, v in next(batches).items() if k != "image_id"}}
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.data_mesh(devices)
-    state, tx = trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+    state, tx = training.initial.init_state(config, model)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = jax.jit(lambda s, b, k: trainer.train_step(s, b, k, model=model, tx=tx),
+    step = jax.jit(lambda s, b, k: training.step.train_step(s, b, k, model=model, tx=tx),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None))
     for _ in range(2):
         state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(0))
@@ -285,9 +283,9 @@ def test_voc07_vgg16_trains_two_steps_on_mock_data_and_restores(tmp_path):
     c.model.rpn.train_pre_nms_top_n = 300
     c.model.rpn.test_pre_nms_top_n = 300
     with tfds.testing.mock_data(num_examples=3):
-        result = trainer.train_and_evaluate(c, tmp_path)
+        result = training.train_and_evaluate(c, tmp_path)
         assert result["num_images"] == 3
-        again = trainer.evaluate_checkpoint(c, tmp_path, step=1)
+        again = training.evaluate_checkpoint(c, tmp_path, step=1)
     assert again["num_images"] == 3
     assert checkpointing.Checkpoints(tmp_path).all_steps() == [1, 2]
 
@@ -295,7 +293,7 @@ def test_voc07_vgg16_trains_two_steps_on_mock_data_and_restores(tmp_path):
 def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
     config = tiny_config(data_dir, scheme="alternating", num_steps=12, log_every=1,
                          checkpoint_every=1)  # fmt: skip
-    result = trainer.train_and_evaluate(config, tmp_path)
+    result = training.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6
 
     def params(step_dir, step):
@@ -321,14 +319,14 @@ def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
     final = checkpointing.Checkpoints(tmp_path).restore_arrays(12)["params"]
     assert same(final, p4)
     start = time.perf_counter()
-    assert trainer.train_and_evaluate(config, tmp_path) == result
+    assert training.train_and_evaluate(config, tmp_path) == result
     assert time.perf_counter() - start < 5
 
 
 def test_alternating_step2_can_start_from_step1(data_dir, tmp_path):
     config = tiny_config(data_dir, scheme="alternating", num_steps=6,
                          alternating_step2_init="step1")  # fmt: skip
-    trainer.train_and_evaluate(config, tmp_path)
+    training.train_and_evaluate(config, tmp_path)
     runs = tmp_path / "alternating"
     p1 = checkpointing.Checkpoints(runs / "step1").restore_arrays(2)["params"]["rpn_head"]
     p2 = checkpointing.Checkpoints(runs / "step2").restore_arrays(1)["params"]["rpn_head"]
@@ -340,30 +338,26 @@ def test_alternating_step2_can_start_from_step1(data_dir, tmp_path):
 
 def initial_params(config):
     model = build_model(config)
-    state, _ = trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+    state, _ = training.initial.init_state(config, model)
     return state.params
 
 
 def test_non_approximate_joint_training_moves_gradients_into_proposals(data_dir, tmp_path):
     config = tiny_config(data_dir, scheme="non_approximate_joint", num_steps=2)
-    result = trainer.train_and_evaluate(config, tmp_path)
+    result = training.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6
 
 
 def test_init_checkpoint_loads_an_imported_file_strictly(data_dir, tmp_path):
     config = tiny_config(data_dir)
     model = build_model(config)
-    state, _ = trainer.init_state(
-        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
-    )
+    state, _ = training.initial.init_state(config, model)
     kernel = np.asarray(state.params["backbone"]["body"]["conv0"]["kernel"])
     path = tmp_path / "backbone.npz"
     body = {"params/backbone/body/conv0/kernel": np.full_like(kernel, 0.25)}
     weights.save(path, body, ["params/backbone/body/conv0/kernel"])
     config.model.init_checkpoint = str(path)
-    loaded, _ = trainer.init_state(
-        config, model, lambda mask: trainer.make_optimizer(config.train, mask)
-    )
+    loaded, _ = training.initial.init_state(config, model)
     assert (np.asarray(loaded.params["backbone"]["body"]["conv0"]["kernel"]) == 0.25).all()
     np.testing.assert_array_equal(  # tensors the file does not cover keep their initialization
         loaded.params["backbone"]["body"]["conv1"]["kernel"],
@@ -371,20 +365,20 @@ def test_init_checkpoint_loads_an_imported_file_strictly(data_dir, tmp_path):
     )
     weights.save(path, body, ["params/backbone/body"])  # claims the whole body, lacks most
     with pytest.raises(ValueError, match=r"init_checkpoint .*lacks \['params/backbone/body/con"):
-        trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+        training.initial.init_state(config, model)
     config.model.init_checkpoint = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="init_checkpoint: no such file"):
-        trainer.init_state(config, model, lambda m: trainer.make_optimizer(config.train, m))
+        training.initial.init_state(config, model)
 
 
 def test_evaluate_runs_imported_weights_when_the_workdir_has_no_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir)
-    variables = trainer.initial_variables(config, build_model(config))
+    variables = training.initial.initial_variables(config, build_model(config))
     path = tmp_path / "detector.npz"
     weights.save(path, flax.traverse_util.flatten_dict(variables, sep="/"), ["params"])
     with pytest.raises(FileNotFoundError, match=r"set config\.model\.init_checkpoint"):
-        trainer.evaluate_checkpoint(config, tmp_path / "run")
+        training.evaluate_checkpoint(config, tmp_path / "run")
     config.model.init_checkpoint = str(path)
-    result = trainer.evaluate_checkpoint(config, tmp_path / "run")
+    result = training.evaluate_checkpoint(config, tmp_path / "run")
     assert result["num_images"] == 6
     assert (tmp_path / "run" / "eval" / "step_0" / "metrics.json").is_file()

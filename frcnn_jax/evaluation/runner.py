@@ -1,5 +1,5 @@
 """Run a detector over a split and write the evaluation report (used by `frcnn_jax.evaluate`
-and by the trainer's periodic evaluation)."""
+and by training's periodic evaluation)."""
 
 import json
 import logging

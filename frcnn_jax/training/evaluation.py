@@ -1,0 +1,104 @@
+"""Evaluating a model during and after training, and a saved checkpoint (`python -m
+frcnn_jax.evaluate`): detection over every device and host, then `frcnn_jax.evaluation`."""
+
+import functools
+import pathlib
+
+import jax
+import numpy as np
+
+from frcnn_jax import checkpointing, sharding
+from frcnn_jax.data import make_batches, pipeline
+from frcnn_jax.evaluation.runner import evaluate_detections
+from frcnn_jax.models import FasterRCNN, build_model
+from frcnn_jax.training.initial import initial_variables
+
+
+def make_detect_fn(model, mesh, *, proposals=False):
+    """(variables, host batch) -> (Detections, proposals or None) as NumPy, all hosts' images."""
+    replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(replicated, batched, batched, batched))
+    def detect(variables, images, sizes, scales):
+        return model.apply(
+            variables, images, sizes, scales, return_proposals=True, method=FasterRCNN.detect
+        )
+
+    def detect_fn(variables, batch):
+        local = batch.get("_local", batch)  # multi-host: each host feeds its own examples
+        keys = ("image", "image_size", "scale")
+        inputs = sharding.shard_batch({k: local[k] for k in keys}, mesh)
+        out = detect(variables, inputs["image"], inputs["image_size"], inputs["scale"])
+        detections, boxes = jax.tree.map(np.asarray, sharding.gather(out))
+        return detections, (boxes if proposals else None)
+
+    return detect_fn
+
+
+def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=None):
+    """Evaluate on `split` (default `config.eval.split`); every host takes part, process 0
+    writes the report."""
+    split = split or config.eval.split
+    data = pipeline.with_name(config.data, eval_data_name(config))
+    batches, info = make_batches(
+        data,
+        split,
+        batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
+        train=False,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        agree=sharding.hosts_agree(),
+    )
+    detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
+    if jax.process_count() > 1:
+        batches = (sharding.gather_batch(b) for b in batches)
+    write = workdir is not None and jax.process_index() == 0
+    return evaluate_detections(
+        lambda batch: detect_fn(variables, batch),
+        batches,
+        info,
+        use_07_metric=config.eval.metric == "voc07",
+        iou_threshold=config.eval.iou_threshold,
+        coco=config.eval.coco,
+        proposals=config.eval.proposal_recall,
+        workdir=workdir if write else None,
+        title=f"{data.name} {split}, step {step}",
+    )
+
+
+def eval_data_name(config):
+    """The dataset evaluated: `config.eval.data_name`, or `config.data.name` when unset."""
+    return config.eval.get("data_name") or config.data.name
+
+
+def evaluate_checkpoint(config, workdir, step=None):
+    """Evaluate the checkpoint at `step` (latest if None) of `workdir` on `config.eval.split`;
+    the report goes to `<workdir>/eval/step_<step>/`. A workdir without checkpoints evaluates
+    `config.model.init_checkpoint` (an imported detector) as step 0."""
+    checkpoints = checkpointing.Checkpoints(workdir)
+    step = checkpoints.latest_step() if step is None else step
+    model = build_model(config)
+    mesh = sharding.data_mesh()
+    if step is None and config.model.get("init_checkpoint"):
+        step, variables = 0, initial_variables(config, model)
+    elif step is None:
+        raise FileNotFoundError(
+            f"no checkpoints in {checkpoints.directory}: train first, or set "
+            "config.model.init_checkpoint to evaluate imported weights"
+        )
+    else:
+        variables = checkpoints.restore_variables(step)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    report = pathlib.Path(workdir) / "eval" / f"step_{step}"
+    result = evaluate(config, model, variables, mesh, workdir=report, step=step)
+    print_result(config, result, report)
+    return result
+
+
+def print_result(config, result, report):
+    mean_ap = result["voc"]["mAP"]
+    print(
+        f"{eval_data_name(config)} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
+        f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} (report: {report})",
+        flush=True,
+    )

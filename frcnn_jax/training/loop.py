@@ -1,0 +1,73 @@
+"""`train_and_evaluate(config, workdir)`: what `python -m frcnn_jax.train` runs. Data parallel
+over every device of every host; rerunning resumes from the latest checkpoint."""
+
+import dataclasses
+import json
+import logging
+import pathlib
+
+import jax
+
+from frcnn_jax import checkpointing, rundir, sharding
+from frcnn_jax.data import pipeline
+from frcnn_jax.models import build_model
+from frcnn_jax.training.alternating import final_step, train_alternating
+from frcnn_jax.training.evaluation import evaluate, print_result
+from frcnn_jax.training.initial import init_state
+from frcnn_jax.training.metrics import MetricWriter, flat_scalars
+from frcnn_jax.training.stage import train_stage
+
+log = logging.getLogger("frcnn_jax.training")
+
+
+def train_and_evaluate(config, workdir):
+    """Train `config` in `workdir` (resuming if it has checkpoints), then evaluate.
+
+    Returns the final evaluation metrics (dict), or None when stopped by a signal.
+    """
+    workdir = pathlib.Path(workdir)
+    train = config.train
+    checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
+    last_step = final_step(train)
+    final_report = workdir / "eval" / f"step_{last_step}" / "metrics.json"
+    latest = checkpoints.latest_step()
+    if latest is not None and latest >= last_step and final_report.is_file():
+        log.info("already trained to step %d and evaluated: %s", last_step, final_report)
+        print(f"already done: {final_report}", flush=True)
+        return json.loads(final_report.read_text())
+    mesh = sharding.data_mesh()
+    model = build_model(config)
+    if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals
+        model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
+    _prepare_once(config.data)
+    if jax.process_index() == 0:  # the config and class names: a workdir rebuilds its model
+        rundir.write(workdir, config, pipeline.open_split(config.data, config.data.train_split)[1])
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    if train.scheme == "alternating":
+        state = train_alternating(config, workdir, model, mesh, writer)
+    else:
+        state, tx = init_state(config, model)
+        state = train_stage(
+            config, model, mesh, jax.device_put(state, sharding.replicated(mesh)), tx,
+            checkpoints, writer, num_steps=train.num_steps,
+        )  # fmt: skip
+    if state is None:
+        writer.close()
+        return None
+    variables = {"params": state.params, **state.frozen}
+    result = evaluate(config, model, variables, mesh, workdir=final_report.parent, step=last_step)
+    writer.write(last_step, flat_scalars(result), prefix="eval/")
+    writer.close()
+    print_result(config, result, final_report.parent)
+    return result
+
+
+def _prepare_once(data):
+    """Multi-host: process 0 prepares the dataset (TFDS writes files once), the others wait."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        pipeline.prepare_all(data)
+    multihost_utils.sync_global_devices("frcnn_jax: dataset prepared")

@@ -1,0 +1,119 @@
+"""One training stage: steps from the latest checkpoint to `num_steps`, with periodic
+checkpoints (and the loader's position), progress, optional evaluation, and a clean stop on
+SIGTERM / Ctrl-C. Joint training is one stage; alternating training four."""
+
+import logging
+import signal
+import time
+
+import jax
+import numpy as np
+
+from frcnn_jax import checkpointing, sharding
+from frcnn_jax.data import make_batches
+from frcnn_jax.training.evaluation import evaluate
+from frcnn_jax.training.metrics import flat_scalars, log_progress
+from frcnn_jax.training.step import LOSS_NAMES, jit_train_step
+
+log = logging.getLogger("frcnn_jax.training")
+
+
+def train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_steps,
+                 objective="joint", proposer=None, seed_offset=0, name="",
+                 lr_fn=None):  # fmt: skip
+    """Run steps until `num_steps` from the latest checkpoint in `checkpoints` (or `state`),
+    saving periodically; returns the final state, or None when stopped by a signal.
+    `lr_fn` is the stage's learning-rate schedule, for the logs."""
+    train = config.train
+    batches, info = make_batches(
+        config.data,
+        config.data.train_split,
+        batch_size=sharding.local_batch_size(train.batch_size, mesh),
+        train=True,
+        seed=train.seed + seed_offset,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        agree=sharding.hosts_agree(),
+    )
+    meta = {"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
+        batches.set_state(loader_state)
+        log.info("resumed from %s at step %d", checkpoints.directory, latest)
+    step_fn = jit_train_step(model, tx, mesh, objective=objective)
+    key = jax.random.key(train.seed + seed_offset)
+    step = int(state.step)
+    pending, start, start_step = [], time.perf_counter(), step
+    with _Stop() as stop:
+        while step < num_steps:
+            batch = next(batches)
+            batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
+            state, metrics = step_fn(state, batch, key, proposer)
+            pending.append(metrics)
+            step += 1
+            last = step == num_steps
+            if step % train.log_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                log_progress(
+                    step, num_steps, train, pending, start, start_step, writer, name, lr_fn
+                )
+                pending = []
+            if step % train.checkpoint_every == 0 or last or stop.requested:
+                _check_finite(state, pending, checkpoints)
+                checkpoints.save(step, state, batches.get_state(), meta)
+            if stop.requested:
+                checkpoints.wait()
+                log.warning("stopped at step %d; rerun the same command to resume", step)
+                return None
+            if train.eval_every and step % train.eval_every == 0 and not last:
+                variables = {"params": state.params, **state.frozen}
+                metrics_eval = evaluate(
+                    config, model, variables, mesh, split=config.eval.periodic_split
+                )
+                writer.write(step, flat_scalars(metrics_eval), prefix=f"eval/{name}")
+    checkpoints.wait()
+    return state
+
+
+class _Stop:
+    """SIGTERM / Ctrl-C: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_finite(state, pending, checkpoints):
+    bad = int(state.nonfinite_step)
+    if bad < 0:
+        return
+    terms = {}
+    for metrics in pending:
+        values = jax.device_get(metrics)
+        if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
+            terms = {k: float(values[k]) for k in (*LOSS_NAMES, "grad_norm")}
+            break
+    checkpoints.wait()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {bad} (loss terms: {terms or 'see metrics.jsonl'});"
+        f" that update was skipped and training stopped; the last good checkpoint is step "
+        f"{checkpoints.latest_step()} in {checkpoints.directory}"
+    )
