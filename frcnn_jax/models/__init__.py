@@ -90,27 +90,15 @@ def build_model(config) -> FasterRCNN:
     )
 
 
-def trainable_mask(model, variables, *, image_size=(128, 128)):
-    """bool pytree shaped like `variables["params"]`: False for parameters that get no gradient
-    because the backbone freezes them (`freeze_if`), True for everything else.
+def trainable_mask(model, variables):
+    """bool pytree shaped like `variables["params"]`: False for the parameters the backbone
+    declares frozen (its `frozen_prefixes()`: the layers behind its `freeze_if` cuts, which
+    get no gradient), True for everything else. The optimizer uses it so that frozen
+    parameters are neither updated nor decayed."""
+    frozen = tuple(f"backbone/{p}/" for p in getattr(model.backbone, "frozen_prefixes", tuple)())
 
-    Found by differentiating a random projection of the backbone's features on a random
-    image: a frozen parameter's gradient is exactly zero, any other's is not (almost surely).
-    The optimizer uses the mask so frozen parameters are neither updated nor decayed.
-    """
-    images = jax.random.uniform(jax.random.key(0), (1, *image_size, 3), maxval=255.0)
-    params = variables["params"]
+    def trainable(path, _):
+        name = "/".join(str(getattr(k, "key", k)) for k in path) + "/"
+        return not name.startswith(frozen)
 
-    def probe(backbone_params):
-        merged = {**variables, "params": {**params, "backbone": backbone_params}}
-        features = model.apply(merged, images, train=False, method=FasterRCNN._features)
-        keys = jax.random.split(jax.random.key(1), len(features))
-        return sum(
-            jnp.sum(f.astype(jnp.float32) * jax.random.normal(k, f.shape))
-            for f, k in zip(features, keys, strict=True)
-        )
-
-    grads = jax.grad(probe)(params["backbone"])
-    backbone = jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
-    mask = jax.tree.map(lambda _: True, params)
-    return {**mask, "backbone": backbone}
+    return jax.tree_util.tree_map_with_path(trainable, variables["params"])

@@ -141,6 +141,15 @@ class VGG16(nn.Module):
             x = freeze_if(x, block <= self.frozen_blocks)
         return x
 
+    def frozen_prefixes(self):
+        """The layers `freeze_if` cuts off (paths within this module): conv1_x ... of the first
+        `frozen_blocks` blocks."""
+        return tuple(
+            f"conv{block}_{layer}"
+            for block, widths in enumerate(_VGG16_LAYOUT[: self.frozen_blocks], start=1)
+            for layer in range(1, len(widths) + 1)
+        )
+
 
 def _local_response_norm(x, *, size=3, alpha=5e-5, beta=0.75):
     """Caffe's LRN with norm_region WITHIN_CHANNEL: x / (1 + alpha * mean_{size x size} x^2)^beta

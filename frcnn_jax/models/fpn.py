@@ -43,6 +43,11 @@ class ResNetFPN(nn.Module):
         outputs.append(outputs[-1][:, ::2, ::2])  # P6: max_pool2d(kernel 1, stride 2)
         return outputs
 
+    def frozen_prefixes(self):
+        """The body's frozen parts (`ResNet.frozen_prefixes`), under "body"."""
+        body = ResNet(self.depth, num_stages=4, frozen_stages=self.frozen_stages, parent=None)
+        return tuple(f"body/{prefix}" for prefix in body.frozen_prefixes())
+
 
 def feature_pyramid(stages, channels, dtype):
     """FPN top-down pathway (call inside a compact module): a 1x1 lateral conv per stage

@@ -167,6 +167,13 @@ class ResNet(nn.Module):
             stages.append(x)
         return stages if all_stages else x
 
+    def frozen_prefixes(self):
+        """The parts `freeze_if` cuts off (paths within this module): the stem (conv1, bn1)
+        when `frozen_stages` >= 1, then layer1 ... layer{frozen_stages - 1}."""
+        stem = ("conv1", "bn1") if self.frozen_stages >= 1 else ()
+        last = min(self.frozen_stages - 1, self.num_stages)
+        return stem + tuple(f"layer{index}" for index in range(1, last + 1))
+
 
 class Res5Head(nn.Module):
     """The C4 detector's box head: res5 (stride 2) on pooled RoIs, then average pooling."""
