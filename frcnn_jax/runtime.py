@@ -4,18 +4,17 @@ import: `configure_runtime()` = the XLA CPU flags below + `retain_freed_memory()
 is JAX's platform (no jax import here).
 
 XLA's CPU backend in jaxlib 0.10 routes convolutions through experimental "YNN" fusions whose
-backward passes are about 2x slower than its default kernels (a 3x3, 256-channel convolution at
-150 x 250: forward + backward 901 ms with them, 401 ms without, torch 425 ms on the same 2 cores).
-Its dots, on the other hand, need YNN: without it a [128, 4096] x [4096, 25088] product (the
-input gradient of VGG-16's fc6) took 843 ms instead of 141 ms (measured while another job shared
-the cores; the ratio is what matters). So only the convolution fusions
-are removed (`-individual_convolution`: every other YNN fusion stays).
+backward passes are about 2x slower than its default kernels (a 3x3, 256-channel convolution's
+forward + backward, where XLA's default kernels match torch). Its dots, on the other hand, need
+YNN: without it the input gradient of VGG-16's fc6 (a [128, 4096] x [4096, 25088] product) is
+about 6x slower. So only the convolution fusions are removed (`-individual_convolution`: every
+other YNN fusion stays).
 
 XLA's default CPU schedule orders a step for concurrency: independent kernels run side by side,
 which on a few cores makes the large ones fight over threads and memory bandwidth. The plain
-schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`) made ResNet-50-FPN's
-training step at batch 2 (800x1344) 6.3 s instead of 7.6 s and VGG-16's at batch 1 1.80 s
-instead of 2.05 s, with inference unchanged.
+schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`) made the ResNet-50-FPN
+and VGG-16 training steps 12-17% faster on 2 cores, with inference unchanged
+(`experiments/benchmarks.md`).
 
 XLA aborts on a flag it does not know, so the flags are only added for jaxlib versions they
 were measured with.
@@ -71,12 +70,11 @@ def retain_freed_memory(environ=None):
     XLA's worker threads allocate from per-thread arenas whose heaps cannot hold a buffer above
     64 MiB at all, so each step page-faults (and the kernel zeroes) its large temporaries anew.
     Here every buffer comes from one heap that never gives freed memory back, so a step
-    reuses the pages of the step before. That includes the one buffer XLA's CPU runtime holds
-    all of a step's temporaries in, 4.5 GB for ResNet-50-FPN's training step at batch 2: with
-    buffers above 1 GiB still mapped afresh (this function's earlier setting) that step
-    page-faulted 1.15 million times, 6.7 s a step against 5.3 s without the faults. On RoIPool's
-    forward + backward (512 RoIs, VGG-16 map) the heap made 79 -> 41 ms, torchvision's 124 ->
-    93 ms in the same process (its CPU allocator is malloc too; `experiments/bench_ops.py`).
+    reuses the pages of the step before. That includes the one buffer, several GB, in which
+    XLA's CPU runtime holds all of a step's temporaries: mapped afresh, its page faults cost
+    about a fifth of a ResNet-50-FPN training step. The RoI ops' large temporaries gain most
+    (RoIPool forward + backward about 2x faster; torchvision's CPU allocator is malloc too, so
+    its ops gain as well: `experiments/bench_ops.py`, `experiments/benchmarks.md`).
     The price: resident memory stays at its peak, and one arena serializes small allocations
     across threads. FRCNN_JAX_MALLOC=default keeps glibc's behaviour, and so does any malloc
     setting of the user's own (MALLOC_* or GLIBC_TUNABLES in the environment); without glibc

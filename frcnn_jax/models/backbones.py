@@ -38,8 +38,8 @@ def max_pool_2x2(x):
     The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, and the same gradient as
     torch's `max_pool2d` (each window's first maximum in row-major order gets it), but computed
     with elementwise ops: XLA's CPU backend expands the generic pooling gradient
-    (select-and-scatter) into index arrays and windowed reductions about 10x slower
-    (VGG-16's pool3 at 600 x 1000: 53 -> 5 ms).
+    (select-and-scatter) into index arrays and windowed reductions about 10x slower (VGG-16's
+    pools at 600 x 1000).
     """
     return jnp.max(_pool_windows(x), axis=(2, 4))
 

@@ -9,8 +9,8 @@ them while keeping parameters, shapes and semantics (figures: ResNet-50-FPN's tr
   the fusion that produced the activation (frozen BatchNorm, ReLU, residual adds, re-computed)
   write it transposed, with an untiled loop that costs 5-15x a plain transpose. Pinning every
   convolution input to the row-major NHWC layout (`with_layout_constraint`) makes that a
-  separate, tiled transpose (5.45 -> 4.55 s). The backward passes below pin the output
-  gradient and the strided windows they contract the same way (batch-2 step 5.58 -> 5.24 s).
+  separate, tiled transpose (about 17% off the step). The backward passes below pin the output
+  gradient and the strided windows they contract the same way (about 6% more).
   Nothing is computed differently.
 - Weight gradients of 1x1 and of 3x3 stride-2 layers (`tapwise_conv`): one matrix product per
   kernel tap instead of XLA's convolution, whose weight gradients run 1.5-3x slower than its
@@ -81,13 +81,13 @@ _FLOAT32 = jax.lax.Precision.HIGHEST
 # Where Winograd pays on a 2-core x86 CPU (forward and forward + the backward's VJP, as ratios
 # to XLA's convolution): 200x336 at 256 channels 0.61 / 0.42; 100x168 at 128: 0.85 / 0.44;
 # 75x125 at 512: 0.72 / 0.54; 50x84 at 256 (273 tiles) 1.17 / 0.74, taken because a training
-# step's forward + backward is 0.85 (inference loses ~2 ms a layer); not 38x63 at 512 (160
+# step's forward + backward is 0.85 (inference loses a little); not 38x63 at 512 (160
 # tiles) 1.66 / 1.11, 25x42 at 256 3.1 / 1.6, or 600x1000 at 64 channels (1.22 forward).
 _MIN_TILES = 256
 _MIN_CHANNEL_PRODUCT = 128 * 128
 _MIN_SIDE = 8
-# 3x3 stride-2 weight gradients by taps: 51.7 -> 34.5 ms at 128 channels (200x336 input), 35
-# -> 29 ms at 256 (100x168), but 20 -> 24 ms at 512 (50x84).
+# 3x3 stride-2 weight gradients by taps, as ratios to XLA's: 0.67 at 128 channels (200x336
+# input), 0.83 at 256 (100x168), but 1.2 at 512 (50x84).
 _MAX_TAPWISE_3X3 = 256 * 256
 
 

@@ -24,8 +24,8 @@ from frcnn_jax.ops.boxes import box_area, overlap_from_coords, safe_iou
 
 # Boxes per tile, by backend. Each tile costs a few sequential loop steps, cheap on a CPU but a
 # kernel launch each on a GPU, where a [T, T] block is nothing: 12000 -> 2000 boxes on an H200
-# took 1.8 ms with 256-box tiles and 0.37 ms with 2048 (4x faster again with heavy overlap),
-# while on a 2-core CPU 256 is fastest (`experiments/bench_ops.py`). TPUs: not measured yet.
+# ran about 5x faster with 2048-box tiles than with 256, while on a 2-core CPU 256 is fastest
+# (`experiments/bench_ops.py`). TPUs: not measured yet.
 _TILE_BY_BACKEND = {"cpu": 256}
 _DEFAULT_TILE = 2048
 
