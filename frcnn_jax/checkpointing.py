@@ -4,13 +4,29 @@ Layout: `<workdir>/checkpoints/<step>/{state, loader, meta}`. `state` holds the 
 params, frozen statistics, optimizer state), `loader` the grain loader state (JSON) so a resumed
 run sees exactly the examples an uninterrupted one would, `meta` the seed and config summary.
 Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint intact.
+complete, so a run killed mid-save leaves the previous checkpoint intact. A save that fails
+because the disk is full stops the run with `DiskFull`; a damaged checkpoint found when
+resuming (`restore_latest`) is moved to `<workdir>/checkpoints_damaged/` and the next older one
+used; a checkpoint whose tensors do not fit the model is a `TensorMismatch` naming the tensor.
 """
 
+import errno
+import logging
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written: no space left on the device."""
+
+
+class TensorMismatch(ValueError):
+    """A checkpoint's tensors do not fit the model it is restored into."""
 
 
 class Checkpoints:
@@ -29,14 +45,20 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step, state, loader_state, meta):
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                loader=ocp.args.JsonSave(loader_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    loader=ocp.args.JsonSave(loader_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+        except Exception as e:  # an earlier asynchronous save's failure surfaces here too
+            full = self._disk_full(e, step)
+            if full is None:
+                raise
+            raise full from e
 
     def _check_step(self, step):
         if step not in self.manager.all_steps():
@@ -46,8 +68,10 @@ class Checkpoints:
             )
 
     def restore(self, step, abstract_state):
-        """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings."""
+        """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings
+        (the current devices': a checkpoint written on other devices is resharded)."""
         self._check_step(step)
+        self.check_tensors(step, abstract_state)
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -57,14 +81,6 @@ class Checkpoints:
             ),
         )
         return restored.state, restored.loader, restored.meta
-
-    def restore_arrays(self, step):
-        """Only the saved state, as a dict of arrays in the saved structure (for evaluation)."""
-        self._check_step(step)
-        restored = self.manager.restore(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        )
-        return restored.state
 
     def restore_variables(self, step):
         """The model's variables at `step` ({"params", ...frozen collections}, what
@@ -82,13 +98,102 @@ class Checkpoints:
         restored = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True)
+                state=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True,
+                )
             ),
         )
         return {"params": restored.state["params"], **restored.state["frozen"]}
 
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            full = self._disk_full(e)
+            if full is None:
+                raise
+            raise full from e
+
+    def _disk_full(self, error, step=None):
+        """A `DiskFull` when `error`, or an error that caused it, is ENOSPC; else None."""
+        cause = next((c for c in _causes(error) if _no_space(c)), None)
+        if cause is None:
+            return None
+        try:  # let the saves before this one finish: they are the ones to resume from
+            self.manager.wait_until_finished()
+        except Exception:  # this save's own failure is what is reported
+            pass
+        intact = [s for s in self._finished_steps() if step is None or s < step]
+        previous = f"step {max(intact)}" if intact else "none yet"
+        return DiskFull(
+            errno.ENOSPC,
+            f"no space left on the device while saving checkpoint "
+            f"{'' if step is None else f'step {step} '}to {self.directory} ({cause}); the "
+            f"previous checkpoint ({previous}) is intact: free some space and rerun the same "
+            "command to resume from it",
+        )
+
+    def _finished_steps(self):
+        """Steps whose directories are complete on disk (not a save in progress)."""
+        return sorted(
+            int(p.name) for p in self.directory.glob("*") if p.is_dir() and p.name.isdigit()
+        )
+
+    def restore_latest(self, abstract_state):
+        """(step, state, loader_state, meta) of the newest checkpoint that restores, or None
+        when there is none. A newer one that fails to restore (a truncated or missing file, say)
+        is named in a warning and moved to `<workdir>/checkpoints_damaged/<step>`, kept for
+        inspection; a `TensorMismatch` (the model changed) is raised, not set aside."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except TensorMismatch:
+                raise
+            except Exception as e:
+                self._set_aside(step, e)
+        return None
+
+    def _set_aside(self, step, error):
+        text = str(error).strip().split(" See full TensorStore details")[0]
+        first = text.splitlines()[0][:300] if text else ""
+        aside = self.directory.parent / "checkpoints_damaged" / str(step)
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(aside))
+        self.manager.reload()
+        log.warning(
+            "checkpoint step %d in %s is damaged (%s: %s): moved to %s; trying the one before",
+            step, self.directory, type(error).__name__, first, aside,
+        )  # fmt: skip
+
+    def check_tensors(self, step, abstract_state):
+        """Raise `TensorMismatch` naming the first tensor of `params` / `frozen` whose shape
+        differs between checkpoint `step` and `abstract_state` (a TrainState, or model
+        variables {"params", ...}), or that only one of them has."""
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
+        saved = getattr(saved, "item_metadata", saved)
+        if not isinstance(abstract_state, dict):  # a TrainState
+            params, frozen = abstract_state.params, abstract_state.frozen
+        elif "frozen" in abstract_state:  # a train state as a dict
+            params, frozen = abstract_state["params"], abstract_state["frozen"]
+        else:  # model variables: {"params", other collections}
+            params = abstract_state["params"]
+            frozen = {k: v for k, v in abstract_state.items() if k != "params"}
+        for key, tree in (("params", params), ("frozen", frozen)):
+            ours = _shapes(tree or {}, key)
+            theirs = _shapes(saved.get(key) or {}, key)
+            for name in sorted(ours.keys() | theirs.keys()):
+                if ours.get(name) != theirs.get(name):
+                    raise TensorMismatch(
+                        f"checkpoint step {step} in {self.directory} does not fit the model: "
+                        f"tensor {name} is {_describe(theirs.get(name))} in the checkpoint and "
+                        f"{_describe(ours.get(name))} in the model (was the config's model "
+                        "changed?)"
+                    )
 
     def close(self):
         self.manager.close()
@@ -97,3 +202,31 @@ class Checkpoints:
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _shapes(tree, prefix):
+    """{"prefix/a/b": shape tuple} of a pytree of arrays or array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join([prefix, *(str(getattr(k, "key", getattr(k, "name", k))) for k in path)]):
+        tuple(leaf.shape)
+        for path, leaf in leaves
+    }  # fmt: skip
+
+
+def _describe(shape):
+    return "missing" if shape is None else f"shape {shape}"
+
+
+def _causes(error):
+    """`error`, then what caused it, and so on."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _no_space(error):
+    no_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    return no_space or "No space left on device" in str(error)

@@ -4,6 +4,7 @@ Entry points define their flags under `if __name__ == "__main__"` and call `star
 `main()`: importing one (from a notebook, a test or another program) defines no flag and
 changes nothing in the process."""
 
+import contextlib
 import logging
 
 from absl import flags
@@ -16,6 +17,27 @@ def define_config_and_workdir(workdir_help):
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_allow_model_change():
+    flags.DEFINE_bool(
+        "allow_model_change", False,
+        "Use the workdir's checkpoints with a model that differs from the one they were "
+        "trained with (run.json): by default that is an error naming the field.",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """The faults a user can fix (another run in the workdir, a changed model, a full disk, a
+    checkpoint that does not fit) end the command with their message, not a traceback."""
+    from frcnn_jax import checkpointing, rundir
+
+    try:
+        yield
+    except (rundir.WorkdirInUse, rundir.ModelChanged, checkpointing.DiskFull,
+            checkpointing.TensorMismatch) as e:  # fmt: skip
+        raise SystemExit(f"error: {e}") from None
 
 
 def start():

@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     cli.define_config_and_workdir("The training run's directory.")
     flags.DEFINE_integer("checkpoint", None, "Step to evaluate (default: the latest).")
+    cli.define_allow_model_change()
 
 
 def main(argv):
@@ -24,7 +25,9 @@ def main(argv):
     from frcnn_jax.config import check_config
 
     check_config(FLAGS.config)
-    training.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    with cli.clear_errors():
+        training.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                                     allow_model_change=FLAGS.allow_model_change)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def define_flags():
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
     flags.DEFINE_bool("multihost", False, "Multi-host with the cluster found in the environment.")
+    cli.define_allow_model_change()
 
 
 def main(argv):
@@ -38,7 +39,9 @@ def main(argv):
     elif FLAGS.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster from the environment
         jax.distributed.initialize()
     check_config(FLAGS.config)
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with cli.clear_errors():
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    allow_model_change=FLAGS.allow_model_change)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
 
 
 def _final_params(workdir):
-    saved = checkpointing.Checkpoints(workdir).restore_arrays(6)
+    saved = checkpointing.Checkpoints(workdir).restore_variables(6)
     return jax.tree.leaves(saved["params"])
 
 
@@ -297,9 +297,9 @@ def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
     assert result["num_images"] == 6
 
     def params(step_dir, step):
-        return checkpointing.Checkpoints(tmp_path / "alternating" / step_dir).restore_arrays(step)[
-            "params"
-        ]
+        return checkpointing.Checkpoints(tmp_path / "alternating" / step_dir).restore_variables(
+            step
+        )["params"]
 
     def same(a, b):
         return all(
@@ -316,7 +316,7 @@ def test_alternating_training_runs_four_resumable_steps(data_dir, tmp_path):
     assert not same(p2["backbone"], p1["backbone"])  # step 2 trains its own network
     # ... from the initial weights, as in the paper (step 2 leaves the RPN head as it found it)
     assert same(p2["rpn_head"], initial_params(config)["rpn_head"])
-    final = checkpointing.Checkpoints(tmp_path).restore_arrays(12)["params"]
+    final = checkpointing.Checkpoints(tmp_path).restore_variables(12)["params"]
     assert same(final, p4)
     start = time.perf_counter()
     assert training.train_and_evaluate(config, tmp_path) == result
@@ -328,8 +328,8 @@ def test_alternating_step2_can_start_from_step1(data_dir, tmp_path):
                          alternating_step2_init="step1")  # fmt: skip
     training.train_and_evaluate(config, tmp_path)
     runs = tmp_path / "alternating"
-    p1 = checkpointing.Checkpoints(runs / "step1").restore_arrays(2)["params"]["rpn_head"]
-    p2 = checkpointing.Checkpoints(runs / "step2").restore_arrays(1)["params"]["rpn_head"]
+    p1 = checkpointing.Checkpoints(runs / "step1").restore_variables(2)["params"]["rpn_head"]
+    p2 = checkpointing.Checkpoints(runs / "step2").restore_variables(1)["params"]["rpn_head"]
     # step 2 does not train the RPN head: it is still step 1's, not the initial one
     assert jax.tree.all(jax.tree.map(np.array_equal, p1, p2))
     initial = initial_params(config)["rpn_head"]

@@ -15,7 +15,10 @@ per epoch.
 
 import dataclasses
 import logging
+import os
 import re
+import threading
+import time
 
 import grain.python as grain
 import numpy as np
@@ -125,6 +128,41 @@ def to_example(record, index, problems):
     return image, boxes, labels[:n][keep], difficult.reshape(-1)[:n][keep], image_id, name
 
 
+_watching = False
+
+
+def _exit_with_owner(owner):
+    """Start (once per process) a thread that ends this worker process within a second of the
+    loader's process `owner` ending, however it ended: grain's workers otherwise outlive a
+    trainer killed with SIGKILL, holding their memory."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+
+    def watch():
+        while _alive(owner) and os.getppid() != 1:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="frcnn_jax-owner-watch", daemon=True).start()
+
+
+def _alive(pid):
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 class _Preprocess(grain.RandomMapTransform):
     """Decode + preprocess one record; a record that cannot be decoded comes out marked bad."""
 
@@ -139,8 +177,11 @@ class _Preprocess(grain.RandomMapTransform):
             orient=data.orient_canvas,
         )
         self.flip = train and data.flip
+        self.owner = os.getpid()  # the loader's process; workers watch it (_exit_with_owner)
 
     def random_map(self, element, rng):
+        if os.getpid() != self.owner:  # in a grain worker process
+            _exit_with_owner(self.owner)
         record, index = element
         return self.example(record, index, flip=bool(self.flip and rng.random() < 0.5))
 

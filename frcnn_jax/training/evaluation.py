@@ -5,9 +5,10 @@ import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax import checkpointing, sharding
+from frcnn_jax import checkpointing, rundir, sharding
 from frcnn_jax.data import make_batches, pipeline
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model
@@ -71,10 +72,12 @@ def eval_data_name(config):
     return config.eval.get("data_name") or config.data.name
 
 
-def evaluate_checkpoint(config, workdir, step=None):
+def evaluate_checkpoint(config, workdir, step=None, *, allow_model_change=False):
     """Evaluate the checkpoint at `step` (latest if None) of `workdir` on `config.eval.split`;
     the report goes to `<workdir>/eval/step_<step>/`. A workdir without checkpoints evaluates
-    `config.model.init_checkpoint` (an imported detector) as step 0."""
+    `config.model.init_checkpoint` (an imported detector) as step 0. A model that differs from
+    the run's (`rundir.check_model`) is an error unless `allow_model_change`."""
+    rundir.check_model(workdir, config, allow_change=allow_model_change)
     checkpoints = checkpointing.Checkpoints(workdir)
     step = checkpoints.latest_step() if step is None else step
     model = build_model(config)
@@ -87,6 +90,7 @@ def evaluate_checkpoint(config, workdir, step=None):
             "config.model.init_checkpoint to evaluate imported weights"
         )
     else:
+        checkpoints.check_tensors(step, _abstract_variables(config, model))
         variables = checkpoints.restore_variables(step)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     report = pathlib.Path(workdir) / "eval" / f"step_{step}"
@@ -101,4 +105,15 @@ def print_result(config, result, report):
         f"{eval_data_name(config)} {config.eval.split}: mAP@{config.eval.iou_threshold:g} = "
         f"{'n/a' if mean_ap is None else f'{mean_ap:.4f}'} (report: {report})",
         flush=True,
+    )
+
+
+def _abstract_variables(config, model):
+    """Shapes of `model`'s variables (nothing computed)."""
+    height, width = config.data.canvas
+    return jax.eval_shape(
+        functools.partial(model.init, method=FasterRCNN.detect),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32),
+        jax.ShapeDtypeStruct((1, 2), jnp.int32),
     )

@@ -1,6 +1,7 @@
 """`train_and_evaluate(config, workdir)`: what `python -m frcnn_jax.train` runs. Data parallel
 over every device of every host; rerunning resumes from the latest checkpoint."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,9 +21,12 @@ from frcnn_jax.training.stage import train_stage
 log = logging.getLogger("frcnn_jax.training")
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, *, allow_model_change=False):
     """Train `config` in `workdir` (resuming if it has checkpoints), then evaluate.
 
+    While it trains, the workdir is locked (`rundir.WorkdirLock`: a second run there stops at
+    once). Resuming with a model that differs from the one the checkpoints were trained with
+    (`rundir.MODEL_FIELDS`) is a `rundir.ModelChanged` error unless `allow_model_change`.
     Returns the final evaluation metrics (dict), or None when stopped by a signal.
     """
     workdir = pathlib.Path(workdir)
@@ -35,6 +39,22 @@ def train_and_evaluate(config, workdir):
         log.info("already trained to step %d and evaluated: %s", last_step, final_report)
         print(f"already done: {final_report}", flush=True)
         return json.loads(final_report.read_text())
+    locked = jax.process_index() == 0  # one lock per run, held by its first process
+    with rundir.WorkdirLock(workdir) if locked else contextlib.nullcontext():
+        if _has_checkpoints(workdir):
+            rundir.check_model(workdir, config, allow_change=allow_model_change)
+        return _train_and_evaluate(config, workdir, checkpoints, final_report)
+
+
+def _has_checkpoints(workdir):
+    return any(p.name.isdigit() for p in workdir.glob("checkpoints/*")) or any(
+        p.name.isdigit() for p in workdir.glob("alternating/step*/checkpoints/*")
+    )
+
+
+def _train_and_evaluate(config, workdir, checkpoints, final_report):
+    train = config.train
+    last_step = final_step(train)
     mesh = sharding.data_mesh()
     model = build_model(config)
     if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals

@@ -36,9 +36,9 @@ def train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_step
         agree=sharding.hosts_agree(),
     )
     meta = {"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)}
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, loader_state, _ = checkpoints.restore(latest, checkpointing.abstract_like(state))
+    restored = checkpoints.restore_latest(checkpointing.abstract_like(state))
+    if restored is not None:
+        latest, state, loader_state, _ = restored
         batches.set_state(loader_state)
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
     step_fn = jit_train_step(model, tx, mesh, objective=objective)

@@ -1,0 +1,217 @@
+"""Run directories under real faults: a damaged latest checkpoint, a full disk, a changed
+model, two runs on one workdir, a killed trainer's workers, other device counts."""
+
+import errno
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from frcnn_jax import checkpointing, rundir, training
+from frcnn_jax.models import build_model
+from tests.test_trainer import ROOT, run_train, tiny_config, write_config_file
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def config(data_dir, **train):
+    return tiny_config(data_dir, keep_checkpoints=5, **train)
+
+
+def final_params(workdir, step=6):
+    return jax.tree.leaves(checkpointing.Checkpoints(workdir).restore_variables(step)["params"])
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at 2, 4, 6)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    training.train_and_evaluate(config(data_dir, num_steps=6), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def four_steps(data_dir, tmp_path_factory):
+    """A run stopped after 4 steps (checkpoints at 2 and 4), to copy and damage."""
+    workdir = tmp_path_factory.mktemp("four")
+    training.train_and_evaluate(config(data_dir, num_steps=4), workdir)
+    return workdir
+
+
+def damage(workdir, how):
+    """Truncate or remove the largest data file of the step-4 checkpoint's arrays."""
+    files = [p for p in (workdir / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    if how == "removed":
+        largest.unlink()
+    else:
+        largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
+    data_dir, straight, four_steps, tmp_path, caplog
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(four_steps, workdir)
+    damage(workdir, "truncated")
+    training.train_and_evaluate(config(data_dir, num_steps=6), workdir)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "frcnn_jax.checkpointing"]
+    assert "checkpoint step 4" in warning and "checkpoints_damaged" in warning
+    assert (workdir / "checkpoints_damaged" / "4" / "state").is_dir()  # kept, not deleted
+    assert checkpointing.Checkpoints(workdir).all_steps() == [2, 4, 6]  # 4 trained again
+    assert_same(final_params(workdir), final_params(straight))
+
+
+def test_a_removed_file_is_damage_too(data_dir, four_steps, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(four_steps, workdir)
+    damage(workdir, "removed")
+    state, _ = training.initial.init_state(config(data_dir), build_model(config(data_dir)))
+    step, *_ = checkpointing.Checkpoints(workdir).restore_latest(checkpointing.abstract_like(state))
+    assert step == 2 and (workdir / "checkpoints_damaged" / "4").is_dir()
+
+
+def test_a_full_disk_stops_the_run_with_a_message_and_a_rerun_resumes(
+    data_dir, straight, tmp_path, monkeypatch
+):
+    save = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step >= 4:  # as an asynchronous write would report it: wrapped
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as e:
+                raise RuntimeError("checkpoint write failed") from e
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(checkpointing.DiskFull) as error:
+        training.train_and_evaluate(config(data_dir, num_steps=6), tmp_path)
+    message = str(error.value)
+    assert "no space left on the device while saving checkpoint step 4" in message
+    assert "previous checkpoint (step 2) is intact" in message
+    assert checkpointing.Checkpoints(tmp_path).all_steps() == [2]
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)  # space freed
+    training.train_and_evaluate(config(data_dir, num_steps=6), tmp_path)
+    assert_same(final_params(tmp_path), final_params(straight))
+
+
+def test_a_changed_model_is_named_and_can_be_allowed(data_dir, straight, tmp_path):
+    changed = config(data_dir, num_steps=6)
+    changed.model.rpn.channels = 16  # the run's: 32
+    with pytest.raises(rundir.ModelChanged, match=r"config.model.rpn.channels is 16 here but 32"):
+        training.evaluate_checkpoint(changed, straight)
+    longer = config(data_dir, num_steps=8)
+    longer.model.rpn.channels = 16
+    with pytest.raises(rundir.ModelChanged, match="--allow_model_change"):
+        training.train_and_evaluate(longer, straight)  # resuming
+    mismatch = r"tensor params/rpn_head/\S+ is shape \(.*\) in the checkpoint and shape \(.*\) in"
+    with pytest.raises(checkpointing.TensorMismatch, match=mismatch):
+        training.evaluate_checkpoint(changed, straight, allow_model_change=True)
+    free = config(data_dir, num_steps=6)
+    free.model.rpn.test_post_nms_top_n = 20  # a test-time setting may change
+    assert training.evaluate_checkpoint(free, straight)["voc"] is not None
+
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.evaluate", f"--config={config_file}",
+         f"--workdir={straight}", "--config.model.rpn.channels=16"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "error: config.model.rpn.channels is 16 here but 32" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def descendants(pid):
+    """Process ids whose parent chain leads to `pid` (from /proc)."""
+    parents = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid):
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_second_run_refuses_and_a_killed_run_leaves_no_workers_or_lock(data_dir, tmp_path):
+    config_file = write_config_file(
+        tmp_path / "cfg.py", data_dir, "c.train.num_steps = 100000\nc.data.workers = 2\n"
+    )
+    workdir = tmp_path / "run"
+    first = run_train(config_file, workdir, wait=False)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").is_dir() and time.time() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, first.stdout.read()
+    second = run_train(config_file, workdir)
+    assert second.returncode != 0
+    assert f"in use by another run (process {first.pid} on" in second.stderr
+    assert "Traceback" not in second.stderr
+
+    workers = descendants(first.pid)
+    assert len(workers) >= 2, workers  # grain's worker processes
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
+    assert (workdir / ".lock").is_file()  # the dead run's file is left ...
+    with rundir.WorkdirLock(workdir):  # ... and blocks nothing
+        pass
+
+
+DEVICES_8 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
+    """Written on 8 (simulated) devices, resumed on 1, and the reverse: the parameters of an
+    uninterrupted 1-device run (up to the reduction order of 8 devices' gradients)."""
+    config_file = write_config_file(
+        tmp_path / "cfg.py", data_dir, "c.train.batch_size = 8\nc.eval.batch_size = 8\n"
+    )
+
+    def train(workdir, steps, env=None):
+        done = run_train(config_file, workdir, f"--config.train.num_steps={steps}", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    train(tmp_path / "one", 4)
+    for name, before, after in (("8_to_1", DEVICES_8, None), ("1_to_8", None, DEVICES_8)):
+        train(tmp_path / name, 2, before)
+        resumed = train(tmp_path / name, 4, after)
+        assert "resumed from" in resumed.stdout + resumed.stderr
+        for a, b in zip(final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4),
+                        strict=True):  # fmt: skip
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
