@@ -15,6 +15,8 @@ from frcnn_jax.models.faster_rcnn import HeadSettings, RPNSettings
 
 SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
 METRICS = ("voc07", "voc_area")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine")
 
 
 def base_config():
@@ -55,7 +57,18 @@ def base_config():
     c.train.lr_decay = 0.1  # paper: 0.1
     c.train.warmup_steps = 0  # linear warm-up steps (not in the paper; torchvision uses 1000)
     c.train.warmup_factor = 1e-3
-    c.train.momentum = 0.9  # paper: 0.9
+    # "sgd": SGD with momentum and L2 weight decay in the gradient (the paper, Caffe, torchvision's
+    # detection recipes); "adamw": Adam with decoupled weight decay (Loshchilov & Hutter), both
+    # with decay on kernels only, biases at bias_lr_factor, frozen layers untouched.
+    c.train.optimizer = "sgd"
+    c.train.momentum = 0.9  # paper: 0.9 (SGD)
+    c.train.adam_b1 = 0.9  # AdamW's moment decay rates and epsilon
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    # After the warm-up: "step" (x lr_decay at each of lr_steps: the paper) or "cosine" (from
+    # learning_rate down to cosine_final_factor x learning_rate at num_steps; lr_steps unused).
+    c.train.lr_schedule = "step"
+    c.train.cosine_final_factor = 0.0
     c.train.weight_decay = 5e-4  # paper: 5e-4 (on kernels; frozen layers excluded)
     c.train.bias_lr_factor = 1.0  # biases' learning rate / the rate (py-faster-rcnn: 2)
     c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # None: off
@@ -154,6 +167,15 @@ def check_config(c):
     if sizes and (len(sizes) != 4 or min(sizes) <= 0):
         raise ValueError(
             f"config.train.alternating_stage_batch_sizes: need 4 positive sizes, got {sizes}"
+        )
+    for field, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+        if c.train[field] not in allowed:
+            raise ValueError(
+                f"config.train.{field} must be one of {allowed}, got {c.train[field]!r}"
+            )
+    if not 0 <= c.train.cosine_final_factor <= 1:
+        raise ValueError(
+            f"config.train.cosine_final_factor must be in [0, 1], got {c.train.cosine_final_factor}"
         )
     if c.train.bias_lr_factor <= 0:
         raise ValueError(f"config.train.bias_lr_factor must be > 0, got {c.train.bias_lr_factor}")
