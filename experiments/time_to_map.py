@@ -1,21 +1,39 @@
-"""Time to accuracy: frcnn_jax vs a torchvision twin, same wall-clock budget, same data.
+"""Time to accuracy: frcnn_jax against a torchvision twin, each side with the best recipe of the
+same small search, schedules fitted to the same wall-clock budget, same data and loader.
 
-    python experiments/time_to_map.py [--config configs/shapes_512.py] [--minutes 20] [--every 5]
+    python experiments/time_to_map.py [--config configs/shapes_512.py] [--minutes 20]
+        [--every 5] [--rows experiments/results_time_to_map.jsonl] [--race]
 
-Both detectors train on the same `shapes` training split, read through the same loader (grain,
-2 workers), with the same architecture (the tiny FPN backbone, P3-P5 anchors, RPN, RoIAlign
-7x7 two-fc head), the same optimizer (SGD momentum 0.9, weight decay on weights only, linear
-warm-up then a x0.1 step), batch size and image size. Every `--every` minutes of *training*
-time (evaluation is not counted) each model is evaluated on the test split with the same VOC
-evaluator, and a row of mAP@0.5 is printed. The two runs take turns on the machine (frcnn_jax
-first, then torchvision), never at the same time.
+The twin is torchvision's `FasterRCNN` with frcnn_jax's tiny FPN backbone written in torch (same
+layers and padding), the same anchors, RPN and RoI settings, RoIAlign 7x7 and two-fc head
+(2.2M parameters on each side). Both read the same `shapes` training split through the same
+loader (grain, 2 workers), batch size and image size, and are evaluated with the same VOC
+evaluator on the test split; evaluation time is not counted as training time.
+
+The search, per side: SGD (momentum 0.9, weight decay on kernels) with a x0.1 step at 75% of
+the run, and AdamW (decoupled weight decay on kernels) with a cosine to zero, three learning
+rates each, all after the config's linear warm-up. The schedules are fitted to the budget
+(`frcnn_jax.training.budget`): each side's steps/s is measured once (a few dozen steps after
+warm-up), and `num_steps` = budget x steps/s, so each side's schedule ends when its budget is
+spent. Each run trains until the next mark of `--every` training minutes, evaluates, and
+continues; a side keeps training at its final rate if the machine is faster than measured.
+
+Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
+can be spread over several sittings, and a killed run loses only its own row. The two sides take
+turns, one run at a time, alternating so that drifts in the machine's speed fall on both.
+`--race` then reruns each side's best recipe (best mAP at the last mark) back to back, so the
+final comparison is measured in one sitting. The tables (search, best against best, where the
+time goes) are printed and written next to the rows as Markdown.
 """
 
 import argparse
 import collections
-import functools
+import datetime
+import json
 import math
+import os
 import pathlib
+import subprocess
 import time
 
 from frcnn_jax.runtime import configure_runtime
@@ -26,40 +44,52 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from frcnn_jax import sharding, training  # noqa: E402
-from frcnn_jax.config import config_from_file  # noqa: E402
+from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.data import make_batches  # noqa: E402
 from frcnn_jax.evaluation.runner import evaluate_detections  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
+from frcnn_jax.training.budget import fit_to_budget, time_steps  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIDES = ("frcnn_jax", "torchvision")
+SCHEDULE = {"sgd": "step", "adamw": "cosine"}
+# (optimizer, learning rate), most promising first: an unfinished search has the likely winners
+RECIPES = (("adamw", 1e-3), ("sgd", 0.02), ("adamw", 5e-4), ("sgd", 0.01), ("adamw", 2e-3),
+           ("sgd", 0.04))  # fmt: skip
+
+
+def recipe_config(config, optimizer, learning_rate, fitted):
+    """`config` with one recipe of the search and the side's fitted schedule (`fitted`:
+    `budget.fit_to_budget`'s overrides)."""
+    config = config.copy_and_resolve_references()
+    config.train.update(fitted, optimizer=optimizer, lr_schedule=SCHEDULE[optimizer],
+                        learning_rate=learning_rate)  # fmt: skip
+    check_config(config)
+    return config
 
 
 # ---------------------------------------------------------------- frcnn_jax
 
 
-def run_ours(config, marks, evaluate_fn):
+def ours(config):
+    """(step, evaluate, block) of a fresh frcnn_jax run of `config`."""
     model = build_model(config)
     mesh = sharding.data_mesh(jax.devices()[:1])
     state, tx = training.initial.init_state(config, model)
-    step_fn = jax.jit(
-        functools.partial(training.step.train_step, model=model, tx=tx), donate_argnums=0
-    )
+    step_fn = training.step.jit_train_step(model, tx, mesh)
     detect_fn = training.evaluation.make_detect_fn(model, mesh)
-    batches, _ = make_batches(config.data, config.data.train_split,
-                              batch_size=config.train.batch_size, train=True, seed=0)  # fmt: skip
     key = jax.random.key(config.train.seed)
 
-    def step():
+    def step(batch):
         nonlocal state
-        batch = {k: v for k, v in next(batches).items() if k != "image_id"}
-        state, metrics = step_fn(state, batch, key)
+        batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
+        state, metrics = step_fn(state, batch, key, None)
         return metrics["loss"]
 
-    def evaluate():
-        variables = {"params": state.params, **state.frozen}
-        return evaluate_fn(lambda batch: detect_fn(variables, batch))
+    def detect(batch):
+        return detect_fn({"params": state.params, **state.frozen}, batch)
 
-    return train_for(step, evaluate, marks, block=jax.block_until_ready)
+    return step, detect, jax.block_until_ready
 
 
 # ---------------------------------------------------------------- torchvision twin
@@ -135,7 +165,10 @@ def torch_twin(config):
     )
 
 
-def run_torch(config, marks, evaluate_fn):
+def theirs(config):
+    """(step, evaluate, block) of a fresh torchvision twin run of `config`'s recipe: the same
+    optimizer rule and schedule (`training.optim.learning_rate_schedule`), weight decay on
+    weights (ndim > 1) only."""
     import torch
 
     from frcnn_jax.postprocess import Detections
@@ -144,16 +177,19 @@ def run_torch(config, marks, evaluate_fn):
     torch.set_num_threads(2)
     model = torch_twin(config)
     train = config.train
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": train.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.learning_rate, momentum=train.momentum,
-    )  # fmt: skip
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.ndim > 1],
+            "weight_decay": train.weight_decay,
+        },
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if train.optimizer == "adamw":
+        betas = (train.adam_b1, train.adam_b2)
+        optimizer = torch.optim.AdamW(groups, train.learning_rate, betas, train.adam_eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=train.learning_rate, momentum=train.momentum)
     schedule = training.optim.learning_rate_schedule(train)
-    batches, _ = make_batches(config.data, config.data.train_split,
-                              batch_size=train.batch_size, train=True, seed=0)  # fmt: skip
     steps = 0
 
     def to_torch(batch):
@@ -169,21 +205,20 @@ def run_torch(config, marks, evaluate_fn):
             targets.append({"boxes": boxes, "labels": labels})
         return images, targets
 
-    def step():
+    def step(batch):
         nonlocal steps
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = float(schedule(steps))
-        images, targets = to_torch(next(batches))
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        images, targets = to_torch(batch)
+        loss = sum(model(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         steps += 1
         return loss
 
-    def detect_fn(batch):
+    def detect(batch):
         model.eval()
         images, _ = to_torch(batch)
         with torch.no_grad():
@@ -201,24 +236,151 @@ def run_torch(config, marks, evaluate_fn):
             out["valid"][i, :n] = True
         return Detections(**out), None
 
-    return train_for(step, lambda: evaluate_fn(detect_fn), marks, block=lambda x: x)
+    return step, detect, lambda x: x
 
 
-# ---------------------------------------------------------------- shared
+BUILD = {"frcnn_jax": ours, "torchvision": theirs}
 
 
-def train_for(step, evaluate, marks, *, block):
-    """Train until each mark (seconds of training time), evaluating at each."""
-    rows, trained, steps = [], 0.0, 0
+# ---------------------------------------------------------------- one run
+
+
+def train_batches(config):
+    batches, _ = make_batches(config.data, config.data.train_split,
+                              batch_size=config.train.batch_size, train=True, seed=0)  # fmt: skip
+    return batches
+
+
+def measure(side, config, steps):
+    """Steps/s of `side` on `config` (its own loader), after 5 untimed steps."""
+    step, _, block = BUILD[side](config)
+    batches = train_batches(config)
+    return time_steps(lambda: step(next(batches)), steps=steps, warmup=5, block=block)
+
+
+def train_for(side, config, marks, evaluate):
+    """Train `side` until each mark (seconds of training time), evaluating at each; returns the
+    row's measurements: mAP and steps at each mark, and where the training time went."""
+    step, detect, block = BUILD[side](config)
+    batches = train_batches(config)
+    rows, steps, times = [], 0, collections.Counter()
+    loads = []
     for mark in marks:
-        while trained < mark:
+        while times["data"] + times["step"] + times["first"] < mark:
             start = time.perf_counter()
-            block(step())
-            trained += time.perf_counter() - start
+            batch = next(batches)
+            fetched = time.perf_counter()
+            block(step(batch))
+            done = time.perf_counter()
+            times["data"] += fetched - start
+            times["first" if steps == 0 else "step"] += done - fetched
             steps += 1
-        rows.append((mark, steps, evaluate()))
-        print(f"  {mark / 60:5.1f} min  {steps:6d} steps  mAP@0.5 {rows[-1][2]:.4f}", flush=True)
-    return rows
+        loads.append(os.getloadavg()[0])
+        start = time.perf_counter()
+        value = evaluate(detect)
+        times["eval"] += time.perf_counter() - start
+        rows.append({"minutes": mark / 60, "steps": steps, "map": value})
+        print(f"  {mark / 60:5.1f} min  {steps:6d} steps  mAP@0.5 {value:.4f}", flush=True)
+    return {
+        "marks": rows,
+        "first_step_s": round(times["first"], 2),  # frcnn_jax: includes compiling the step
+        "data_s": round(times["data"], 1),
+        "step_s": round(times["step"], 1),
+        "eval_s": round(times["eval"], 1),
+        "steps_per_second": round((steps - 1) / max(times["step"] + times["data"], 1e-9), 3),
+        "load_average": round(float(np.mean(loads)), 2),
+    }
+
+
+# ---------------------------------------------------------------- rows and tables
+
+
+class Rows:
+    """The JSON-lines file of finished rows."""
+
+    def __init__(self, path, setting):
+        self.path, self.setting = pathlib.Path(path), setting
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.all = [json.loads(line) for line in lines if line.strip()]
+
+    def mine(self, kind):
+        return [r for r in self.all if r["kind"] == kind and r["setting"] == self.setting]
+
+    def find(self, kind, **match):
+        for row in self.mine(kind):
+            if all(row.get(k) == v for k, v in match.items()):
+                return row
+        return None
+
+    def add(self, kind, **fields):
+        row = {"kind": kind, "setting": self.setting, **fields,
+               "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+               "commit": _commit()}  # fmt: skip
+        self.all.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def _commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def best(rows, side):
+    """`side`'s row with the highest mAP at the last mark (None if it has none)."""
+    mine = [r for r in rows if r["side"] == side]
+    return max(mine, key=lambda r: r["marks"][-1]["map"], default=None)
+
+
+def recipe_name(row):
+    return f"{row['optimizer']}+{SCHEDULE[row['optimizer']]} lr {row['learning_rate']:g}"
+
+
+def tables(rows_file, command):
+    search, race = rows_file.mine("search"), rows_file.mine("race")
+    lines = [f"# Time to accuracy: {rows_file.setting}", "", f"Command: `{command}`", ""]
+    fits = {r["side"]: r for r in rows_file.mine("fit")}
+    lines.append("Fitted schedules: " + "; ".join(
+        f"{s} {r['steps_per_second']:.3f} steps/s measured -> {r['num_steps']} steps"
+        for s, r in fits.items()) + ".")  # fmt: skip
+    lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
+    marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
+    head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
+    lines += [head + " | steps/s | load | finished |", "|---" * (len(marks) + 5) + "|"]
+    for row in search:
+        cells = [f"{m['map']:.3f} ({m['steps']})" for m in row["marks"]]
+        lines.append(f"| {row['side']} | {recipe_name(row)} | " + " | ".join(cells)
+                     + f" | {row['steps_per_second']:.2f} | {row['load_average']:.1f} "
+                     f"| {row['finished']} |")  # fmt: skip
+    source = race if {r["side"] for r in race} >= set(SIDES) else search
+    tops = {side: best(source, side) for side in SIDES}
+    if all(tops.values()):
+        kind = "the race (best recipes rerun back to back)" if source is race else "the search"
+        ours_row, theirs_row = tops["frcnn_jax"], tops["torchvision"]
+        lines += ["", f"## Best against best, from {kind}", "",
+                  f"frcnn_jax: {recipe_name(ours_row)}; torchvision: {recipe_name(theirs_row)}.",
+                  "", "| training minutes | frcnn_jax mAP@0.5 (steps) | torchvision mAP@0.5 "
+                  "(steps) | ratio |", "|---|---|---|---|"]  # fmt: skip
+        for a, b in zip(ours_row["marks"], theirs_row["marks"], strict=True):
+            ratio = f"{a['map'] / b['map']:.2f}x" if b["map"] > 0 else "-"
+            lines.append(f"| {a['minutes']:g} | {a['map']:.3f} ({a['steps']}) | "
+                         f"{b['map']:.3f} ({b['steps']}) | {ratio} |")  # fmt: skip
+        lines += ["", "## Where the training time goes (the best rows)", "",
+                  "| side | steps/s | first step s | waiting for data s | steps s | eval s "
+                  "(not counted) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for side, row in tops.items():
+            lines.append(f"| {side} | {row['steps_per_second']:.3f} | {row['first_step_s']} | "
+                         f"{row['data_s']} | {row['step_s']} | {row['eval_s']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
 
 
 def main():
@@ -226,38 +388,67 @@ def main():
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_512.py"))
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--every", type=float, default=5.0)
+    parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_time_to_map.jsonl"))
+    parser.add_argument("--recipes", help="a subset, e.g. 'adamw:0.001,sgd:0.02' (default: all)")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--fit-steps", type=int, default=40, help="steps timed to fit schedules")
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
-    parser.add_argument("--only", choices=("frcnn_jax", "torchvision"), default=None)
+    parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
     args = parser.parse_args()
     config = config_from_file(args.config)
     config.data.workers = 2
     marks = [60 * args.every * (i + 1) for i in range(math.ceil(args.minutes / args.every))]
+    recipes = RECIPES
+    if args.recipes:
+        recipes = [(o, float(lr)) for o, lr in (r.split(":") for r in args.recipes.split(","))]
+    sides = args.sides.split(",")
+    setting = (f"{pathlib.Path(args.config).stem} ({config.data.name}, batch "
+               f"{config.train.batch_size}), {args.minutes:g} training minutes, "
+               f"{args.eval_images or 'all'} test images")  # fmt: skip
+    rows = Rows(args.rows, setting)
 
-    def evaluate_fn(detect_fn):
+    def evaluate(detect):
         batches, info = make_batches(config.data, config.eval.split,
                                      batch_size=config.eval.batch_size, train=False)  # fmt: skip
         if args.eval_images:
             import dataclasses
             import itertools
 
-            batches = itertools.islice(batches, args.eval_images // config.eval.batch_size)
+            batches = itertools.islice(
+                batches, math.ceil(args.eval_images / config.eval.batch_size)
+            )
             info = dataclasses.replace(info, num_examples=args.eval_images)
-        return evaluate_detections(detect_fn, batches, info, coco=False)["voc"]["mAP"]
+        return evaluate_detections(detect, batches, info, coco=False)["voc"]["mAP"]
 
-    results = {}
-    for name, run in (("frcnn_jax", run_ours), ("torchvision", run_torch)):
-        if args.only and name != args.only:
-            continue
-        print(f"{name}:", flush=True)
-        results[name] = run(config, marks, evaluate_fn)
-    print(f"\n{config.data.name}, batch {config.train.batch_size}, "
-          f"{config.data.canvas[0]}x{config.data.canvas[1]}, 2 CPU cores")  # fmt: skip
-    names = list(results)
-    print("| training minutes | " + " | ".join(f"{n} mAP@0.5 (steps)" for n in names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for i, mark in enumerate(marks):
-        cells = [f"{results[n][i][2]:.3f} ({results[n][i][1]})" for n in names]
-        print(f"| {mark / 60:g} | " + " | ".join(cells) + " |")
+    for side in sides:  # fitted once per side: every recipe of a side gets the same steps
+        if rows.find("fit", side=side) is None:
+            speed = measure(side, config, args.fit_steps)
+            fitted = fit_to_budget(config.train, 60 * args.minutes, speed)
+            rows.add("fit", side=side, steps_per_second=round(speed, 3), **fitted)
+            print(f"{side}: {speed:.3f} steps/s -> {fitted} for {args.minutes:g} min", flush=True)
+
+    def run(kind, side, optimizer, lr):
+        if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr) is not None:
+            return
+        fit = rows.find("fit", side=side)
+        fitted = {"num_steps": fit["num_steps"], "lr_steps": tuple(fit["lr_steps"]),
+                  "warmup_steps": fit["warmup_steps"]}  # fmt: skip
+        print(f"{kind}: {side}, {optimizer} lr {lr:g}, {fitted}:", flush=True)
+        measured = train_for(side, recipe_config(config, optimizer, lr, fitted), marks, evaluate)
+        rows.add(kind, side=side, optimizer=optimizer, learning_rate=lr, **fitted, **measured)
+
+    for optimizer, lr in recipes:
+        for side in sides:
+            run("search", side, optimizer, lr)
+    if args.race:
+        for side in sides:
+            top = best(rows.mine("search"), side)
+            run("race", side, top["optimizer"], top["learning_rate"])
+
+    text = tables(rows, "python experiments/time_to_map.py " + " ".join(
+        a for a in os.sys.argv[1:]))  # fmt: skip
+    print("\n" + text)
+    pathlib.Path(args.rows).with_suffix(".md").write_text(text)
 
 
 if __name__ == "__main__":
