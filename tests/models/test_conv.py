@@ -94,6 +94,9 @@ def test_winograd_under_vmap_equals_per_example():
         (1, (2, 2), ((0, 0), (0, 0)), (1, 9, 6, 4)),  # odd height: the last row is sampled
         (3, (2, 2), ((1, 1), (1, 1)), (2, 9, 8, 3)),
         (3, (2, 2), ((0, 1), (0, 1)), (1, 8, 10, 2)),  # "SAME" for even sizes
+        (3, (2, 2), ((1, 1), (0, 1)), (2, 7, 6, 3)),  # input gradient by phases, odd height
+        (3, (2, 2), ((0, 0), (1, 0)), (1, 8, 7, 2)),  # "VALID"-like rows: a row never reached
+        (3, (2, 2), ((2, 2), (2, 2)), (1, 6, 6, 2)),  # padding 2: XLA's input gradient
         (3, (1, 2), ((1, 1), (0, 0)), (1, 5, 9, 2)),
     ],
 )
