@@ -50,6 +50,9 @@ def base_config():
     c.train.alternating_stage_lr_steps = ()
     # ... and each step's batch size; empty: batch_size (py-faster-rcnn: 1, 2, 1, 2 images)
     c.train.alternating_stage_batch_sizes = ()
+    # 4: the paper's scheme; 2: stop after step 2, with model.rpn.shared_features=False: step
+    # 1's RPN and step 2's Fast R-CNN, each with its own convs (the paper's "unshared", Table 2)
+    c.train.alternating_steps = 4
     c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
     c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
     c.train.learning_rate = 1e-3  # paper: 1e-3
@@ -191,6 +194,29 @@ def check_config(c):
     if c.train.scheme == "non_approximate_joint" and c.model.head.get("pooler") != "align":
         raise ValueError(
             "config.train.scheme='non_approximate_joint' needs config.model.head.pooler='align'"
+        )
+    _check_variants(c)
+
+
+def _check_variants(c):
+    """The paper's ablation switches: combinations that cannot work."""
+    alternating = c.train.scheme == "alternating"
+    shared = c.model.rpn.shared_features
+    if c.train.alternating_steps not in (2, 4):
+        raise ValueError(
+            f"config.train.alternating_steps must be 4 or 2, got {c.train.alternating_steps}"
+        )
+    if alternating and (c.train.alternating_steps == 2) == shared:
+        raise ValueError(
+            "config.train.alternating_steps=2 (stop after step 2) goes with "
+            "config.model.rpn.shared_features=False and 4 with True: steps 3 and 4 share the "
+            f"features; got alternating_steps={c.train.alternating_steps}, "
+            f"shared_features={shared}"
+        )
+    if c.model.head.rois == "anchors" and (alternating or not shared):
+        raise ValueError(
+            "config.model.head.rois='anchors' (one-stage, no RPN) needs a joint scheme and "
+            f"shared features; got scheme={c.train.scheme!r}, shared_features={shared}"
         )
 
 

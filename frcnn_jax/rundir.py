@@ -58,8 +58,8 @@ def _tuples(value):
 MODEL_FIELDS = (
     "backbone", "num_classes", "pixel_mean", "pixel_std", "channel_order",
     "rpn.anchor_sizes", "rpn.aspect_ratios", "rpn.anchor_style", "rpn.channels",
-    "rpn.objectness", "rpn.box_normalizer",
-    "head.box_head", "head.widths", "head.pooler", "head.output_size", "head.aligned",
+    "rpn.objectness", "rpn.box_normalizer", "rpn.shared_features",
+    "head.box_head", "head.widths", "head.pooler", "head.output_size", "head.aligned", "head.rois",
 )  # fmt: skip
 
 
@@ -74,9 +74,12 @@ def check_model(workdir, config, *, allow_change=False):
     path = pathlib.Path(workdir) / RUN_FILE
     if not path.is_file():
         return
+    from frcnn_jax.config import base_config
+
     stored = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())["config"]))
+    defaults = base_config().model  # fields an older run.json lacks had their default
     for field in MODEL_FIELDS:
-        ours, theirs = _get(config.model, field), _get(stored.model, field)
+        ours, theirs = _get(config.model, field), _get(stored.model, field, _get(defaults, field))
         if _normal(ours) != _normal(theirs):
             message = (
                 f"config.model.{field} is {ours!r} here but {theirs!r} in {path}, which the "
@@ -91,9 +94,11 @@ def check_model(workdir, config, *, allow_change=False):
             return
 
 
-def _get(config, dotted):
+def _get(config, dotted, missing=None):
     for key in dotted.split("."):
-        config = config.get(key) if config is not None else None
+        if config is None or key not in config:
+            return missing
+        config = config[key]
     return config
 
 

@@ -32,12 +32,18 @@ class Proposals(NamedTuple):
 def _select_proposals(
     boxes, scores, levels, *, image_height, image_width, post_nms_top_n, nms_threshold, min_size
 ):
-    """Clip, mask small boxes, NMS (per level when `levels` is given), keep the best P."""
+    """Clip, mask small boxes, NMS (per level when `levels` is given; none when
+    `nms_threshold` is None), keep the best P."""
     boxes = ops.clip_boxes(boxes, height=image_height, width=image_width)
     sides = boxes[:, 2:] - boxes[:, :2]
     large_enough = jnp.all(sides >= min_size, axis=-1)  # torchvision's remove_small_boxes
     valid = large_enough & jnp.isfinite(scores)
-    if levels is None:
+    if nms_threshold is None:  # the best P valid boxes by score (ties: lower position first)
+        count = min(post_nms_top_n, scores.shape[0])
+        best = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), count)[1]
+        padding = (0, post_nms_top_n - count)
+        kept = ops.NMSResult(indices=jnp.pad(best, padding), valid=jnp.pad(valid[best], padding))
+    elif levels is None:
         kept = ops.nms(
             boxes,
             scores,
@@ -84,7 +90,8 @@ def generate_proposals(
       image_height, image_width: the true (unpadded) resized image size; traced scalars work.
       pre_nms_top_n: anchors kept, by score, before NMS (static).
       post_nms_top_n: P, proposals returned (static).
-      nms_threshold: IoU above which a lower-scoring proposal is suppressed.
+      nms_threshold: IoU above which a lower-scoring proposal is suppressed; None: no NMS, the
+        P best-scored boxes (the paper's Table 2 "no NMS" ablation).
       min_size: proposals narrower or shorter than this (resized pixels) are dropped; the paper
         uses 16 px at the original scale, torchvision 1e-3.
 

@@ -19,6 +19,8 @@ ALTERNATIVES = {  # a second valid value for string fields
     "pooler": ("pool", "align"),
     "box_head": ("mlp", "res5"),
     "anchor_style": ("torchvision", "py-faster-rcnn"),
+    "test_ranking": ("objectness", "random"),
+    "rois": ("proposals", "anchors"),
 }
 
 

@@ -336,6 +336,33 @@ def test_alternating_step2_can_start_from_step1(data_dir, tmp_path):
     assert not jax.tree.all(jax.tree.map(np.array_equal, p1, initial))
 
 
+def test_alternating_stopped_after_step2_keeps_two_networks(data_dir, tmp_path):
+    """The paper's "unshared" detector: step 1's RPN (own backbone) beside step 2's Fast R-CNN."""
+    config = tiny_config(data_dir, alternating_steps=4)
+    config.train.update(scheme="alternating", num_steps=12, alternating_steps=2)
+    config.model.rpn.shared_features = False
+    check_config(config)
+    result = training.train_and_evaluate(config, tmp_path)
+    assert result["num_images"] == 6
+    runs = tmp_path / "alternating"
+    assert sorted(p.name for p in runs.iterdir()) == ["step1", "step2"]
+    p1 = checkpointing.Checkpoints(runs / "step1").restore_variables(4)["params"]
+    p2 = checkpointing.Checkpoints(runs / "step2").restore_variables(2)["params"]
+    final = checkpointing.Checkpoints(tmp_path).restore_variables(6)["params"]  # 4 + 2 steps
+    initial = initial_params(config)
+
+    def same(a, b):
+        return jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+    assert same(final["rpn_backbone"], p1["rpn_backbone"]) and same(
+        final["rpn_head"], p1["rpn_head"]
+    )
+    assert not same(p1["rpn_backbone"], initial["rpn_backbone"])  # step 1 trained them
+    for name in ("backbone", "box_head", "predictor"):
+        assert same(final[name], p2[name]) and not same(p2[name], initial[name])
+    assert same(p1["backbone"], initial["backbone"])  # step 1 leaves the detector's convs
+
+
 def initial_params(config):
     model = build_model(config)
     state, _ = training.initial.init_state(config, model)

@@ -76,12 +76,16 @@ def build_model(config) -> FasterRCNN:
     values by default)."""
     model = config.model
     dtype = jnp.dtype(model.get("dtype", "float32"))
+    rpn = _settings(RPNSettings, model.get("rpn"), "rpn")
+
+    def backbone():
+        return get_backbone(model.backbone, dtype=dtype, frozen_stages=model.get("frozen_stages"))
+
     return FasterRCNN(
-        backbone=get_backbone(
-            model.backbone, dtype=dtype, frozen_stages=model.get("frozen_stages")
-        ),
+        backbone=backbone(),
+        rpn_backbone=None if rpn.shared_features else backbone(),
         num_classes=model.num_classes,
-        rpn=_settings(RPNSettings, model.get("rpn"), "rpn"),
+        rpn=rpn,
         head=_settings(HeadSettings, model.get("head"), "head"),
         pixel_mean=tuple(model.get("pixel_mean", IMAGENET_MEAN)),
         pixel_std=tuple(model.get("pixel_std", IMAGENET_STD)),
@@ -93,9 +97,11 @@ def build_model(config) -> FasterRCNN:
 def trainable_mask(model, variables):
     """bool pytree shaped like `variables["params"]`: False for the parameters the backbone
     declares frozen (its `frozen_prefixes()`: the layers behind its `freeze_if` cuts, which
-    get no gradient), True for everything else. The optimizer uses it so that frozen
+    get no gradient; in the RPN's own backbone too when features are not shared), True for
+    everything else. The optimizer uses it so that frozen
     parameters are neither updated nor decayed."""
-    frozen = tuple(f"backbone/{p}/" for p in getattr(model.backbone, "frozen_prefixes", tuple)())
+    declared = getattr(model.backbone, "frozen_prefixes", tuple)()
+    frozen = tuple(f"{net}/{p}/" for net in ("backbone", "rpn_backbone") for p in declared)
 
     def trainable(path, _):
         name = "/".join(str(getattr(k, "key", k)) for k in path) + "/"

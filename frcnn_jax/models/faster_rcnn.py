@@ -50,6 +50,19 @@ class RPNSettings:
     box_weight: float = 10.0  # lambda in equation (1); torchvision: 1 with box_normalizer None
     box_normalizer: float | None = 2400.0  # N_reg ~ anchor locations; None: sampled anchors
     beta: float = 1 / 9  # py-faster-rcnn's sigma = 3
+    # False: the RPN has its own copy of the backbone, trained by the RPN's loss only (the
+    # paper's "unshared" ablation, Table 2); True: one backbone feeds both (the paper's design)
+    shared_features: bool = True
+    # Test-time ablations of the paper's Table 2 (training is unchanged):
+    test_nms: bool = True  # False: the best test_post_nms_top_n by score, no NMS
+    # "objectness" (the cls layer's scores) or "random": proposals drawn at random from the
+    # (regressed) anchors, with no NMS, as without the cls layer
+    test_ranking: str = "objectness"
+    test_regression: bool = True  # False: the anchors themselves are the proposals (no reg layer)
+
+
+TEST_RANKINGS = ("objectness", "random")
+ROI_SOURCES = ("proposals", "anchors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,11 @@ class HeadSettings:
     nms_threshold: float = 0.3  # torchvision: 0.5
     max_detections: int = 100
     proposal_gradients: bool = False  # True: non-approximate joint training (needs "align")
+    # "proposals": the RPN's (two-stage, the paper's design); "anchors": every anchor is a RoI
+    # and there is no RPN, i.e. class-specific detection on dense sliding windows (the paper's
+    # one-stage variant, Table 10); at test the best rpn.test_pre_nms_top_n (anchor, class)
+    # pairs enter the class-wise NMS
+    rois: str = "proposals"
 
 
 ANCHOR_STYLES = ("torchvision", "py-faster-rcnn")
@@ -116,6 +134,7 @@ class FasterRCNN(nn.Module):
     pixel_std: tuple = IMAGENET_STD
     channel_order: str = "rgb"  # "bgr": the images' RGB channels are reversed first (Caffe)
     dtype: jnp.dtype = jnp.float32
+    rpn_backbone: nn.Module | None = None  # the RPN's own backbone when not rpn.shared_features
 
     def setup(self):
         if self.channel_order not in ("rgb", "bgr"):
@@ -124,10 +143,28 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"head.pooler must be 'pool' or 'align'; got {self.head.pooler!r}")
         if self.head.proposal_gradients and self.head.pooler != "align":
             raise ValueError("head.proposal_gradients needs head.pooler='align' (RoIPool rounds)")
-        num_anchors = len(self._anchor_sizes(0)) * len(self.rpn.aspect_ratios)
-        self.rpn_head = RPNHead(
-            num_anchors, self.rpn.channels, self.rpn.objectness, dtype=self.dtype
-        )
+        if self.rpn.test_ranking not in TEST_RANKINGS:
+            raise ValueError(
+                f"rpn.test_ranking must be one of {TEST_RANKINGS}; got {self.rpn.test_ranking!r}"
+            )
+        if self.head.rois not in ROI_SOURCES:
+            raise ValueError(f"head.rois must be one of {ROI_SOURCES}; got {self.head.rois!r}")
+        if (self.rpn_backbone is None) != self.rpn.shared_features:
+            raise ValueError(
+                "rpn.shared_features=False needs the RPN's own backbone (rpn_backbone; "
+                "build_model makes it), and only then is one given"
+            )
+        if self.head.rois == "anchors" and (self.rpn_backbone is not None or
+                                            self.head.proposal_gradients):  # fmt: skip
+            raise ValueError(
+                "head.rois='anchors' (one-stage) has no RPN: it cannot be combined with "
+                "rpn.shared_features=False or head.proposal_gradients"
+            )
+        if self.head.rois == "proposals":
+            num_anchors = len(self._anchor_sizes(0)) * len(self.rpn.aspect_ratios)
+            self.rpn_head = RPNHead(
+                num_anchors, self.rpn.channels, self.rpn.objectness, dtype=self.dtype
+            )
         if self.head.box_head == "res5":
             if not isinstance(self.backbone, ResNet):
                 raise ValueError("head.box_head='res5' needs a ResNet C4 backbone")
@@ -149,7 +186,8 @@ class FasterRCNN(nn.Module):
         return level_anchor_sizes(self.rpn, level)
 
     def _features(self, images, image_sizes=None, *, train):
-        """The backbone's maps as a list, finest first (one entry for single-level backbones).
+        """(the backbone's maps as a list, finest first (one entry for single-level
+        backbones), the RPN's maps: the same list unless `rpn.shared_features` is False).
 
         Images are normalized, then the canvas outside each image (`image_sizes`) is set to
         zero, as torchvision and py-faster-rcnn pad normalized images with zeros."""
@@ -163,41 +201,70 @@ class FasterRCNN(nn.Module):
             rows = jnp.arange(images.shape[1])[None, :, None] < image_sizes[:, 0, None, None]
             cols = jnp.arange(images.shape[2])[None, None, :] < image_sizes[:, 1, None, None]
             images = jnp.where((rows & cols)[..., None], images, 0.0)
-        out = self.backbone(images, train=train)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+        def maps(backbone):
+            out = backbone(images, train=train)
+            return list(out) if isinstance(out, (list, tuple)) else [out]
+
+        features = maps(self.backbone)
+        return features, (features if self.rpn_backbone is None else maps(self.rpn_backbone))
+
+    def _anchors(self, features, canvas):
+        """Per level: anchors [A_l, 4]; `canvas`: the images' padded (H, W)."""
+        return [
+            level_anchors(self.rpn, level, feature.shape[1], feature.shape[2], stride, canvas)
+            for level, (feature, stride) in enumerate(zip(features, self._strides(), strict=True))
+        ]
 
     def _rpn(self, features, canvas):
         """Per level: (anchors [A_l, 4], logits [B, A_l] or [B, A_l, 2], deltas [B, A_l, 4]);
         `canvas`: the images' padded (H, W)."""
-        levels = []
-        for level, (feature, stride) in enumerate(zip(features, self._strides(), strict=True)):
-            anchors = level_anchors(
-                self.rpn, level, feature.shape[1], feature.shape[2], stride, canvas
-            )
-            levels.append((anchors, *self.rpn_head(feature)))  # one head shared by all levels
-        return levels
+        anchors = self._anchors(features, canvas)  # one head shared by all levels:
+        return [(a, *self.rpn_head(f)) for a, f in zip(anchors, features, strict=True)]
 
     def _proposals(self, levels, image_sizes, scales=None, *, train):
         """The RPN's proposals per image; `scales` (float32 [B], resized / original) turn
-        `rpn.min_size` into resized pixels when `rpn.min_size_original` (1 when omitted)."""
-        pre, post = (
-            (self.rpn.train_pre_nms_top_n, self.rpn.train_post_nms_top_n)
-            if train
-            else (self.rpn.test_pre_nms_top_n, self.rpn.test_post_nms_top_n)
-        )
-        kwargs = dict(pre_nms_top_n=pre, post_nms_top_n=post, nms_threshold=self.rpn.nms_threshold)
+        `rpn.min_size` into resized pixels when `rpn.min_size_original` (1 when omitted). At
+        test, `rpn.test_nms`, `test_ranking` and `test_regression` switch off NMS, the
+        objectness ranking or the box regression (the paper's Table 2 ablations)."""
+        rpn = self.rpn
+        if train:
+            pre, post, nms = rpn.train_pre_nms_top_n, rpn.train_post_nms_top_n, rpn.nms_threshold
+        else:
+            pre, post = rpn.test_pre_nms_top_n, rpn.test_post_nms_top_n
+            nms = rpn.nms_threshold if rpn.test_nms and rpn.test_ranking != "random" else None
+        kwargs = dict(pre_nms_top_n=pre, post_nms_top_n=post, nms_threshold=nms)
         anchors = [a for a, _, _ in levels]
-        if scales is None or not self.rpn.min_size_original:
+        if scales is None or not rpn.min_size_original:
             scales = jnp.ones(image_sizes.shape[0], jnp.float32)
 
         def one_image(scores, deltas, size, scale):
-            hw = dict(image_height=size[0], image_width=size[1], min_size=self.rpn.min_size * scale)
+            hw = dict(image_height=size[0], image_width=size[1], min_size=rpn.min_size * scale)
             if len(anchors) == 1:
                 return targets.generate_proposals(scores[0], deltas[0], anchors[0], **hw, **kwargs)
             return targets.generate_multilevel_proposals(scores, deltas, anchors, **hw, **kwargs)
 
         scores = [objectness_scores(logits) for _, logits, _ in levels]
-        return jax.vmap(one_image)(scores, [d for _, _, d in levels], image_sizes, scales)
+        deltas = [d for _, _, d in levels]
+        if not train and rpn.test_ranking == "random":  # a fixed draw: detection stays a function
+            keys = jax.random.split(jax.random.key(0), len(scores))
+            scores = [jax.random.uniform(k, s.shape) for k, s in zip(keys, scores, strict=True)]
+        if not train and not rpn.test_regression:
+            deltas = [jnp.zeros_like(d) for d in deltas]
+        return jax.vmap(one_image)(scores, deltas, image_sizes, scales)
+
+    def _anchor_rois(self, features, image_sizes, canvas):
+        """The one-stage variant's RoIs (`head.rois="anchors"`): every anchor of every level,
+        clipped to its image, as `Proposals` [B, A] (scores 0; boxes that clip to nothing are
+        not valid)."""
+        anchors = jnp.concatenate(self._anchors(features, canvas))
+
+        def one_image(size):
+            boxes = ops.clip_boxes(anchors, height=size[0], width=size[1])
+            valid = jnp.all(boxes[:, 2:] - boxes[:, :2] >= 1.0, axis=-1)
+            return targets.Proposals(boxes, jnp.zeros(len(anchors), jnp.float32), valid)
+
+        return jax.vmap(one_image)(image_sizes)
 
     def _box_predictions(self, features, rois, *, train):
         """Pool [B, R, 4] RoIs from the feature maps; logits [B, R, K+1], deltas
@@ -303,11 +370,15 @@ class FasterRCNN(nn.Module):
         Returns:
           {"rpn_objectness", "rpn_box", "fast_rcnn_class", "fast_rcnn_box"} scalars.
         """
-        features = self._features(images, image_sizes, train=True)
-        levels = self._rpn(features, images.shape[1:3])
+        features, rpn_features = self._features(images, image_sizes, train=True)
         rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
-        rpn_terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
-        proposals = self._proposals(levels, image_sizes, scales, train=True)
+        if self.head.rois == "anchors":  # one-stage: no RPN, its terms are zero
+            rpn_terms = {"rpn_objectness": jnp.zeros(()), "rpn_box": jnp.zeros(())}
+            proposals = self._anchor_rois(features, image_sizes, images.shape[1:3])
+        else:
+            levels = self._rpn(rpn_features, images.shape[1:3])
+            rpn_terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
+            proposals = self._proposals(levels, image_sizes, scales, train=True)
         head_terms = self._head_terms(
             features, proposals.boxes, proposals.valid, gt_boxes, gt_classes, gt_valid, roi_keys
         )
@@ -316,25 +387,24 @@ class FasterRCNN(nn.Module):
     def rpn_losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
         """The RPN's terms alone (alternating training, steps 1 and 3); same keys as `losses`."""
         del gt_classes
-        levels = self._rpn(self._features(images, image_sizes, train=True), images.shape[1:3])
+        _, rpn_features = self._features(images, image_sizes, train=True)
+        levels = self._rpn(rpn_features, images.shape[1:3])
         rpn_keys, _ = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
         return jax.tree.map(jnp.mean, terms)
 
     def training_proposals(self, images, image_sizes, scales=None):
         """The RPN's training-time proposals (boxes [B, P, 4], valid [B, P]), no gradient."""
+        _, rpn_features = self._features(images, image_sizes, train=False)
         proposals = self._proposals(
-            self._rpn(self._features(images, image_sizes, train=False), images.shape[1:3]),
-            image_sizes,
-            scales,
-            train=True,
+            self._rpn(rpn_features, images.shape[1:3]), image_sizes, scales, train=True
         )
         return jax.lax.stop_gradient(proposals.boxes), proposals.valid
 
     def head_losses(self, images, image_sizes, proposals, proposal_valid, gt_boxes, gt_classes,
                     gt_valid, key):  # fmt: skip
         """Fast R-CNN's terms on given (fixed) proposals (alternating training, steps 2 and 4)."""
-        features = self._features(images, image_sizes, train=True)
+        features, _ = self._features(images, image_sizes, train=True)
         _, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
         terms = self._head_terms(
             features, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys
@@ -345,17 +415,22 @@ class FasterRCNN(nn.Module):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,
         1 when omitted). With `return_proposals`, also the RPN's proposals (boxes [B, P, 4] in
         the resized frame, descending objectness, and their `valid` mask) for recall studies."""
-        features = self._features(images, image_sizes, train=False)
+        features, rpn_features = self._features(images, image_sizes, train=False)
         if scales is None:
             scales = jnp.ones(images.shape[0], jnp.float32)
-        levels = self._rpn(features, images.shape[1:3])
-        proposals = self._proposals(levels, image_sizes, scales, train=False)
+        one_stage = self.head.rois == "anchors"
+        if one_stage:
+            proposals = self._anchor_rois(features, image_sizes, images.shape[1:3])
+        else:
+            levels = self._rpn(rpn_features, images.shape[1:3])
+            proposals = self._proposals(levels, image_sizes, scales, train=False)
         class_logits, box_deltas = self._box_predictions(features, proposals.boxes, train=False)
         detect = functools.partial(
             postprocess.detect,
             score_threshold=self.head.score_threshold,
             nms_threshold=self.head.nms_threshold,
             max_detections=self.head.max_detections,
+            pre_nms_top_n=self.rpn.test_pre_nms_top_n if one_stage else None,
         )
         detections = jax.vmap(
             lambda c, d, p, v, size, s: detect(

@@ -23,10 +23,23 @@ ALTERNATING_STAGES = (
 
 def final_step(train):
     """The step number of the finished detector: `num_steps`, or for alternating training with
-    explicit stage lengths their sum."""
-    if train.scheme == "alternating" and train.alternating_stage_steps:
+    explicit stage lengths or stopped after step 2 the sum of its steps' lengths."""
+    if train.scheme != "alternating":
+        return int(train.num_steps)
+    if train.alternating_steps == 2:
+        return sum(n for n, _ in alternating_schedules(train)[:2])
+    if train.alternating_stage_steps:
         return int(sum(train.alternating_stage_steps))
     return int(train.num_steps)
+
+
+def stage_modules(index, shared=True):
+    """The sub-modules step `index` (1-4) trains; with unshared features (the RPN has its own
+    backbone, training stops after step 2) step 1 trains the RPN's backbone."""
+    modules = ALTERNATING_STAGES[index - 1][1]
+    if not shared and index == 1:
+        return ("rpn_backbone", "rpn_head")
+    return modules
 
 
 def alternating_schedules(train):
@@ -73,21 +86,27 @@ def alternating_start(index, initial, finals, *, step2_init="initial"):
 
 
 def train_alternating(config, workdir, model, mesh, writer):
-    """Steps 1-4, each resumable in `<workdir>/alternating/step<k>`; the final network is saved
-    to `<workdir>/checkpoints` at `final_step(train)` for evaluation."""
+    """Steps 1-4 (1-2 with `train.alternating_steps=2`), each resumable in
+    `<workdir>/alternating/step<k>`; the final network is saved to `<workdir>/checkpoints` at
+    `final_step(train)` for evaluation. Stopped after step 2 (unshared features), the final
+    network is step 1's RPN (its backbone and head) with step 2's Fast R-CNN."""
     train = config.train
     replicated = sharding.replicated(mesh)
     initial, _ = init_state(config, model)
     frozen_rules = trainable_mask(model, {"params": initial.params, **initial.frozen})
     schedules = alternating_schedules(train)
+    shared = model.rpn.shared_features
     finals = []
-    for index, (objective, modules, _) in enumerate(ALTERNATING_STAGES, start=1):
+    for index, (objective, _, _) in enumerate(ALTERNATING_STAGES[: train.alternating_steps], 1):
         num_steps, stage_train = schedules[index - 1]
+        modules = stage_modules(index, shared)
         mask = {k: jax.tree.map(lambda t, on=k in modules: t and on, v)
                 for k, v in frozen_rules.items()}  # fmt: skip
         tx = make_optimizer(stage_train, mask)
         params = alternating_start(index, initial.params, [f.params for f in finals],
                                    step2_init=train.alternating_step2_init)  # fmt: skip
+        if not shared and index == 2 and train.alternating_step2_init == "step1":
+            params = {**params, "backbone": finals[0].params["rpn_backbone"]}  # step 1's convs
         # a copy: each stage donates its state to its step, earlier stages' arrays live on
         state = jax.device_put(
             jax.tree.map(jnp.copy, initial.replace(params=params, opt_state=tx.init(params))),
@@ -111,6 +130,9 @@ def train_alternating(config, workdir, model, mesh, writer):
             return None
         finals.append(state)
     final = finals[-1].replace(step=jnp.asarray(final_step(train), jnp.int32))
+    if not shared:  # the RPN of step 1 beside the detector of step 2
+        rpn = {k: finals[0].params[k] for k in ("rpn_backbone", "rpn_head")}
+        final = final.replace(params={**final.params, **rpn})
     checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
     checkpoints.save(final_step(train), final, {}, {"scheme": "alternating"})
     checkpoints.wait()

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def initial_variables(config, model):
     """The model's initial variables on the host: a fresh initialisation (seed
-    `train.seed`), with `config.model.init_checkpoint`'s tensors put in when it is set."""
+    `train.seed`), with `config.model.init_checkpoint`'s tensors put in when it is set (the
+    backbone's also into the RPN's own backbone when features are not shared)."""
     height, width = config.data.canvas
     init = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))
     variables = init(
@@ -35,6 +36,13 @@ def initial_variables(config, model):
         variables = weights.restore_into(
             variables, flat, covers, source=f"config.model.init_checkpoint {path}"
         )
+        nets = {key.split("/")[1] for key in flat}  # the networks the file has
+        unshared = "rpn_backbone" in variables["params"] and "rpn_backbone" not in nets
+        if unshared and "backbone" in nets:
+            # unshared features: the RPN's backbone starts from the same (e.g. ImageNet) weights
+            for collection in variables.values():
+                if "backbone" in collection:
+                    collection["rpn_backbone"] = jax.tree.map(jnp.copy, collection["backbone"])
     return variables
 
 
