@@ -146,23 +146,17 @@ def our_detector(name, batch_size):
     else:
         ours = {**SETUPS[name]["ours"], "num_classes": NUM_CLASSES[name]}
         model = build_model(ml_collections.ConfigDict({"model": ours}))
-    shapes = jax.eval_shape(
-        lambda key: model.init(
-            key, np.zeros((1, 64, 64, 3), np.float32), np.array([[64, 64]]),
-            method=FasterRCNN.detect,
-        ),
-        jax.random.key(0),
-    )  # fmt: skip
-    if name == "r50_fpn":
+
+    def init(key):
+        image = np.zeros((1, 64, 64, 3), np.float32)
+        return model.init(key, image, np.array([[64, 64]]), method=FasterRCNN.detect)
+
+    if name == "r50_fpn":  # only the shapes: every tensor comes from torchvision's weights
+        shapes = jax.eval_shape(init, jax.random.key(0))
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         variables = weights.restore_into(zeros, flat, covers)
     else:
-        variables = jax.jit(
-            lambda key: model.init(
-                key, np.zeros((1, 64, 64, 3), np.float32), np.array([[64, 64]]),
-                method=FasterRCNN.detect,
-            )
-        )(jax.random.key(0))  # fmt: skip
+        variables = jax.jit(init)(jax.random.key(0))
     names = [f"class_{k}" for k in range(1, model.num_classes + 1)]
     return Detector(model, variables, class_names=names, data=data, batch_size=batch_size)
 

@@ -21,8 +21,9 @@ continues; a side keeps training at its final rate if the machine is faster than
 Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
 can be spread over several sittings, and a killed run loses only its own row. The two sides take
 turns, one run at a time, alternating so that drifts in the machine's speed fall on both.
-`--race` then reruns each side's best recipe (best mAP at the last mark) back to back, so the
-final comparison is measured in one sitting. The tables (search, best against best, where the
+`--race` then measures both sides' speed again (schedules fitted to the code and machine of that
+moment) and reruns each side's best recipe (best mAP at the last mark) back to back, so the final
+comparison is measured in one sitting. The tables (search, best against best, where the
 time goes) are printed and written next to the rows as Markdown.
 """
 
@@ -345,10 +346,12 @@ def recipe_name(row):
 def tables(rows_file, command):
     search, race = rows_file.mine("search"), rows_file.mine("race")
     lines = [f"# Time to accuracy: {rows_file.setting}", "", f"Command: `{command}`", ""]
-    fits = {r["side"]: r for r in rows_file.mine("fit")}
-    lines.append("Fitted schedules: " + "; ".join(
-        f"{s} {r['steps_per_second']:.3f} steps/s measured -> {r['num_steps']} steps"
-        for s, r in fits.items()) + ".")  # fmt: skip
+    for kind, name in (("fit", "Fitted schedules (search)"), ("race-fit", "Fitted (race)")):
+        fits = rows_file.mine(kind)
+        if fits:
+            lines.append(f"{name}: " + "; ".join(
+                f"{r['side']} {r['steps_per_second']:.3f} steps/s measured -> {r['num_steps']} "
+                f"steps" for r in fits) + ".")  # fmt: skip
     lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
     marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
     head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
@@ -420,29 +423,36 @@ def main():
             info = dataclasses.replace(info, num_examples=args.eval_images)
         return evaluate_detections(detect, batches, info, coco=False)["voc"]["mAP"]
 
-    for side in sides:  # fitted once per side: every recipe of a side gets the same steps
-        if rows.find("fit", side=side) is None:
+    def fit(kind, side):
+        """The side's fitted schedule (`kind` "fit": the search's, measured once; "race-fit":
+        measured again right before the race, so it matches the code and machine of then)."""
+        row = rows.find(kind, side=side)
+        if row is None:
             speed = measure(side, config, args.fit_steps)
             fitted = fit_to_budget(config.train, 60 * args.minutes, speed)
-            rows.add("fit", side=side, steps_per_second=round(speed, 3), **fitted)
+            row = rows.add(kind, side=side, steps_per_second=round(speed, 3), **fitted)
             print(f"{side}: {speed:.3f} steps/s -> {fitted} for {args.minutes:g} min", flush=True)
+        return {"num_steps": row["num_steps"], "lr_steps": tuple(row["lr_steps"]),
+                "warmup_steps": row["warmup_steps"]}  # fmt: skip
 
     def run(kind, side, optimizer, lr):
         if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr) is not None:
             return
-        fit = rows.find("fit", side=side)
-        fitted = {"num_steps": fit["num_steps"], "lr_steps": tuple(fit["lr_steps"]),
-                  "warmup_steps": fit["warmup_steps"]}  # fmt: skip
+        fitted = fit("race-fit" if kind == "race" else "fit", side)
         print(f"{kind}: {side}, {optimizer} lr {lr:g}, {fitted}:", flush=True)
         measured = train_for(side, recipe_config(config, optimizer, lr, fitted), marks, evaluate)
         rows.add(kind, side=side, optimizer=optimizer, learning_rate=lr, **fitted, **measured)
 
+    for side in sides:  # before any training: every recipe of a side gets the same schedule
+        fit("fit", side)
     for optimizer, lr in recipes:
         for side in sides:
             run("search", side, optimizer, lr)
     if args.race:
-        for side in sides:
-            top = best(rows.mine("search"), side)
+        tops = {side: best(rows.mine("search"), side) for side in sides}
+        for side in sides:  # both measured first, then both races back to back
+            fit("race-fit", side)
+        for side, top in tops.items():
             run("race", side, top["optimizer"], top["learning_rate"])
 
     text = tables(rows, "python experiments/time_to_map.py " + " ".join(

@@ -92,6 +92,9 @@ def base_config():
     c.eval.iou_threshold = 0.5  # paper: 0.5
     c.eval.coco = False  # also pycocotools' 12 numbers
     c.eval.proposal_recall = False  # also recall vs IoU of the RPN's proposals (Figure 4)
+    # Image-pyramid testing: short sides to detect each image at, detections merged by class NMS
+    # (the paper's Table 10: 5 scales); empty: data.min_size alone.
+    c.eval.scales = ()
     return c
 
 
@@ -189,6 +192,10 @@ def check_config(c):
             raise ValueError(f"config.train.{field} must be > 0, got {c.train[field]}")
     if c.train.learning_rate <= 0:
         raise ValueError(f"config.train.learning_rate must be > 0, got {c.train.learning_rate}")
+    if any(int(s) != s or s <= 0 for s in c.eval.scales):
+        raise ValueError(
+            f"config.eval.scales: need positive whole short sides, got {c.eval.scales}"
+        )
     if c.eval.batch_size <= 0:
         raise ValueError(f"config.eval.batch_size must be > 0, got {c.eval.batch_size}")
     if c.train.scheme == "non_approximate_joint" and c.model.head.get("pooler") != "align":

@@ -87,3 +87,29 @@ def detect(
         classes=jnp.where(mask, classes[kept.indices], 0),
         valid=mask,
     )
+
+
+def merge_detections(detections, *, nms_threshold, max_detections):
+    """One image's detections from several test scales (image-pyramid testing) as one set:
+    all of them, in original-image pixels, through class-wise NMS again, the best D kept.
+
+    Args:
+      detections: a sequence of `Detections` of one image (any numbers of rows).
+      nms_threshold: the head's class NMS threshold; max_detections: D.
+
+    Returns:
+      `Detections` with D rows, descending score, padding last.
+    """
+    boxes, scores, classes, valid = (
+        jnp.concatenate([getattr(d, name) for d in detections])
+        for name in ("boxes", "scores", "classes", "valid")
+    )
+    kept = ops.batched_nms(boxes, scores, classes, iou_threshold=nms_threshold,
+                           max_output_size=max_detections, valid=valid)  # fmt: skip
+    mask = kept.valid
+    return Detections(
+        boxes=jnp.where(mask[:, None], boxes[kept.indices], 0.0),
+        scores=jnp.where(mask, scores[kept.indices], 0.0),
+        classes=jnp.where(mask, classes[kept.indices], 0),
+        valid=mask,
+    )

@@ -98,7 +98,8 @@ def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
 
 def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     """experiments/time_to_map.py end to end with a tiny budget: one recipe per side, the fitted
-    schedules, the rows and tables; a rerun finds every row done and trains nothing."""
+    schedules, the rows and tables; then the race (fitted again, the best recipes rerun); a
+    rerun finds every row done and trains nothing."""
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     rows = tmp_path / "rows.jsonl"
     command = [sys.executable, str(ROOT / "experiments" / "time_to_map.py"),
@@ -123,8 +124,18 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     table = rows.with_suffix(".md").read_text()
     assert "## Best against best, from the search" in table
     assert "| frcnn_jax | adamw+cosine lr 0.001 |" in table
-    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
-                           timeout=900)  # fmt: skip
+    race = subprocess.run([*command, "--race"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=900)  # fmt: skip
+    assert race.returncode == 0, race.stderr[-3000:]
+    added = [json.loads(line) for line in rows.read_text().splitlines()][4:]
+    assert [(r["kind"], r["side"]) for r in added] == [
+        ("race-fit", "frcnn_jax"), ("race-fit", "torchvision"),
+        ("race", "frcnn_jax"), ("race", "torchvision"),
+    ]  # fmt: skip
+    assert "search:" not in race.stdout  # the search's rows were all done
+    assert "## Best against best, from the race" in rows.with_suffix(".md").read_text()
+    again = subprocess.run([*command, "--race"], capture_output=True, text=True, cwd=tmp_path,
+                           env=env, timeout=900)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(rows.read_text().splitlines()) == 4  # nothing rerun
-    assert "search:" not in again.stdout
+    assert len(rows.read_text().splitlines()) == 8  # nothing rerun
+    assert "search:" not in again.stdout and "race:" not in again.stdout

@@ -109,3 +109,13 @@ def test_input_convention_fields_reach_the_model_and_bad_values_are_named(monkey
     config = parse(voc, "--config.model.pixel_std=(1.0, 0.0, 1.0)", monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match=r"config.model.pixel_std: need 3 values"):
         check_config(config)
+
+
+def test_eval_scales_must_be_positive_short_sides():
+    config = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    config.eval.scales = (320, 480)
+    check_config(config)
+    for bad in ((0,), (320, -1), (320.5,)):
+        config.eval.scales = bad
+        with pytest.raises(ValueError, match=r"config\.eval\.scales"):
+            check_config(config)

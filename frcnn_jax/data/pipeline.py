@@ -15,6 +15,7 @@ per epoch.
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import threading
@@ -448,6 +449,20 @@ def with_name(data, name):
     one = data.copy_and_resolve_references()
     with one.unlocked():
         one.name = name
+    return one
+
+
+def at_scale(data, min_size):
+    """`data` (a config.data section) with images resized to short side `min_size`: the long
+    side limit and the canvas scaled alike (image-pyramid testing, `eval.scales`)."""
+    if min_size == data.min_size:
+        return data
+    factor = min_size / data.min_size
+    one = data.copy_and_resolve_references()
+    with one.unlocked():
+        one.min_size = int(min_size)
+        one.max_size = max(int(min_size), round(data.max_size * factor))
+        one.canvas = tuple(math.ceil(side * factor) for side in data.canvas)
     return one
 
 

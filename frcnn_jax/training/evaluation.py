@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax import checkpointing, rundir, sharding
+from frcnn_jax import checkpointing, postprocess, rundir, sharding
 from frcnn_jax.data import make_batches, pipeline
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model
@@ -38,21 +38,17 @@ def make_detect_fn(model, mesh, *, proposals=False):
 
 def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=None):
     """Evaluate on `split` (default `config.eval.split`); every host takes part, process 0
-    writes the report."""
+    writes the report. With `config.eval.scales`, each image is detected at every scale (its
+    short side resized to each) and the detections merged (`postprocess.merge_detections`):
+    the paper's image-pyramid testing; proposal recall then counts the first scale's."""
     split = split or config.eval.split
     data = pipeline.with_name(config.data, eval_data_name(config))
-    batches, info = make_batches(
-        data,
-        split,
-        batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
-        train=False,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        agree=sharding.hosts_agree(),
-    )
+    scales = tuple(config.eval.get("scales") or ())
+    streams = [_batches(pipeline.at_scale(data, s), split, config, mesh) for s in scales]
+    batches, info = streams[0] if streams else _batches(data, split, config, mesh)
     detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
-    if jax.process_count() > 1:
-        batches = (sharding.gather_batch(b) for b in batches)
+    if len(streams) > 1:
+        detect_fn = _pyramid(detect_fn, [iter(b) for b, _ in streams[1:]], model.head)
     write = workdir is not None and jax.process_index() == 0
     return evaluate_detections(
         lambda batch: detect_fn(variables, batch),
@@ -65,6 +61,40 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
         workdir=workdir if write else None,
         title=f"{data.name} {split}, step {step}",
     )
+
+
+def _batches(data, split, config, mesh):
+    batches, info = make_batches(
+        data,
+        split,
+        batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
+        train=False,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        agree=sharding.hosts_agree(),
+    )
+    if jax.process_count() > 1:
+        batches = (sharding.gather_batch(b) for b in batches)
+    return batches, info
+
+
+def _pyramid(detect_fn, others, head):
+    """`detect_fn` over the first scale's batch and the same images at the other scales (the
+    `others` iterators, in step with the first), detections merged per image."""
+    merge = jax.jit(jax.vmap(lambda *found: postprocess.merge_detections(
+        found, nms_threshold=head.nms_threshold, max_detections=head.max_detections)))  # fmt: skip
+
+    def pyramid_fn(variables, batch):
+        detections, proposals = detect_fn(variables, batch)
+        found = [detections]
+        for stream in others:
+            other = next(stream)
+            if not np.array_equal(other["image_id"], batch["image_id"]):
+                raise RuntimeError("eval.scales: the scales' batches went out of step")
+            found.append(detect_fn(variables, other)[0])
+        return jax.tree.map(np.asarray, merge(*found)), proposals
+
+    return pyramid_fn
 
 
 def eval_data_name(config):

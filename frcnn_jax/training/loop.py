@@ -43,7 +43,7 @@ def train_and_evaluate(config, workdir, *, allow_model_change=False):
     with rundir.WorkdirLock(workdir) if locked else contextlib.nullcontext():
         if _has_checkpoints(workdir):
             rundir.check_model(workdir, config, allow_change=allow_model_change)
-        return _train_and_evaluate(config, workdir, checkpoints, final_report)
+        return _train_and_evaluate(config, workdir, checkpoints, final_report, last_step)
 
 
 def _has_checkpoints(workdir):
@@ -52,9 +52,8 @@ def _has_checkpoints(workdir):
     )
 
 
-def _train_and_evaluate(config, workdir, checkpoints, final_report):
+def _train_and_evaluate(config, workdir, checkpoints, final_report, last_step):
     train = config.train
-    last_step = final_step(train)
     mesh = sharding.data_mesh()
     model = build_model(config)
     if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals

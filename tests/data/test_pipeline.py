@@ -1,5 +1,6 @@
 import io
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -317,3 +318,19 @@ def test_a_class_subset_keeps_and_renumbers_those_classes_only(shapes_data):
     subset.class_subset = ("rectangle", "hexagonal prism")
     with pytest.raises(ValueError, match=r"class_subset: \['hexagonal prism'\]"):
         pipeline.make_batches(subset, "test", batch_size=1, train=False)
+
+
+def test_at_scale_scales_the_long_side_limit_and_the_canvas():
+    from frcnn_jax.config import config_from_file
+    from frcnn_jax.data.pipeline import at_scale
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    voc = config_from_file(root / "configs" / "voc07_vgg16.py").data
+    assert at_scale(voc, 600) is voc
+    small = at_scale(voc, 480)
+    assert (small.min_size, small.max_size, tuple(small.canvas)) == (480, 800, (480, 800))
+    large = at_scale(voc, 1000)
+    assert (large.min_size, large.max_size, tuple(large.canvas)) == (1000, 1667, (1000, 1667))
+    assert (voc.min_size, tuple(voc.canvas)) == (600, (600, 1000))  # the original unchanged
+    shapes = config_from_file(root / "configs" / "shapes_512.py").data
+    assert tuple(at_scale(shapes, 384).canvas) == (384, 384)
