@@ -24,7 +24,7 @@ turns, one run at a time, alternating so that drifts in the machine's speed fall
 `--race` then measures both sides' speed again (schedules fitted to the code and machine of that
 moment) and reruns each side's best recipe (best mAP at the last mark) back to back, so the final
 comparison is measured in one sitting. The tables (search, best against best, where the
-time goes) are printed and written next to the rows as Markdown.
+time goes) are printed and written next to the rows as Markdown (`--report`: only that).
 """
 
 import argparse
@@ -397,6 +397,7 @@ def main():
     parser.add_argument("--fit-steps", type=int, default=40, help="steps timed to fit schedules")
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
+    parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
     args = parser.parse_args()
     config = config_from_file(args.config)
     config.data.workers = 2
@@ -443,12 +444,12 @@ def main():
         measured = train_for(side, recipe_config(config, optimizer, lr, fitted), marks, evaluate)
         rows.add(kind, side=side, optimizer=optimizer, learning_rate=lr, **fitted, **measured)
 
-    for side in sides:  # before any training: every recipe of a side gets the same schedule
+    for side in sides if not args.report else ():  # before any training: same schedules
         fit("fit", side)
-    for optimizer, lr in recipes:
+    for optimizer, lr in recipes if not args.report else ():
         for side in sides:
             run("search", side, optimizer, lr)
-    if args.race:
+    if args.race and not args.report:
         tops = {side: best(rows.mine("search"), side) for side in sides}
         for side in sides:  # both measured first, then both races back to back
             fit("race-fit", side)
