@@ -1,6 +1,6 @@
 """The paper's experiments (Tables 2, 8, 9, 10, Figure 4, the training schemes) on any config.
 
-    python experiments/paper_tables.py --table 2|8|9|10|fig4|schemes|all
+    python experiments/paper_tables.py --table 2|8|9|10|fig4|schemes[,...]|all
         [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2]
         [--rows experiments/results_paper.jsonl] [--runs runs/paper_tables]
 
@@ -116,10 +116,13 @@ def table_rows(table, config):
         return [Row(f"{n} proposals: recall vs IoU", test=(("model.rpn.test_post_nms_top_n", n),
                                                           ("eval.proposal_recall", True)))
                 for n in (300, 1000, 2000)]  # fmt: skip
-    if table == "schemes":
+    if table == "schemes":  # gradients through the boxes need RoIAlign (RoIPool rounds them)
+        pool = config.model.head.pooler == "pool"
         return [
             Row("approximate joint"),
-            Row("non-approximate joint", (("train.scheme", "non_approximate_joint"),)),
+            Row("non-approximate joint" + (" (RoIAlign)" if pool else ""),
+                (("train.scheme", "non_approximate_joint"),
+                 *((("model.head.pooler", "align"),) if pool else ()))),
             Row("4-step alternating", (("train.scheme", "alternating"),)),
             Row("4-step alternating, step 2 from step 1",
                 (("train.scheme", "alternating"), ("train.alternating_step2_init", "step1"))),
@@ -207,7 +210,7 @@ def _commit():
 
 
 def markdown(table, rows, setting, config_file):
-    mine = [r for r in rows.all if r["table"] == table and r["setting"] == setting]
+    mine = [r for r in rows.all if r.get("table") == table and r["setting"] == setting]
     seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
     steps = mine[0]["steps"] if mine else "?"
     command = (f"python experiments/paper_tables.py --table {table} --config {config_file} "
@@ -241,7 +244,7 @@ def markdown(table, rows, setting, config_file):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", required=True, choices=(*TABLES, "all"))
+    parser.add_argument("--table", required=True, help=f"one or more of {TABLES} (a,b), or all")
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_tiny.py"))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", default="0")
@@ -252,7 +255,10 @@ def main():
     base = scaled(config_from_file(args.config), args.steps)
     setting = f"{pathlib.Path(args.config).stem}, {args.steps} steps"
     rows = Rows(args.rows)
-    tables = TABLES if args.table == "all" else (args.table,)
+    tables = TABLES if args.table == "all" else tuple(args.table.split(","))
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        parser.error(f"--table: unknown {unknown}; known: {', '.join(TABLES)} or all")
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = pathlib.Path(args.runs) / pathlib.Path(args.config).stem / f"steps{args.steps}"
     for table in tables:
@@ -287,7 +293,7 @@ def main():
                       flush=True)  # fmt: skip
     for table in tables:
         print("\n" + markdown(table, rows, setting, args.config))
-    written = [t for t in TABLES if any(r["table"] == t for r in rows.all)]
+    written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]
     pathlib.Path(args.rows).with_suffix(".md").write_text(
         "\n".join(markdown(t, rows, s, c) for t in written for s, c in settings(rows, t))
     )
@@ -295,7 +301,7 @@ def main():
 
 def settings(rows, table):
     """(setting, config file) pairs of `table`'s rows, in order."""
-    return dict.fromkeys((r["setting"], r["config"]) for r in rows.all if r["table"] == table)
+    return dict.fromkeys((r["setting"], r["config"]) for r in rows.all if r.get("table") == table)
 
 
 def restore(workdir):
