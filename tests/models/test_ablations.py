@@ -2,6 +2,7 @@
 NMS, without the objectness ranking or without regression; an RPN with its own backbone
 (unshared features); and the one-stage variant (every anchor a RoI, no RPN)."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,3 +245,23 @@ def test_variant_combinations_that_cannot_work_are_named():
     for fields, message in cases:
         with pytest.raises(ValueError, match=message):
             check_config(config(**fields))
+
+
+def test_unshared_features_start_both_backbones_from_imported_weights(tmp_path):
+    from frcnn_jax import weights
+    from frcnn_jax.training.initial import initial_variables
+
+    config = base_config()
+    config.model.update(tiny_config().model)
+    config.data.canvas = (128, 128)
+    imported = build_model(config).init(jax.random.key(7), *one_image(),
+                                        method=FasterRCNN.detect)["params"]["backbone"]  # fmt: skip
+    flat = {f"params/backbone/{k}": np.asarray(v) for k, v in
+            flax.traverse_util.flatten_dict(imported, sep="/").items()}  # fmt: skip
+    weights.save(tmp_path / "backbone.npz", flat, ["params/backbone"])
+    config.model.rpn.shared_features = False
+    config.model.init_checkpoint = str(tmp_path / "backbone.npz")
+    params = initial_variables(config, build_model(config))["params"]
+    for net in ("backbone", "rpn_backbone"):
+        for got, want in zip(jax.tree.leaves(params[net]), jax.tree.leaves(imported), strict=True):
+            np.testing.assert_array_equal(got, want)
