@@ -173,7 +173,7 @@ def test_the_coco_detector_gives_torchvisions_proposals_and_detections():
     sizes = jnp.array([[800, 1088]])
 
     def rpn_and_detect(module, images):
-        levels = module._rpn(module._features(images, sizes, train=False), images.shape[1:3])
+        levels = module._rpn(module._features(images, sizes, train=False)[1], images.shape[1:3])
         return module._proposals(levels, sizes, train=False), module.detect(images, sizes)
 
     with jax.default_matmul_precision("highest"):  # direct convolutions, as torch's
