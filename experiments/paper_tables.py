@@ -261,6 +261,7 @@ def main():
         parser.error(f"--table: unknown {unknown}; known: {', '.join(TABLES)} or all")
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = pathlib.Path(args.runs) / pathlib.Path(args.config).stem / f"steps{args.steps}"
+    mesh = sharding.data_mesh()
     for table in tables:
         for row in table_rows(table, base):
             for seed in seeds:
@@ -278,7 +279,7 @@ def main():
                     rows.add({"training": str(workdir), "minutes": round(minutes, 2)})
                 config = with_fields(config, row.test)
                 result = training.evaluation.evaluate(
-                    config, build_model(config), restore(workdir), sharding.data_mesh()
+                    config, build_model(config), restore(workdir, mesh), mesh
                 )
                 record = {"table": table, "row": row.label, "seed": seed, "setting": setting,
                           "config": args.config, "steps": args.steps,
@@ -287,7 +288,8 @@ def main():
                           "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                           "commit": _commit()}  # fmt: skip
                 if "recall" in result:
-                    record["recall"] = result["recall"][f"recall@{proposal_count(config)}"]
+                    count = config.model.rpn.test_post_nms_top_n
+                    record["recall"] = result["recall"][f"recall@{count}"]
                 rows.add(record)
                 print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {record['map']:.4f}",
                       flush=True)  # fmt: skip
@@ -304,15 +306,11 @@ def settings(rows, table):
     return dict.fromkeys((r["setting"], r["config"]) for r in rows.all if r.get("table") == table)
 
 
-def restore(workdir):
-    mesh = sharding.data_mesh()
+def restore(workdir, mesh):
+    """The latest checkpoint's variables of `workdir`, replicated over `mesh`."""
     checkpoints = checkpointing.Checkpoints(workdir)
     variables = checkpoints.restore_variables(checkpoints.latest_step())
     return jax.device_put(variables, sharding.replicated(mesh))
-
-
-def proposal_count(config):
-    return int(config.model.rpn.test_post_nms_top_n)
 
 
 if __name__ == "__main__":
