@@ -22,8 +22,10 @@ Every finished run is a row of `--rows` (JSON lines): a rerun skips finished row
 can be spread over several sittings, and a killed run loses only its own row. The two sides take
 turns, one run at a time, alternating so that drifts in the machine's speed fall on both.
 `--race` then measures both sides' speed again (schedules fitted to the code and machine of that
-moment) and reruns each side's best recipe (best mAP at the last mark) back to back, so the final
-comparison is measured in one sitting. The tables (search, best against best, where the
+moment, corrected by the ratio of the speed each side sustained in its search runs to the speed
+measured for them) and reruns each side's best recipe (best mAP at the last mark) back to back,
+so the final comparison is measured in one sitting. `--stop-by HH:MM` starts no run that could
+not end by then, so a sitting ends between rows. The tables (search, best against best, where the
 time goes) are printed and written next to the rows as Markdown (`--report`: only that).
 """
 
@@ -333,6 +335,40 @@ def _commit():
         return None
 
 
+class StopBy(Exception):
+    """The next run could not end by --stop-by."""
+
+
+def sustained_ratio(rows, side):
+    """Median, over `side`'s search rows, of the steps/s a run sustained over its budget to the
+    steps/s measured for the search's schedules (1.0 before any search row of 2+ steps)."""
+    fitted = rows.find("fit", side=side)
+    ratios = [r["steps_per_second"] / fitted["steps_per_second"]
+              for r in rows.mine("search")
+              if r["side"] == side and fitted and r["steps_per_second"] > 0]  # fmt: skip
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def row_seconds(rows, minutes):
+    """Wall seconds one more run is expected to take: the longest finished run's timed parts
+    plus a minute of set-up (20% over the budget before any run has finished)."""
+    done = [r["first_step_s"] + r["data_s"] + r["step_s"] + r["eval_s"]
+            for r in rows.mine("search") + rows.mine("race")]  # fmt: skip
+    return max(done) + 60 if done else 1.2 * 60 * minutes
+
+
+def clock_time(text):
+    """`HH:MM` today (tomorrow if already past) as a time.time() value."""
+    try:
+        hours, minutes = (int(part) for part in text.split(":"))
+        at = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0, microsecond=0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--stop-by wants HH:MM, got {text!r}") from error
+    if at < datetime.datetime.now():
+        at += datetime.timedelta(days=1)
+    return at.timestamp()
+
+
 def best(rows, side):
     """`side`'s row with the highest mAP at the last mark (None if it has none)."""
     mine = [r for r in rows if r["side"] == side]
@@ -350,8 +386,10 @@ def tables(rows_file, command):
         fits = rows_file.mine(kind)
         if fits:
             lines.append(f"{name}: " + "; ".join(
-                f"{r['side']} {r['steps_per_second']:.3f} steps/s measured -> {r['num_steps']} "
-                f"steps" for r in fits) + ".")  # fmt: skip
+                f"{r['side']} {r['steps_per_second']:.3f} steps/s"
+                + (f" ({r['measured_steps_per_second']:.3f} measured x {r['sustained_ratio']:.3f}"
+                   " sustained in the search)" if "sustained_ratio" in r else " measured")
+                + f" -> {r['num_steps']} steps" for r in fits) + ".")  # fmt: skip
     lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
     marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
     head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
@@ -398,6 +436,8 @@ def main():
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
+    parser.add_argument("--stop-by", type=clock_time, help="HH:MM: start no run that could not "
+                        "end by then (estimated from the finished rows)")  # fmt: skip
     args = parser.parse_args()
     config = config_from_file(args.config)
     config.data.workers = 2
@@ -429,32 +469,47 @@ def main():
         measured again right before the race, so it matches the code and machine of then)."""
         row = rows.find(kind, side=side)
         if row is None:
-            speed = measure(side, config, args.fit_steps)
+            measured = measure(side, config, args.fit_steps)
+            # a few dozen steps run faster than 20 minutes of them (the twin's proposal count
+            # varies, both sides' loaders compete with the steps): the race corrects by the
+            # ratio the side's search rows sustained to the search's measurement
+            ratio = sustained_ratio(rows, side) if kind == "race-fit" else 1.0
+            speed = measured * ratio
             fitted = fit_to_budget(config.train, 60 * args.minutes, speed)
-            row = rows.add(kind, side=side, steps_per_second=round(speed, 3), **fitted)
-            print(f"{side}: {speed:.3f} steps/s -> {fitted} for {args.minutes:g} min", flush=True)
+            row = rows.add(kind, side=side, steps_per_second=round(speed, 3),
+                           measured_steps_per_second=round(measured, 3),
+                           sustained_ratio=round(ratio, 3), **fitted)  # fmt: skip
+            print(f"{side}: {measured:.3f} steps/s measured, x{ratio:.3f} sustained -> {fitted} "
+                  f"for {args.minutes:g} min", flush=True)  # fmt: skip
         return {"num_steps": row["num_steps"], "lr_steps": tuple(row["lr_steps"]),
                 "warmup_steps": row["warmup_steps"]}  # fmt: skip
 
     def run(kind, side, optimizer, lr):
         if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr) is not None:
             return
+        if args.stop_by and time.time() + row_seconds(rows, args.minutes) > args.stop_by:
+            print(f"{kind}: {side}, {optimizer} lr {lr:g}: not started, it could not end by "
+                  f"--stop-by", flush=True)  # fmt: skip
+            raise StopBy
         fitted = fit("race-fit" if kind == "race" else "fit", side)
         print(f"{kind}: {side}, {optimizer} lr {lr:g}, {fitted}:", flush=True)
         measured = train_for(side, recipe_config(config, optimizer, lr, fitted), marks, evaluate)
         rows.add(kind, side=side, optimizer=optimizer, learning_rate=lr, **fitted, **measured)
 
-    for side in sides if not args.report else ():  # before any training: same schedules
-        fit("fit", side)
-    for optimizer, lr in recipes if not args.report else ():
-        for side in sides:
-            run("search", side, optimizer, lr)
-    if args.race and not args.report:
-        tops = {side: best(rows.mine("search"), side) for side in sides}
-        for side in sides:  # both measured first, then both races back to back
-            fit("race-fit", side)
-        for side, top in tops.items():
-            run("race", side, top["optimizer"], top["learning_rate"])
+    try:
+        for side in sides if not args.report else ():  # before any training: same schedules
+            fit("fit", side)
+        for optimizer, lr in recipes if not args.report else ():
+            for side in sides:
+                run("search", side, optimizer, lr)
+        if args.race and not args.report:
+            tops = {side: best(rows.mine("search"), side) for side in sides}
+            for side in sides:  # both measured first, then both races back to back
+                fit("race-fit", side)
+            for side, top in tops.items():
+                run("race", side, top["optimizer"], top["learning_rate"])
+    except StopBy:
+        pass
 
     text = tables(rows, "python experiments/time_to_map.py " + " ".join(
         a for a in os.sys.argv[1:]))  # fmt: skip

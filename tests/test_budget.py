@@ -133,6 +133,12 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         ("race", "frcnn_jax"), ("race", "torchvision"),
     ]  # fmt: skip
     assert "search:" not in race.stdout  # the search's rows were all done
+    for fit in added[:2]:  # corrected by what the side's search run sustained
+        search = next(r for r in written[2:] if r["side"] == fit["side"])
+        first = next(r for r in written[:2] if r["side"] == fit["side"])
+        ratio = search["steps_per_second"] / first["steps_per_second"] or 1.0  # 0: one step
+        assert abs(fit["sustained_ratio"] - ratio) < 2e-3
+        assert abs(fit["steps_per_second"] - fit["measured_steps_per_second"] * ratio) < 2e-2
     assert "## Best against best, from the race" in rows.with_suffix(".md").read_text()
     again = subprocess.run([*command, "--race"], capture_output=True, text=True, cwd=tmp_path,
                            env=env, timeout=900)  # fmt: skip
