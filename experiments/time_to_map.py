@@ -32,11 +32,9 @@ time goes) are printed and written next to the rows as Markdown (`--report`: onl
 import argparse
 import collections
 import datetime
-import json
 import math
 import os
 import pathlib
-import subprocess
 import time
 
 from frcnn_jax.runtime import configure_runtime
@@ -45,6 +43,7 @@ configure_runtime()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import result_rows  # noqa: E402
 
 from frcnn_jax import sharding, training  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
@@ -298,41 +297,22 @@ def train_for(side, config, marks, evaluate):
 # ---------------------------------------------------------------- rows and tables
 
 
-class Rows:
-    """The JSON-lines file of finished rows."""
+class Rows(result_rows.Rows):
+    """The finished rows of one setting (config, budget, evaluation images)."""
 
     def __init__(self, path, setting):
-        self.path, self.setting = pathlib.Path(path), setting
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        self.all = [json.loads(line) for line in lines if line.strip()]
+        super().__init__(path)
+        self.setting = setting
 
     def mine(self, kind):
-        return [r for r in self.all if r["kind"] == kind and r["setting"] == self.setting]
+        return super().find(kind=kind, setting=self.setting)
 
     def find(self, kind, **match):
-        for row in self.mine(kind):
-            if all(row.get(k) == v for k, v in match.items()):
-                return row
-        return None
+        found = super().find(kind=kind, setting=self.setting, **match)
+        return found[0] if found else None
 
     def add(self, kind, **fields):
-        row = {"kind": kind, "setting": self.setting, **fields,
-               "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-               "commit": _commit()}  # fmt: skip
-        self.all.append(row)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
-
-
-def _commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        return super().add({"kind": kind, "setting": self.setting, **fields})
 
 
 class StopBy(Exception):

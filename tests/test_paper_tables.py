@@ -25,8 +25,8 @@ c.model.head.widths = (32, 32)
 
 
 def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
-    """Tables 10 and Figure 4 (two trainings, seven evaluations: the one-stage model, the image
-    pyramid, proposal recall); the other tables' rows are the same machinery with other fields
+    """Tables 10 and Figure 4 (three trainings, eight evaluations: the one-stage model, the image
+    pyramid, multi-scale training, proposal recall); the other tables' rows are the same machinery with other fields
     (checked below without training)."""
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
     rows = tmp_path / "rows.jsonl"
@@ -37,12 +37,12 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     written = [json.loads(line) for line in rows.read_text().splitlines()]
     results = [r for r in written if "table" in r]
-    assert [r["table"] for r in results] == ["10"] * 4 + ["fig4"] * 3
+    assert [r["table"] for r in results] == ["10"] * 5 + ["fig4"] * 3
     for r in results:
         assert 0.0 <= r["map"] <= 1.0 and r["seed"] == 0
     # one training per distinct weight-changing setting, shared between tables
     trainings = [r for r in written if "training" in r]
-    assert len(trainings) == len({r["workdir"] for r in results}) == 2
+    assert len(trainings) == len({r["workdir"] for r in results}) == 3
     by_row = {r["row"]: r for r in results}
     assert by_row["two-stage, 5 test scales"]["workdir"] == by_row[
         "300 proposals: recall vs IoU"]["workdir"]  # fmt: skip
@@ -73,7 +73,7 @@ for name in ("shapes_tiny.py", "voc07_vgg16.py"):
             check_config(config)
             build_model(config)
             trainings.add(paper_tables.training_name(row.train))
-    assert len(trainings) == 12, trainings
+    assert len(trainings) == 13, trainings
 voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))

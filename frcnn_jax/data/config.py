@@ -30,6 +30,10 @@ def data_config(**overrides):
     # keep min_size on their short side too; batches group images of one canvas (two compiled
     # shapes). False: one canvas, portrait images shrunk to fit it.
     c.orient_canvas = True
+    # Multi-scale training: each training image's short side drawn at random from these (the
+    # long side limit scaled alike; batches padded to the largest one's canvas); empty:
+    # min_size alone. Evaluation keeps min_size (image pyramids: eval.scales).
+    c.train_scales = ()
     c.max_boxes = 64  # G: ground-truth slots per image (64 VOC, 100 COCO)
     # Train and evaluate on these classes only, labelled 1..len in this order (other objects'
     # boxes are dropped); empty: every class of the dataset.
@@ -48,6 +52,9 @@ def check_data_config(c):
             "config.data.min_size/max_size: need 0 < min_size <= max_size, "
             f"got {c.min_size}/{c.max_size}"
         )
+    scales = c.get("train_scales", ())  # absent from run.json files of older versions
+    if any(int(s) != s or s <= 0 for s in scales):
+        raise ValueError(f"config.data.train_scales: need positive whole short sides, got {scales}")
     if len(c.canvas) != 2 or min(c.canvas) <= 0:
         raise ValueError(f"config.data.canvas: need (height, width) > 0, got {c.canvas}")
     if c.max_boxes <= 0:

@@ -169,10 +169,13 @@ class _Preprocess(grain.RandomMapTransform):
 
     def __init__(self, data, train, label_map=None):
         self.label_map = label_map  # int [K_all + 1]: dataset label -> 1..K, 0 to drop
+        # multi-scale training: a short side drawn per image, all on the largest one's canvas
+        self.scales = tuple(int(s) for s in data.train_scales) if train else ()
+        self.data = data
         self.kwargs = dict(
             min_size=data.min_size,
             max_size=data.max_size,
-            canvas=tuple(data.canvas),
+            canvas=tuple(train_canvas(data) if train else data.canvas),
             max_boxes=data.max_boxes,
             exclude_difficult=train and data.exclude_difficult,
             orient=data.orient_canvas,
@@ -184,11 +187,14 @@ class _Preprocess(grain.RandomMapTransform):
         if os.getpid() != self.owner:  # in a grain worker process
             _exit_with_owner(self.owner)
         record, index = element
-        return self.example(record, index, flip=bool(self.flip and rng.random() < 0.5))
+        flip = bool(self.flip and rng.random() < 0.5)
+        min_size = self.scales[rng.integers(len(self.scales))] if self.scales else None
+        return self.example(record, index, flip=flip, min_size=min_size)
 
-    def example(self, record, index, *, flip):
-        """The preprocessed example of `record` (source row `index`), or {"problems": ...}.
-        `_index` and `_flip` let a resumed loader rebuild examples it had buffered."""
+    def example(self, record, index, *, flip, min_size=None):
+        """The preprocessed example of `record` (source row `index`), or {"problems": ...},
+        resized to short side `min_size` (None: `data.min_size`). `_index`, `_flip` and
+        `_min_size` let a resumed loader rebuild examples it had buffered."""
         problems = checks.Problems()
         if "problem" in record:
             problems.add(*record["problem"])
@@ -202,13 +208,18 @@ class _Preprocess(grain.RandomMapTransform):
             labels = self.label_map[labels]
             keep = labels > 0
             boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
+        kwargs = self.kwargs
+        if min_size is not None:
+            limits = scaled_sizes(self.data, min_size)
+            kwargs = {**kwargs, "min_size": limits["min_size"], "max_size": limits["max_size"]}
         example, dropped = preprocess.preprocess(
-            image, boxes, labels, difficult, flip=flip, **self.kwargs
+            image, boxes, labels, difficult, flip=flip, **kwargs
         )
         example["image_id"] = np.int64(image_id)
         example["valid"] = np.bool_(True)
         example["_index"] = np.int64(index)
         example["_flip"] = np.bool_(flip)
+        example["_min_size"] = np.int64(min_size or 0)
         if dropped:
             problems.add("boxes over max_boxes dropped", name, dropped)
         if problems:
@@ -288,7 +299,8 @@ class Batches:
         self._iter = iter(self._loader)
         self.consumed = 0  # records taken from the loader, valid or not
         self.name = name
-        self.canvases = canvas_lib.canvases(data.canvas, orient=data.orient_canvas)
+        self.canvases = canvas_lib.canvases(self._preprocess.kwargs["canvas"],
+                                            orient=data.orient_canvas)  # fmt: skip
         self._buckets = {canvas: [] for canvas in self.canvases}
         self._agree = agree or _local_only
         self._exhausted = False
@@ -366,7 +378,9 @@ class Batches:
 
     def get_state(self):
         buffered = [
-            [int(e["_index"]), bool(e["_flip"])] for c in self.canvases for e in self._buckets[c]
+            [int(e["_index"]), bool(e["_flip"]), int(e["_min_size"])]
+            for c in self.canvases
+            for e in self._buckets[c]
         ]
         return {
             "loader": self._iter.get_state().decode(),
@@ -378,8 +392,9 @@ class Batches:
         self._iter.set_state(state["loader"].encode())
         self.consumed = int(state["consumed"])
         self._buckets = {canvas: [] for canvas in self.canvases}
-        for index, flip in state.get("buffered", []):  # rebuilt exactly as first made
-            example = self._preprocess.example(*self._source[index], flip=flip)
+        for index, flip, *min_size in state.get("buffered", []):  # rebuilt as first made
+            example = self._preprocess.example(*self._source[index], flip=flip,
+                                               min_size=(min_size or [0])[0] or None)  # fmt: skip
             self._buckets[example["image"].shape[:2]].append(example)
 
 
@@ -452,18 +467,34 @@ def with_name(data, name):
     return one
 
 
+def scaled_sizes(data, min_size):
+    """{min_size, max_size, canvas} of `data` (a config.data section) for images resized to
+    short side `min_size`: the long side limit and the canvas scaled alike."""
+    factor = min_size / data.min_size
+    return {
+        "min_size": int(min_size),
+        "max_size": max(int(min_size), round(data.max_size * factor)),
+        "canvas": tuple(math.ceil(side * factor) for side in data.canvas),
+    }
+
+
 def at_scale(data, min_size):
-    """`data` (a config.data section) with images resized to short side `min_size`: the long
-    side limit and the canvas scaled alike (image-pyramid testing, `eval.scales`)."""
+    """`data` (a config.data section) with images resized to short side `min_size`
+    (`scaled_sizes`; image-pyramid testing, `eval.scales`)."""
     if min_size == data.min_size:
         return data
-    factor = min_size / data.min_size
     one = data.copy_and_resolve_references()
     with one.unlocked():
-        one.min_size = int(min_size)
-        one.max_size = max(int(min_size), round(data.max_size * factor))
-        one.canvas = tuple(math.ceil(side * factor) for side in data.canvas)
+        one.update(scaled_sizes(data, min_size))
     return one
+
+
+def train_canvas(data):
+    """The (H, W) canvas training batches use: `data.canvas`, or with `data.train_scales` the
+    canvas of the largest scale (smaller scales are padded onto it: one compiled shape)."""
+    if not data.train_scales:
+        return tuple(data.canvas)
+    return scaled_sizes(data, max(data.train_scales))["canvas"]
 
 
 class _Concat:

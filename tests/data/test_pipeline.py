@@ -247,6 +247,37 @@ def test_training_batches_group_by_orientation_and_resume_with_buffered_examples
     assert resumed_with_buffer >= 3  # the buffered examples' rebuild was exercised
 
 
+def test_multi_scale_training_draws_a_short_side_per_image_on_one_canvas_and_resumes():
+    data = data_config(**MIXED, train_scales=(30, 60, 90))  # canvas of 90: (90, 150)
+
+    def fresh():
+        return pipeline.Batches(_MixedSource(), data, batch_size=2, train=True, seed=5)
+
+    expected = _take(fresh(), 16)
+    short_sides = set()
+    for batch in expected:
+        assert batch["image"].shape[1:3] in {(90, 150), (150, 90)}
+        short_sides.update(batch["image_size"].min(axis=1).tolist())
+        long_side = batch["image_size"].max(axis=1)  # 40 x 50 images: long = 1.25 x short
+        np.testing.assert_array_equal(long_side, batch["image_size"].min(axis=1) * 5 // 4)
+        np.testing.assert_allclose(batch["scale"], batch["image_size"].min(axis=1) / 40)
+        boxes = batch["gt_boxes"][batch["gt_valid"]]
+        assert (boxes[:, 2:] <= 150).all()
+    assert short_sides == {30, 60, 90}
+    for cut in (3, 7, 11):  # buffered examples rebuilt at their own scale
+        run = fresh()
+        head = _take(run, cut)
+        resumed = fresh()
+        resumed.set_state(run.get_state())
+        assert _same(expected, head + _take(resumed, 16 - cut)), cut
+    # evaluation keeps min_size and the configured canvas
+    test = next(pipeline.Batches(_MixedSource(), data, batch_size=2, train=False, seed=0))
+    assert test["image"].shape[1:3] in {LANDSCAPE, PORTRAIT}
+    assert (test["image_size"].min(axis=1) == 60).all()
+    with pytest.raises(ValueError, match=r"config\.data\.train_scales"):
+        pipeline.make_batches(data_config(train_scales=(0,)), "train", batch_size=1, train=True)
+
+
 def test_evaluation_groups_by_orientation_and_sees_every_image_once():
     data = data_config(**MIXED)
     batches = list(pipeline.Batches(_MixedSource(), data, batch_size=3, train=False, seed=0))

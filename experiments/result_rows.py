@@ -1,0 +1,42 @@
+"""Rows of a resumable experiment: a JSON-lines file, one finished row per line, so a rerun can
+skip what is done and a killed run loses only the row it was working on."""
+
+import datetime
+import json
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class Rows:
+    """The rows of `path` (none if it does not exist yet)."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.all = [json.loads(line) for line in lines if line.strip()]
+
+    def find(self, **match):
+        """The rows whose fields equal `match`'s, in the order they were added."""
+        return [r for r in self.all if all(r.get(k) == v for k, v in match.items())]
+
+    def add(self, row):
+        """Append `row` stamped with the time it finished and the commit that made it."""
+        row = {**row, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+               "commit": commit()}  # fmt: skip
+        self.all.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def commit():
+    """The checkout's short commit hash (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
