@@ -13,20 +13,22 @@ evaluator on the test split; evaluation time is not counted as training time.
 The search, per side: SGD (momentum 0.9, weight decay on kernels) with a x0.1 step at 75% of
 the run, and AdamW (decoupled weight decay on kernels) with a cosine to zero, three learning
 rates each, all after the config's linear warm-up. The schedules are fitted to the budget
-(`frcnn_jax.training.budget`): each side's steps/s is measured once (a few dozen steps after
-warm-up), and `num_steps` = budget x steps/s, so each side's schedule ends when its budget is
-spent. Each run trains until the next mark of `--every` training minutes, evaluates, and
+(`frcnn_jax.training.budget`): each side's steps/s is measured once (a few dozen steps of the
+config's optimizer after warm-up), and `num_steps` = budget x steps/s, so each side's schedule
+ends when its budget is spent (AdamW's runs, whose update costs more, stop a few percent short
+of their schedule's end; the twin's more than frcnn_jax's). Each run trains until the next mark of `--every` training minutes, evaluates, and
 continues; a side keeps training at its final rate if the machine is faster than measured.
 
 Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
 can be spread over several sittings, and a killed run loses only its own row. The two sides take
 turns, one run at a time, alternating so that drifts in the machine's speed fall on both.
 `--race` then measures both sides' speed again (schedules fitted to the code and machine of that
-moment, corrected by the ratio of the speed each side sustained in its search runs to the speed
-measured for them) and reruns each side's best recipe (best mAP at the last mark) back to back,
-so the final comparison is measured in one sitting. `--stop-by HH:MM` starts no run that could
-not end by then, so a sitting ends between rows. The tables (search, best against best, where the
-time goes) are printed and written next to the rows as Markdown (`--report`: only that).
+moment, corrected by the ratio of the speed each side sustained in its search runs with the
+recipe's optimizer to the speed measured for them) and reruns each side's best recipe (best mAP
+at the last mark) back to back, so the final comparison is measured in one sitting. `--stop-by
+HH:MM` starts no run that could not end by then, so a sitting ends between rows. The tables
+(search, best against best, where the time goes) are printed and written next to the rows as
+Markdown (`--report`: only that).
 """
 
 import argparse
@@ -319,13 +321,15 @@ class StopBy(Exception):
     """The next run could not end by --stop-by."""
 
 
-def sustained_ratio(rows, side):
-    """Median, over `side`'s search rows, of the steps/s a run sustained over its budget to the
-    steps/s measured for the search's schedules (1.0 before any search row of 2+ steps)."""
+def sustained_ratio(rows, side, optimizer):
+    """Median, over `side`'s search rows with `optimizer`, of the steps/s a run sustained over
+    its budget to the steps/s measured for the search's schedules (the config's optimizer, a
+    few dozen steps); 1.0 before any such row of 2+ steps."""
     fitted = rows.find("fit", side=side)
     ratios = [r["steps_per_second"] / fitted["steps_per_second"]
               for r in rows.mine("search")
-              if r["side"] == side and fitted and r["steps_per_second"] > 0]  # fmt: skip
+              if r["side"] == side and r["optimizer"] == optimizer and fitted
+              and r["steps_per_second"] > 0]  # fmt: skip
     return float(np.median(ratios)) if ratios else 1.0
 
 
@@ -444,16 +448,16 @@ def main():
             info = dataclasses.replace(info, num_examples=args.eval_images)
         return evaluate_detections(detect, batches, info, coco=False)["voc"]["mAP"]
 
-    def fit(kind, side):
+    def fit(kind, side, optimizer=None):
         """The side's fitted schedule (`kind` "fit": the search's, measured once; "race-fit":
         measured again right before the race, so it matches the code and machine of then)."""
         row = rows.find(kind, side=side)
         if row is None:
             measured = measure(side, config, args.fit_steps)
-            # a few dozen steps run faster than 20 minutes of them (the twin's proposal count
-            # varies, both sides' loaders compete with the steps): the race corrects by the
-            # ratio the side's search rows sustained to the search's measurement
-            ratio = sustained_ratio(rows, side) if kind == "race-fit" else 1.0
+            # a few dozen steps of the config's optimizer run faster than 20 minutes of the
+            # recipe's (AdamW's update costs more; the loaders compete with the steps): the
+            # race corrects by the ratio the side's search rows with that optimizer sustained
+            ratio = sustained_ratio(rows, side, optimizer) if kind == "race-fit" else 1.0
             speed = measured * ratio
             fitted = fit_to_budget(config.train, 60 * args.minutes, speed)
             row = rows.add(kind, side=side, steps_per_second=round(speed, 3),
@@ -485,7 +489,7 @@ def main():
         if args.race and not args.report:
             tops = {side: best(rows.mine("search"), side) for side in sides}
             for side in sides:  # both measured first, then both races back to back
-                fit("race-fit", side)
+                fit("race-fit", side, tops[side]["optimizer"])
             for side, top in tops.items():
                 run("race", side, top["optimizer"], top["learning_rate"])
     except StopBy:
