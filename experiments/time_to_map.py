@@ -10,14 +10,15 @@ layers and padding), the same anchors, RPN and RoI settings, RoIAlign 7x7 and tw
 loader (grain, 2 workers), batch size and image size, and are evaluated with the same VOC
 evaluator on the test split; evaluation time is not counted as training time.
 
-The search, per side: SGD (momentum 0.9, weight decay on kernels) with a x0.1 step at 75% of
-the run, and AdamW (decoupled weight decay on kernels) with a cosine to zero, three learning
-rates each, all after the config's linear warm-up. The schedules are fitted to the budget
+The search, per side: SGD (momentum 0.9, weight decay on kernels) with a x0.1 step at 75% of the
+run, and AdamW (decoupled weight decay on kernels) with a cosine to zero, three learning rates
+each, all after the config's linear warm-up. The schedules are fitted to the budget
 (`frcnn_jax.training.budget`): each side's steps/s is measured once (a few dozen steps of the
 config's optimizer after warm-up), and `num_steps` = budget x steps/s, so each side's schedule
 ends when its budget is spent (AdamW's runs, whose update costs more, stop a few percent short
-of their schedule's end; the twin's more than frcnn_jax's). Each run trains until the next mark of `--every` training minutes, evaluates, and
-continues; a side keeps training at its final rate if the machine is faster than measured.
+of their schedule's end; the twin's more than frcnn_jax's). Each run trains until the next mark
+of `--every` training minutes, evaluates, and continues; a side keeps training at its final rate
+if the machine is faster than measured.
 
 Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
 can be spread over several sittings, and a killed run loses only its own row. The two sides take
