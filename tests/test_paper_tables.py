@@ -26,8 +26,8 @@ c.model.head.widths = (32, 32)
 
 def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     """Tables 10 and Figure 4 (three trainings, eight evaluations: the one-stage model, the image
-    pyramid, multi-scale training, proposal recall); the other tables' rows are the same machinery with other fields
-    (checked below without training)."""
+    pyramid, multi-scale training, proposal recall); the other tables' rows are the same
+    machinery with other fields (checked below without training)."""
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
     rows = tmp_path / "rows.jsonl"
     command = [sys.executable, str(SCRIPT), "--table=10,fig4", f"--config={config_file}",
