@@ -207,9 +207,12 @@ def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         return done
 
-    train(tmp_path / "one", 4)
-    for name, before, after in (("8_to_1", DEVICES_8, None), ("1_to_8", None, DEVICES_8)):
-        train(tmp_path / name, 2, before)
+    train(tmp_path / "one", 4)  # checkpoints at 2 and 4
+    train(tmp_path / "8_to_1", 2, DEVICES_8)
+    # 1 to 8: the uninterrupted run as if stopped after its step-2 checkpoint
+    shutil.copytree(tmp_path / "one", tmp_path / "1_to_8")
+    shutil.rmtree(tmp_path / "1_to_8" / "checkpoints" / "4")
+    for name, after in (("8_to_1", None), ("1_to_8", DEVICES_8)):
         resumed = train(tmp_path / name, 4, after)
         assert "resumed from" in resumed.stdout + resumed.stderr
         for a, b in zip(final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4),
