@@ -143,6 +143,14 @@ TITLES = {
             "to 300 proposals)",
     "schemes": "Training schemes (section 3.2)",
 }  # fmt: skip
+# each table's reference row (the start of its label): the config as it is, or the paper's
+# choice; every other row is also shown as its difference from it, seed by seed
+REFERENCE = {"2": "300 proposals", "8": "3 scales, 3 ratios", "9": "lambda = 10 ",
+             "10": "two-stage (", "schemes": "approximate joint"}  # fmt: skip
+
+
+def is_reference(table, label):
+    return table in REFERENCE and label.startswith(REFERENCE[table])
 
 
 # ---------------------------------------------------------------- runs
@@ -191,6 +199,9 @@ def markdown(table, rows, setting, config_file):
     mine = [r for r in rows.all if r.get("table") == table and r["setting"] == setting]
     seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
     steps = mine[0]["steps"] if mine else "?"
+    config_file = pathlib.Path(config_file)  # a repo config as the repo names it
+    if config_file.parent.name == "configs":
+        config_file = pathlib.Path("configs", config_file.name)
     command = (f"python experiments/paper_tables.py --table {table} --config {config_file} "
                f"--steps {steps} --seeds {seeds}")  # fmt: skip
     lines = [f"## {TITLES[table]}", "", f"{setting}: `{command}`", ""]
@@ -199,8 +210,9 @@ def markdown(table, rows, setting, config_file):
         lines += ["| proposals | seeds | " + " | ".join(f"recall@{t}" for t in thresholds)
                   + " | AR |", "|---" * (len(thresholds) + 3) + "|"]  # fmt: skip
     else:
-        lines += ["| row | seeds | ours mAP@0.5 (%) | spread | paper (%) | training min |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| row | seeds | ours mAP@0.5 (%) | spread | vs reference, by seed | "
+                  "paper (%) | training min |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
     for label in dict.fromkeys(r["row"] for r in mine):
         found = [r for r in mine if r["row"] == label]
         seeds = ",".join(str(r["seed"]) for r in found)
@@ -215,9 +227,23 @@ def markdown(table, rows, setting, config_file):
         spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
         paper = "-" if found[0]["paper"] is None else f"{found[0]['paper']:.1f}"
         minutes = statistics.mean(r["train_minutes"] for r in found)
-        lines.append(f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | {paper} "
-                     f"| {minutes:.1f} |")  # fmt: skip
+        lines.append(f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | "
+                     f"{versus(table, found, reference)} | {paper} | {minutes:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def versus(table, found, reference):
+    """The row's mAP minus the reference row's of the same seed: their mean and range (points),
+    "reference" for the reference row itself, "-" where no seed has both."""
+    if is_reference(table, found[0]["row"]):
+        return "reference"
+    differences = [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference]
+    if not differences:
+        return "-"
+    mean = f"{statistics.mean(differences):+.1f}"
+    if len(differences) == 1:
+        return mean
+    return f"{mean} ({min(differences):+.1f} to {max(differences):+.1f})"
 
 
 def main():

@@ -50,6 +50,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     table = rows.with_suffix(".md").read_text()
     assert "## Table 10:" in table and "## Figure 4:" in table
     assert "| one-stage, 5 test scales | 0 |" in table and "| 53.9 |" in table
+    assert table.count("| reference |") == 1  # Table 10's two-stage row; the rest vs it
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert len(rows.read_text().splitlines()) == len(written)  # nothing rerun
@@ -73,7 +74,18 @@ for name in ("shapes_tiny.py", "voc07_vgg16.py"):
             check_config(config)
             build_model(config)
             trainings.add(paper_tables.training_name(row.train))
+        references = [r for r in rows if paper_tables.is_reference(table, r.label)]
+        assert len(references) == (table != "fig4"), (table, references)
+        assert not any(r.train or r.test for r in references[:1] if table != "2"), references
     assert len(trainings) == 13, trainings
+# differences from the reference row are taken seed by seed (hand-worked: 0.30 / 0.40 against
+# 0.25 / 0.45 are +5 and -5 points)
+found = [{"row": "x", "seed": 0, "map": 0.30}, {"row": "x", "seed": 1, "map": 0.40},
+         {"row": "x", "seed": 2, "map": 0.10}]
+assert paper_tables.versus("9", found, {0: 25.0, 1: 45.0}) == "+0.0 (-5.0 to +5.0)"
+assert paper_tables.versus("9", found[:1], {0: 25.0}) == "+5.0"
+assert paper_tables.versus("9", found, {}) == "-"
+assert paper_tables.versus("8", [{**found[0], "row": "3 scales, 3 ratios"}], {}) == "reference"
 voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))
