@@ -3,7 +3,6 @@ model, two runs on one workdir, a killed trainer's workers, other device counts.
 
 import errno
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -16,8 +15,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from frcnn_jax import checkpointing, rundir, training
+from frcnn_jax.data.pipeline import _alive as alive
 from frcnn_jax.models import build_model
 from tests.test_trainer import ROOT, run_train, tiny_config, write_config_file
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from soak import descendants  # experiments/soak.py: the /proc walk, kept in one place
 
 
 @pytest.fixture(scope="module")
@@ -138,30 +141,6 @@ def test_a_changed_model_is_named_and_can_be_allowed(data_dir, straight, tmp_pat
     assert done.returncode != 0
     assert "error: config.model.rpn.channels is 16 here but 32" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def descendants(pid):
-    """Process ids whose parent chain leads to `pid` (from /proc)."""
-    parents = {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid):
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_second_run_refuses_and_a_killed_run_leaves_no_workers_or_lock(data_dir, tmp_path):
