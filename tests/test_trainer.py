@@ -150,7 +150,8 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
         "gt_classes": jnp.ones((2, 16), jnp.int32),
         "gt_valid": jnp.ones((2, 16), bool),
     }
-    new, metrics = training.step.train_step(state, batch, jax.random.key(0), model=model, tx=tx)
+    step = jax.jit(lambda s, b, k: training.step.train_step(s, b, k, model=model, tx=tx))
+    new, metrics = step(state, batch, jax.random.key(0))  # jitted: op by op takes minutes
     assert not np.isfinite(float(metrics["loss"])) and int(new.nonfinite_step) == 0
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
