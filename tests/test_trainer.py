@@ -150,10 +150,11 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
         "gt_classes": jnp.ones((2, 16), jnp.int32),
         "gt_valid": jnp.ones((2, 16), bool),
     }
-    step = jax.jit(lambda s, b, k: training.step.train_step(s, b, k, model=model, tx=tx))
-    new, metrics = step(state, batch, jax.random.key(0))  # jitted: op by op takes minutes
+    before = jax.device_get(state.params)  # the jitted step donates `state`
+    step = training.step.jit_train_step(model, tx, sharding.data_mesh(jax.devices()[:1]))
+    new, metrics = step(state, batch, jax.random.key(0), None)  # jitted: op by op takes minutes
     assert not np.isfinite(float(metrics["loss"])) and int(new.nonfinite_step) == 0
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(a, b)
 
     exploding = tiny_config(data_dir, learning_rate=1e12, warmup_steps=0, grad_clip_norm=None)
@@ -232,10 +233,9 @@ for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.data_mesh(devices)
     state, tx = training.initial.init_state(config, model)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = jax.jit(lambda s, b, k: training.step.train_step(s, b, k, model=model, tx=tx),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None))
+    step = training.step.jit_train_step(model, tx, mesh)
     for _ in range(2):
-        state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(0))
+        state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(0), None)
     results.append((jax.device_get(state.params), float(metrics["loss"])))
 print("devices", len(jax.devices()), "losses", results[0][1], results[1][1])
 for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
