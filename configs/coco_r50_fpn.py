@@ -46,6 +46,7 @@ def get_config(arg=None):
     c.train.lr_steps = (16 * STEPS_PER_EPOCH, 22 * STEPS_PER_EPOCH)
     c.train.warmup_steps = 1000
     c.train.weight_decay = 1e-4
+    c.train.weight_decay_on = "all"  # torchvision's references decay biases too
     c.train.checkpoint_every = 5000
     c.eval.split = "validation"
     c.eval.batch_size = 8

@@ -17,6 +17,7 @@ SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
 METRICS = ("voc07", "voc_area")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine")
+WEIGHT_DECAY_ON = ("kernels", "all")
 
 
 def base_config():
@@ -73,6 +74,9 @@ def base_config():
     c.train.lr_schedule = "step"
     c.train.cosine_final_factor = 0.0
     c.train.weight_decay = 5e-4  # paper: 5e-4 (on kernels; frozen layers excluded)
+    # the parameters decayed: "kernels" (Caffe / py-faster-rcnn: biases have decay_mult 0) or
+    # "all" (every trained parameter, biases included: torchvision's detection references)
+    c.train.weight_decay_on = "kernels"
     c.train.bias_lr_factor = 1.0  # biases' learning rate / the rate (py-faster-rcnn: 2)
     c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)  # None: off
     c.train.seed = 0
@@ -117,7 +121,8 @@ def torchvision_heads(model):
     """Set `model.rpn` / `model.head` (a config's `model` section) to torchvision's Faster R-CNN
     settings where they differ from the paper's: sigmoid objectness, every anchor used, 2000
     proposals per level, no minimum proposal size, lambda 1 over the sampled anchors, RoIAlign,
-    512 RoIs per image with backgrounds from IoU 0, class NMS 0.5. Counts and widths that depend
+    512 RoIs per image with backgrounds from IoU 0, the head's smooth-L1 beta 1/9, class NMS
+    0.5. Counts and widths that depend
     on the model (channels, proposals, fc widths) stay for the config file to set."""
     model.rpn.update(
         objectness="sigmoid",
@@ -137,6 +142,7 @@ def torchvision_heads(model):
         dropout=0.0,
         batch_size=512,
         background_iou=(0.0, 0.5),
+        beta=1 / 9,
         nms_threshold=0.5,
     )
 
@@ -174,7 +180,12 @@ def check_config(c):
         raise ValueError(
             f"config.train.alternating_stage_batch_sizes: need 4 positive sizes, got {sizes}"
         )
-    for field, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+    choices = (
+        ("optimizer", OPTIMIZERS),
+        ("lr_schedule", LR_SCHEDULES),
+        ("weight_decay_on", WEIGHT_DECAY_ON),
+    )
+    for field, allowed in choices:
         if c.train[field] not in allowed:
             raise ValueError(
                 f"config.train.{field} must be one of {allowed}, got {c.train[field]!r}"

@@ -4,6 +4,11 @@
 - `rpn_targets`: the paper's anchor labelling (section 3.1.2) and 1:1 sampling of 256 anchors.
 - `sample_proposals`: Fast R-CNN's RoI sampling (ground truth appended, 25% foreground).
 
+Both take `batch_size=None` for "no sampling": every labelled candidate enters the loss. That
+makes a training step a deterministic function of the weights and the batch, which is what a
+parity test against a reference implementation needs (torchvision's samplers take every
+candidate when their batch size exceeds the candidate count); training uses sampling.
+
 All functions work on one image; batch them with `jax.vmap`. Ground truth is padded to G slots
 with a `valid` mask; padded or zero-area ground truth never makes a positive.
 """
@@ -27,6 +32,16 @@ class Proposals(NamedTuple):
     boxes: jax.Array
     scores: jax.Array
     valid: jax.Array
+
+
+def _take_all_or_sample(key, positive, negative, *, batch_size, positive_fraction):
+    """`ops.sample_balanced`, or with `batch_size=None` every candidate in index order (R = N:
+    positives and negatives valid, the rest padding)."""
+    if batch_size is None:
+        return ops.SampleResult(jnp.arange(positive.shape[0], dtype=jnp.int32), positive | negative)
+    return ops.sample_balanced(
+        key, positive, negative, num_samples=batch_size, positive_fraction=positive_fraction
+    )
 
 
 def _select_proposals(
@@ -182,7 +197,8 @@ def rpn_targets(
       gt_valid: bool [G] real ground truth (false for padding and ignored, e.g. difficult, boxes).
       image_height, image_width: the true resized image size.
       positive_iou, negative_iou: 0.7 / 0.3 in the paper.
-      batch_size, positive_fraction: 256 anchors, up to half positive.
+      batch_size, positive_fraction: 256 anchors, up to half positive; `batch_size=None`:
+        no sampling, every positive and negative anchor is labelled (deterministic).
       allowed_border: anchors sticking out of the image by more than this are removed before
         matching (0 in the paper and py-faster-rcnn's `anchor_target_layer`), so each box's
         best anchor is chosen among those that remain; None keeps every anchor, like
@@ -208,8 +224,8 @@ def rpn_targets(
     )
     positive = match.labels == ops.POSITIVE
     negative = match.labels == ops.NEGATIVE
-    sample = ops.sample_balanced(
-        key, positive, negative, num_samples=batch_size, positive_fraction=positive_fraction
+    sample = _take_all_or_sample(
+        key, positive, negative, batch_size=batch_size, positive_fraction=positive_fraction
     )
     sampled = jnp.zeros(anchors.shape[0], bool).at[sample.indices].max(sample.valid)
     labels = jnp.where(sampled, positive.astype(jnp.int32), -1)
@@ -249,7 +265,8 @@ def sample_proposals(
     Ground-truth boxes are appended to the proposals as candidates. Foreground: IoU >=
     `foreground_iou` with some ground truth; background: IoU in [lo, hi) of `background_iou`
     (paper 0.1-0.5; torchvision 0.0-0.5). In an image without ground truth every valid proposal
-    is a background candidate, whatever `lo`.
+    is a background candidate, whatever `lo`. `batch_size=None` takes every foreground and
+    background candidate (R = P + G rows, in candidate order; deterministic).
 
     Args:
       key: PRNG key.
@@ -257,7 +274,8 @@ def sample_proposals(
       gt_boxes: float32 [G, 4]; gt_classes: int32 [G] in 1..K; gt_valid: bool [G].
 
     Returns:
-      `RoITargets` with R = batch_size rows: foreground first, then background, then padding.
+      `RoITargets` with R = batch_size rows: foreground first, then background, then padding
+      (R = P + G in candidate order, the others padding, when `batch_size` is None).
     """
     gt_valid = gt_valid & (ops.box_area(gt_boxes) > 0)
     candidates = jnp.concatenate([proposals, gt_boxes])  # [P + G, 4]
@@ -274,8 +292,8 @@ def sample_proposals(
     low, high = background_iou
     foreground = candidate_valid & (match.labels == ops.POSITIVE)
     background = candidate_valid & (best_iou < high) & ((best_iou >= low) | ~jnp.any(gt_valid))
-    sample = ops.sample_balanced(
-        key, foreground, background, num_samples=batch_size, positive_fraction=positive_fraction
+    sample = _take_all_or_sample(
+        key, foreground, background, batch_size=batch_size, positive_fraction=positive_fraction
     )
     rois = candidates[sample.indices]
     matched = match.matched_gt[sample.indices]

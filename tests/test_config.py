@@ -78,14 +78,25 @@ def test_every_rpn_and_head_field_is_overridable(config_file, monkeypatch):
 
 def test_optional_fields_take_none_or_a_number_and_reject_anything_else(monkeypatch):
     voc = ROOT / "configs" / "voc07_vgg16.py"
-    for flag, want in (("allowed_border=None", None), ("box_normalizer=256", 256)):
-        config = parse(voc, f"--config.model.rpn.{flag}", monkeypatch=monkeypatch)
-        assert getattr(build_model(config).rpn, flag.split("=")[0]) == want
+    for flag, want in (("rpn.allowed_border=None", None), ("rpn.box_normalizer=256", 256),
+                       ("rpn.batch_size=None", None), ("head.batch_size=None", None)):  # fmt: skip
+        config = parse(voc, f"--config.model.{flag}", monkeypatch=monkeypatch)
+        section, field = flag.split("=")[0].split(".")
+        assert getattr(getattr(build_model(config), section), field) == want
     config = parse(voc, "--config.model.rpn.allowed_border=wide", monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match=r"config.model.rpn.allowed_border must be float or None"):
         build_model(config)
     with pytest.raises(flags.IllegalFlagValueError, match="nms_threshold"):
         parse(voc, "--config.model.head.nms_threshold=high", monkeypatch=monkeypatch)
+
+
+def test_the_coco_config_trains_with_torchvisions_loss_and_decay_settings():
+    """Differences the training-parity test (tests/models/test_training_parity.py) found: the
+    head's smooth-L1 beta and the decayed parameters of torchvision's COCO recipe."""
+    config = config_from_file(ROOT / "configs" / "coco_r50_fpn.py")
+    assert build_model(config).head.beta == pytest.approx(1 / 9)  # fastrcnn_loss's beta
+    assert config.train.weight_decay_on == "all"  # references/detection: every parameter
+    assert build_model(base_config()).head.beta == 1.0  # Fast R-CNN's sigma 1: the paper's
 
 
 @pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda p: p.stem)

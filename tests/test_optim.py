@@ -60,15 +60,27 @@ def run_ours(train, steps, grads):
 
 
 def run_reference(
-    name, steps, grads, *, lr, wd, bias_factor, momentum=0.9, betas=(0.9, 0.999), eps=1e-8
+    name,
+    steps,
+    grads,
+    *,
+    lr,
+    wd,
+    bias_factor,
+    momentum=0.9,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    decay_all=False,
 ):
     """torch.optim.SGD / AdamW's documented updates in NumPy (float64), with torch's parameter
     groups: the kernel decayed, the bias at `bias_factor` x lr without decay, "other" plain, the
-    frozen stem in no group. (torch.optim itself is not imported: importing its compiler
+    frozen stem in no group; `decay_all`: every group decayed (torchvision's references).
+    (torch.optim itself is not imported: importing its compiler
     machinery crashed the test process after the JAX tests had run.)"""
     p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params().items()}
-    groups = [(("conv", "kernel"), lr, wd), (("conv", "bias"), lr * bias_factor, 0.0),
-              (("norm", "scale"), lr, 0.0)]  # fmt: skip
+    others = wd if decay_all else 0.0
+    groups = [(("conv", "kernel"), lr, wd), (("conv", "bias"), lr * bias_factor, others),
+              (("norm", "scale"), lr, others)]  # fmt: skip
     state = {key: {"buf": None, "m": 0.0, "v": 0.0} for key, _, _ in groups}
     for t, g in enumerate(grads[:steps], start=1):
         for (k, n), rate, decay in groups:
@@ -92,15 +104,18 @@ def gradients(count):
              for k, d in params().items()} for _ in range(count)]  # fmt: skip
 
 
+@pytest.mark.parametrize("decay_on", ["kernels", "all"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_updates_equal_torchs_update_rules_with_the_same_groups(optimizer):
+def test_updates_equal_torchs_update_rules_with_the_same_groups(optimizer, decay_on):
     lr, wd, factor = 0.05, 0.01, 2.0
     train = train_config(optimizer=optimizer, learning_rate=lr, weight_decay=wd,
-                         bias_lr_factor=factor, lr_steps=(), momentum=0.9)  # fmt: skip
+                         bias_lr_factor=factor, lr_steps=(), momentum=0.9,
+                         weight_decay_on=decay_on)  # fmt: skip
     grads = gradients(4)
     ours = run_ours(train, 4, grads)
     name = {"sgd": "SGD", "adamw": "AdamW"}[optimizer]
-    theirs = run_reference(name, 4, grads, lr=lr, wd=wd, bias_factor=factor)
+    theirs = run_reference(name, 4, grads, lr=lr, wd=wd, bias_factor=factor,
+                           decay_all=decay_on == "all")  # fmt: skip
     for k, d in theirs.items():
         for n, want in d.items():
             np.testing.assert_allclose(np.asarray(ours[k][n]), want, rtol=1e-5, atol=1e-5)
@@ -116,4 +131,8 @@ def test_unknown_optimizer_and_schedule_are_named():
     config = base_config()
     config.train.lr_schedule = "linear"
     with pytest.raises(ValueError, match=r"config\.train\.lr_schedule must be one of"):
+        check_config(config)
+    config = base_config()
+    config.train.weight_decay_on = "biases"
+    with pytest.raises(ValueError, match=r"config\.train\.weight_decay_on must be one of"):
         check_config(config)

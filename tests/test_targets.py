@@ -288,3 +288,38 @@ class SampleProposalsTest(chex.TestCase):
         np.testing.assert_array_equal(empty.valid, [True] * 8)
         np.testing.assert_array_equal(empty.classes, np.zeros(8))
         assert not np.asarray(jnp.abs(empty.box_targets)).any()
+
+
+def test_batch_size_none_takes_every_labelled_candidate_deterministically():
+    """The parity mode: no sampling, so the targets do not depend on the key."""
+    rng = np.random.default_rng(5)
+    height, width = 192, 256
+    anchors = vgg_anchors(height, width)
+    gt = np.array([[0, 30, 120, 150], [140, 20, 250, 190], [0, 0, 0, 0]], np.float32)
+    gt_valid = np.array([True, True, False])
+    every = [
+        targets.rpn_targets(key, anchors, gt, gt_valid, image_height=height, image_width=width,
+                            batch_size=None, allowed_border=None)
+        for key in (jax.random.key(0), jax.random.key(1))
+    ]  # fmt: skip
+    np.testing.assert_array_equal(every[0].labels, every[1].labels)
+    match = ops.match_boxes(ops.pairwise_iou(anchors, gt), gt_valid, high_threshold=0.7,
+                            low_threshold=0.3, allow_low_quality=True)  # fmt: skip
+    np.testing.assert_array_equal(every[0].labels, match.labels)  # -1 only between thresholds
+    assert (np.asarray(every[0].labels) == 0).sum() > 256  # more than a sample would take
+
+    proposals = random_boxes(rng, 300, size=256, min_side=8, max_side=160)
+    proposal_valid = np.arange(300) < 280  # 20 padded rows
+    result = [
+        targets.sample_proposals(key, proposals, proposal_valid, gt, np.array([4, 9, 0]),
+                                 gt_valid, batch_size=None, background_iou=(0.0, 0.5))
+        for key in (jax.random.key(0), jax.random.key(1))
+    ]  # fmt: skip
+    for field in ("rois", "classes", "valid", "box_targets"):
+        np.testing.assert_array_equal(getattr(result[0], field), getattr(result[1], field))
+    valid = np.asarray(result[0].valid)
+    assert valid.shape == (303,)  # R = P + G
+    np.testing.assert_array_equal(valid, np.concatenate([proposal_valid, gt_valid]))
+    np.testing.assert_array_equal(np.asarray(result[0].rois)[:300][proposal_valid],
+                                  proposals[proposal_valid])  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(result[0].classes)[300:], [4, 9, 0])

@@ -35,7 +35,9 @@ class RPNSettings:
     objectness: str = "softmax"  # 2k scores; torchvision: "sigmoid"
     positive_iou: float = 0.7
     negative_iou: float = 0.3
-    batch_size: int = 256
+    # anchors sampled per image; None: every positive and negative anchor enters the loss, no
+    # sampling (a deterministic step, for parity tests against a reference implementation)
+    batch_size: int | None = 256
     positive_fraction: float = 0.5
     allowed_border: float | None = 0.0  # cross-boundary anchors ignored; torchvision: None
     train_pre_nms_top_n: int = 12000  # torchvision: 2000
@@ -76,11 +78,13 @@ class HeadSettings:
     aligned: bool = False
     widths: tuple = (4096, 4096)  # fc6 / fc7; FPN: (1024, 1024)
     dropout: float = 0.5
-    batch_size: int = 128  # RoIs per image; torchvision: 512
+    # RoIs per image; torchvision: 512. None: every foreground and background candidate
+    # (proposals + ground truth), no sampling (deterministic, for parity tests)
+    batch_size: int | None = 128
     positive_fraction: float = 0.25
     foreground_iou: float = 0.5
     background_iou: tuple = (0.1, 0.5)  # torchvision: (0.0, 0.5)
-    beta: float = 1.0
+    beta: float = 1.0  # smooth-L1 beta of the box loss (Fast R-CNN's sigma 1); torchvision: 1/9
     score_threshold: float = 0.05
     nms_threshold: float = 0.3  # torchvision: 0.5
     max_detections: int = 100
@@ -301,7 +305,8 @@ class FasterRCNN(nn.Module):
     # -- entry points ----------------------------------------------------------------------
 
     def _rpn_terms(self, levels, image_sizes, gt_boxes, gt_valid, keys):
-        """Equation (1) per image for the RPN outputs `levels`, with sampled anchor targets."""
+        """Equation (1) over the batch for the RPN outputs `levels`, with sampled anchor
+        targets."""
         anchors = jnp.concatenate([a for a, _, _ in levels])  # [A, 4] over all levels
         logits = jnp.concatenate([lg for _, lg, _ in levels], axis=1)
         deltas = jnp.concatenate([d for _, _, d in levels], axis=1)
@@ -322,14 +327,14 @@ class FasterRCNN(nn.Module):
             )
 
         rpn_targets = jax.vmap(rpn_image_targets)(keys, gt_boxes, gt_valid, image_sizes)
-        return jax.vmap(
-            functools.partial(
-                losses_lib.rpn_loss,
-                box_weight=self.rpn.box_weight,
-                box_normalizer=self.rpn.box_normalizer,
-                beta=self.rpn.beta,
-            )
-        )(logits, deltas, rpn_targets)
+        return losses_lib.rpn_loss(
+            logits,
+            deltas,
+            rpn_targets,
+            box_weight=self.rpn.box_weight,
+            box_normalizer=self.rpn.box_normalizer,
+            beta=self.rpn.beta,
+        )
 
     def _head_terms(self, features, boxes, valid, gt_boxes, gt_classes, gt_valid, keys):
         """Fast R-CNN losses on RoIs sampled from proposals `boxes` [B, P, 4]; gradients reach
@@ -353,13 +358,12 @@ class FasterRCNN(nn.Module):
             rois = jnp.take_along_axis(candidates, roi_targets.sources[..., None], axis=1)
             rois = jnp.where(roi_targets.valid[..., None], rois, 0.0)
         class_logits, box_deltas = self._box_predictions(features, rois, train=True)
-        return jax.vmap(functools.partial(losses_lib.fast_rcnn_loss, beta=self.head.beta))(
-            class_logits, box_deltas, roi_targets
-        )
+        return losses_lib.fast_rcnn_loss(class_logits, box_deltas, roi_targets, beta=self.head.beta)
 
     def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key, scales=None):
         """Training losses of a batch (approximate joint training unless
-        `head.proposal_gradients`), averaged over images.
+        `head.proposal_gradients`), each normalised over the whole batch (torchvision's
+        `compute_loss` / `fastrcnn_loss`).
 
         Args:
           images: float [B, H, W, 3] RGB 0-255; image_sizes: int32 [B, 2] (height, width).
@@ -382,7 +386,7 @@ class FasterRCNN(nn.Module):
         head_terms = self._head_terms(
             features, proposals.boxes, proposals.valid, gt_boxes, gt_classes, gt_valid, roi_keys
         )
-        return jax.tree.map(jnp.mean, {**rpn_terms, **head_terms})
+        return {**rpn_terms, **head_terms}
 
     def rpn_losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, key):
         """The RPN's terms alone (alternating training, steps 1 and 3); same keys as `losses`."""
@@ -390,8 +394,7 @@ class FasterRCNN(nn.Module):
         _, rpn_features = self._features(images, image_sizes, train=True)
         levels = self._rpn(rpn_features, images.shape[1:3])
         rpn_keys, _ = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
-        terms = self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
-        return jax.tree.map(jnp.mean, terms)
+        return self._rpn_terms(levels, image_sizes, gt_boxes, gt_valid, rpn_keys)
 
     def training_proposals(self, images, image_sizes, scales=None):
         """The RPN's training-time proposals (boxes [B, P, 4], valid [B, P]), no gradient."""
@@ -406,10 +409,9 @@ class FasterRCNN(nn.Module):
         """Fast R-CNN's terms on given (fixed) proposals (alternating training, steps 2 and 4)."""
         features, _ = self._features(images, image_sizes, train=True)
         _, roi_keys = jnp.split(jax.random.split(key, 2 * images.shape[0]), 2)
-        terms = self._head_terms(
+        return self._head_terms(
             features, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys
         )
-        return jax.tree.map(jnp.mean, terms)
 
     def detect(self, images, image_sizes, scales=None, *, return_proposals=False):
         """Detections [B, D] in original-image pixels (`scales`: float32 [B] resized/original,

@@ -27,9 +27,11 @@ def learning_rate_schedule(train):
 def make_optimizer(train, trainable):
     """`train.optimizer`: SGD with momentum and weight decay added to the kernels' gradients
     (L2, as Caffe and torch's SGD), or AdamW with decoupled weight decay on the kernels (as
-    torch's AdamW). Biases get `bias_lr_factor` times the learning rate and no decay
-    (py-faster-rcnn / Caffe: lr_mult 2); frozen parameters (`trainable` mask) get no update and
-    no decay; optional clipping by global norm."""
+    torch's AdamW). Biases get `bias_lr_factor` times the learning rate (py-faster-rcnn /
+    Caffe: lr_mult 2) and, with `weight_decay_on="kernels"`, no decay (Caffe: decay_mult 0);
+    `weight_decay_on="all"` decays every trained parameter (torchvision's references). Frozen
+    parameters (`trainable` mask) get no update and no decay; optional clipping by global
+    norm."""
     schedule = learning_rate_schedule(train)
     factor = train.bias_lr_factor
     bias_schedule = schedule if factor == 1 else (lambda step: factor * schedule(step))
@@ -47,10 +49,12 @@ def make_optimizer(train, trainable):
         sgd = optax.sgd(rate, momentum=train.momentum)
         return sgd if decay is None else optax.chain(optax.add_decayed_weights(decay), sgd)
 
+    decay_all = train.weight_decay_on == "all"
+    others_decay = train.weight_decay if decay_all else None
     groups = {
         "kernel": rule(schedule, train.weight_decay),
-        "bias": rule(bias_schedule),
-        "other": rule(schedule),
+        "bias": rule(bias_schedule, others_decay),
+        "other": rule(schedule, others_decay),
         "frozen": optax.set_to_zero(),
     }
     tx = optax.multi_transform(groups, jax.tree_util.tree_map_with_path(group, trainable))
