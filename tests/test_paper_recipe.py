@@ -19,6 +19,7 @@ from frcnn_jax.evaluation.recall import ProposalRecall
 from frcnn_jax.evaluation.voc import voc_iou
 from frcnn_jax.models import FasterRCNN, build_model
 from frcnn_jax.models.faster_rcnn import level_anchors
+from tests import py_faster_rcnn
 from tests.models.test_faster_rcnn import one_image, tiny_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -234,14 +235,7 @@ def test_voc_anchors_are_py_faster_rcnns():
     rpn = build_model(voc()).rpn
     assert rpn.anchor_style == "py-faster-rcnn"
     anchors = np.asarray(level_anchors(rpn, 0, 38, 50, 16))
-    generate_anchors = np.array(  # py-faster-rcnn's 9 anchors (lib/rpn/generate_anchors.py)
-        [[-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
-         [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
-         [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359]], np.float32,
-    )  # fmt: skip
-    shift_y, shift_x = np.meshgrid(np.arange(38) * 16, np.arange(50) * 16, indexing="ij")
-    shifts = np.stack([shift_x, shift_y, shift_x, shift_y], -1).reshape(-1, 1, 4)
-    want = (shifts + generate_anchors[None]).reshape(-1, 4) + np.array([0, 0, 1, 1])
+    want = py_faster_rcnn.anchors(38, 50)  # generate_anchors(), shifted
     np.testing.assert_array_equal(anchors, want)
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     np.testing.assert_array_equal(centres[:9], 8.0)  # the first cell's centre

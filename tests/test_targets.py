@@ -10,6 +10,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from frcnn_jax import ops, targets
+from tests import py_faster_rcnn
 from tests.ops.helpers import random_boxes
 
 
@@ -165,29 +166,6 @@ class RpnTargetsTest(chex.TestCase):
         self.assertTrue(np.isfinite(np.asarray(empty.box_targets)).all())
 
 
-def py_faster_rcnn_rpn_labels(anchors, gt, height, width, allowed_border=0.0):
-    """py-faster-rcnn's `anchor_target_layer` labelling before sampling, in NumPy: anchors
-    crossing the border are removed first; among the rest, negatives below 0.3, each box's
-    best anchor(s) positive, then >= 0.7 positive; removed anchors -1. (Continuous pixel
-    convention, and a box overlapping no kept anchor forces nothing, as in `match_boxes`.)"""
-    inside = np.flatnonzero(
-        (anchors[:, 0] >= -allowed_border)
-        & (anchors[:, 1] >= -allowed_border)
-        & (anchors[:, 2] <= width + allowed_border)
-        & (anchors[:, 3] <= height + allowed_border)
-    )
-    overlaps = np.asarray(ops.pairwise_iou(anchors[inside], gt))
-    max_overlaps = overlaps.max(axis=1)
-    gt_max = overlaps.max(axis=0)
-    labels = np.full(len(inside), -1)
-    labels[max_overlaps < 0.3] = 0
-    labels[np.flatnonzero(((overlaps == gt_max) & (gt_max > 0)).any(axis=1))] = 1
-    labels[max_overlaps >= 0.7] = 1
-    out = np.full(len(anchors), -1)
-    out[inside] = labels
-    return out
-
-
 def vgg_anchors(height, width):
     base = ops.base_anchors(sizes=(128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0))
     return np.asarray(ops.anchor_grid(base, feature_height=height // 16,
@@ -218,7 +196,8 @@ def test_border_boxes_get_positives_among_the_anchors_that_remain():
         positives = np.flatnonzero(labels == 1)
         assert len(positives) > 0 and inside[positives].all()
         assert (labels[~inside] == -1).all()
-        np.testing.assert_array_equal(labels, py_faster_rcnn_rpn_labels(anchors, gt, height, width))
+        want, _ = py_faster_rcnn.anchor_labels(anchors, gt, height, width)
+        np.testing.assert_array_equal(labels, want)
 
 
 def test_rpn_labels_equal_py_faster_rcnn_on_random_boxes():
@@ -230,7 +209,8 @@ def test_rpn_labels_equal_py_faster_rcnn_on_random_boxes():
         gt[:, [1, 3]] = np.minimum(gt[:, [1, 3]], height)
         gt = gt[(gt[:, 2] - gt[:, 0] > 1) & (gt[:, 3] - gt[:, 1] > 1)]
         labels = all_labels(anchors, gt, height, width)
-        np.testing.assert_array_equal(labels, py_faster_rcnn_rpn_labels(anchors, gt, height, width))
+        want, _ = py_faster_rcnn.anchor_labels(anchors, gt, height, width)
+        np.testing.assert_array_equal(labels, want)
 
 
 class SampleProposalsTest(chex.TestCase):
