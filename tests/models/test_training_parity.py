@@ -16,12 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from frcnn_jax.models import trainable_mask
 from frcnn_jax.training.step import train_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
-from parity_references import DETECTORS, LOSS_NAMES, batch, reference_and_ours
+from parity_references import (
+    DETECTORS,
+    LOSS_NAMES,
+    batch,
+    differing_proposals,
+    reference_and_ours,
+    training_proposals,
+)
 
 
 def relative_errors(got, want):
@@ -41,8 +49,14 @@ def parity(request, tmp_path_factory):
     reference, model, state, tx = reference_and_ours(request.param, directory)
     ours_batch, (images, targets) = batch(DETECTORS[request.param][2])
 
-    # the reference: losses, gradients, one step of its recipe's SGD
-    want = reference.losses(images, targets)
+    # frcnn_jax's training proposals; the reference's own, for the proposal test
+    (boxes, valid), ours_proposals = training_proposals(model, state, ours_batch)
+    with torch.no_grad():
+        reference.losses(images, targets)
+    their_proposals = list(reference.proposals)
+
+    # the reference on frcnn_jax's proposals: losses, gradients, one step of its recipe's SGD
+    want = reference.losses(images, targets, ours_proposals)
     sum(want.values()).backward()
     named = list(reference.module.named_parameters())
     trained = [(k, p) for k, p in named if p.requires_grad]
@@ -53,20 +67,34 @@ def parity(request, tmp_path_factory):
     # frcnn_jax: the config as trained, from the same weights
     names = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid")
 
-    def losses(params):
+    def losses(params):  # the joint training objective
         variables = {"params": params, **state.frozen}
         inputs = [ours_batch[k] for k in names]
         key, scale = jax.random.key(0), ours_batch["scale"]
         terms = model.apply(variables, *inputs, key, scale, method=type(model).losses)
         return sum(terms.values()), terms
 
+    def on_given_proposals(params):
+        """The same objective with the proposals above fixed (its gradient: approximate joint
+        training stops it at the proposals anyway)."""
+        variables = {"params": params, **state.frozen}
+        image, sizes = ours_batch["image"], ours_batch["image_size"]
+        gt = [ours_batch[k] for k in names[2:]]
+        key = jax.random.key(0)
+        rpn = model.apply(variables, image, sizes, *gt, key, method=type(model).rpn_losses)
+        head = model.apply(variables, image, sizes, boxes, valid, *gt, key,
+                           method=type(model).head_losses)  # fmt: skip
+        return sum(rpn.values()) + sum(head.values())
+
     def step(state, batch):
         return train_step(state, batch, jax.random.key(0), model=model, tx=tx)
 
     with jax.default_matmul_precision("highest"):  # direct convolutions, as torch's
-        (_, got), grads = jax.jit(jax.value_and_grad(losses, has_aux=True))(state.params)
+        _, got = jax.jit(losses)(state.params)
+        grads = jax.jit(jax.grad(on_given_proposals))(state.params)
         stepped, metrics = jax.jit(step)(state, ours_batch)
     return dict(
+        proposals=(ours_proposals, their_proposals),
         got={k: float(v) for k, v in got.items()},
         want={k: float(v.detach()) for k, v in want.items()},
         metrics={k: float(metrics[k]) for k in LOSS_NAMES},
@@ -80,6 +108,14 @@ def parity(request, tmp_path_factory):
         trainable=flat_params(trainable_mask(model, {"params": state.params})),
         reference=reference,
     )
+
+
+def test_training_proposals_equal_the_references_but_for_near_ties(parity):
+    ours, theirs = parity["proposals"]
+    assert [len(p) for p in ours] == [len(p) for p in theirs]
+    assert min(len(p) for p in ours) > 100
+    # a box kept by one side and its near-tied neighbour by the other: at most 1%
+    assert differing_proposals(ours, theirs) <= 0.01 * sum(len(p) for p in ours)
 
 
 def test_the_four_training_losses_equal_the_references(parity):
@@ -98,7 +134,7 @@ def test_every_trained_parameter_gets_the_references_gradient(parity):
     errors = relative_errors(got, {k: want[k] for k in trained})
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-4, f"worst gradient: {worst}, error {errors[worst]:.2e} of its max"
-    assert parity["reference"].kinks_cleared < 100  # a few units moved off a ReLU kink
+    assert parity["reference"].kinks_cleared < 1000  # of tens of thousands of ReLU units
 
 
 def test_frozen_parameters_get_no_gradient_on_either_side(parity):
