@@ -171,6 +171,9 @@ def differing_proposals(ours, theirs):
     summed over images: float32 [P_i, 4] per image each."""
     count = 0
     for a, b in zip(ours, theirs, strict=True):
+        if not len(a) or not len(b):
+            count += len(a) + len(b)
+            continue
         distance = np.abs(np.asarray(a)[:, None] - np.asarray(b)[None]).max(-1)  # [a, b]
         count += int((distance.min(1) > 1e-3).sum() + (distance.min(0) > 1e-3).sum())
     return count
@@ -181,11 +184,9 @@ def clear_relu_kinks(hooks, run):
     largest |input| from the kink, in one forward pass (`run`) that also applies the shifts.
 
     Why: a ReLU input within float32 rounding of 0 may switch on in one library and off in the
-    other, which changes that unit's gradient and, through it, every layer below. Measured
-    before this step on this batch: torchvision's fc6 unit 712 at 3.6e-8 from the kink and
-    layer3's block 1 conv1 channel 195 at 4.6e-8 made their tensors' gradients differ by 1e-4
-    and 8e-4 of the largest, while every other unit agreed to 3e-5. With the shifts, the
-    weights are as random as before and nothing sits on a kink.
+    other, which changes that unit's gradient and, through it, every layer below (what that
+    amounts to: `python experiments/train_parity.py --steps 1 --keep-kinks`). With the shifts,
+    the weights are as random as before and nothing sits on a kink.
 
     hooks: (module, [bias tensors], kind): "out" for a layer whose output a ReLU takes, "pre"
     for a ReLU module (its input); the bias that shifts the input of the module's i-th call is
@@ -523,16 +524,18 @@ def training_proposals(model, state, batch, precision="highest"):
     return (boxes, valid), [np.asarray(b)[np.asarray(v)] for b, v in zip(boxes, valid, strict=True)]
 
 
-def reference_and_ours(name, directory, *, warmup=False):
+def reference_and_ours(name, directory, *, warmup=False, clear_kinks=True):
     """(the reference `Reference`, frcnn_jax's model, its initial `TrainState`, its optimizer)
     for detector `name`: frcnn_jax's config as a user trains it, with deterministic sampling, on
     `CANVAS`, starting from the reference's weights (written to `directory` and loaded through
     `model.init_checkpoint`); without `warmup`, the recipe's rate after its warm-up from the
-    first step."""
+    first step; `clear_kinks=False` keeps ReLU inputs on their kinks (to measure what that
+    does)."""
     make_reference, make_config, num_classes = DETECTORS[name]
     reference = make_reference()
     ours_batch, (images, targets) = batch(num_classes)
-    reference.kinks_cleared = reference.clear_kinks(images, targets)
+    if clear_kinks:
+        reference.kinks_cleared = reference.clear_kinks(images, targets)
     path = os.path.join(directory, f"{name}.npz")
     weights.save(path, *reference.export())
     config = make_config()
@@ -549,7 +552,7 @@ def reference_and_ours(name, directory, *, warmup=False):
     # own proposals did not have: clear those RoIs' kinks too (head biases only: the backbone
     # and the RPN see the same pixels), and start frcnn_jax from the result.
     _, proposals = training_proposals(model, state, ours_batch)
-    more = reference.clear_kinks(images, targets, proposals)
+    more = reference.clear_kinks(images, targets, proposals) if clear_kinks else 0
     if more:
         reference.kinks_cleared += more
         variables = {"params": state.params, **state.frozen}

@@ -1,13 +1,14 @@
 """frcnn_jax and its reference trained side by side: the same starting weights, the same batches,
 deterministic sampling (experiments/parity_references.py), each side with its own optimizer
 (frcnn_jax: the config's; the reference: torch.optim.SGD with the recipe's groups) and the
-config's learning rate at every step. The reference's head takes frcnn_jax's proposals (their
-top-k / NMS choice between near-tied scores is the one discontinuous step; how many of the
-reference's own proposals differ is counted). Prints, per step, the four losses of each side
-and the largest parameter difference, and writes them with a summary to a results file.
+config's learning rate at every step. Both sides' heads take frcnn_jax's proposals (their top-k /
+NMS choice between near-tied scores is the one discontinuous step, see parity_references; how
+many of the reference's own proposals differ is counted): frcnn_jax's step is `train_step`'s
+update of `rpn_losses` + `head_losses` on them, the gradient of approximate joint training.
+Prints, per step, the four losses of each side and the largest parameter difference, and writes
+them with a summary to a results file.
 
     python experiments/train_parity.py                       # coco_r50_fpn, 50 steps
-    python experiments/train_parity.py --no-warmup           # lr 0.02 from the first step
     python experiments/train_parity.py --detector voc07_vgg16
 
 `--precision highest` (the default) gives frcnn_jax direct convolutions, as torch's;
@@ -26,11 +27,11 @@ import time
 import flax
 import jax
 import numpy as np
+import optax
 import torch
 
 from frcnn_jax.models import FasterRCNN
 from frcnn_jax.training.optim import learning_rate_schedule
-from frcnn_jax.training.step import train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_references import (
@@ -55,10 +56,12 @@ def largest_difference(got, want):
     return float(absolute), float(relative[worst]), worst
 
 
-def run(detector, steps, precision, warmup):
+def run(detector, steps, precision, warmup, clear_kinks):
     num_classes = DETECTORS[detector][2]
     with tempfile.TemporaryDirectory() as directory:
-        reference, model, state, tx = reference_and_ours(detector, directory, warmup=warmup)
+        reference, model, state, tx = reference_and_ours(
+            detector, directory, warmup=warmup, clear_kinks=clear_kinks
+        )
     config_train = DETECTORS[detector][1]().train
     if not warmup:
         config_train.warmup_steps = 0
@@ -67,24 +70,31 @@ def run(detector, steps, precision, warmup):
     trained = [(k, p) for k, p in named if p.requires_grad]
     sgd = reference.optimizer(trained)
     base_rates = [group["lr"] for group in sgd.param_groups]
-    step_fn = jax.jit(lambda s, b: train_step(s, b, jax.random.key(0), model=model, tx=tx))
     names = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid")
 
+    def objective(params, state, b, boxes, valid):
+        """The joint objective on given proposals: `rpn_losses` + `head_losses` (approximate
+        joint training's gradient stops at the proposals, so this is `FasterRCNN.losses`'s
+        gradient with the proposals the reference gets)."""
+        variables = {"params": params, **state.frozen}
+        gt = [b[k] for k in names[2:]]
+        key = jax.random.key(0)
+        rpn = model.apply(variables, b["image"], b["image_size"], *gt, key,
+                          method=FasterRCNN.rpn_losses)  # fmt: skip
+        head = model.apply(variables, b["image"], b["image_size"], boxes, valid, *gt, key,
+                           method=FasterRCNN.head_losses)  # fmt: skip
+        terms = {**rpn, **head}
+        return sum(terms.values()), terms
+
     @jax.jit
-    def gradients(state, b, boxes, valid):
-        """The first step's gradient on the proposals given to the reference (as the test)."""
-
-        def total(params):
-            variables = {"params": params, **state.frozen}
-            gt = [b[k] for k in names[2:]]
-            key = jax.random.key(0)
-            rpn = model.apply(variables, b["image"], b["image_size"], *gt, key,
-                              method=FasterRCNN.rpn_losses)  # fmt: skip
-            head = model.apply(variables, b["image"], b["image_size"], boxes, valid, *gt, key,
-                               method=FasterRCNN.head_losses)  # fmt: skip
-            return sum(rpn.values()) + sum(head.values())
-
-        return jax.grad(total)(state.params)
+    def step_fn(state, b, boxes, valid):
+        """`train_step`'s update, on the proposals given to the reference."""
+        (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state, b, boxes, valid
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), terms, grads
 
     rows = []
     for step in range(steps):
@@ -102,20 +112,19 @@ def run(detector, steps, precision, warmup):
         sgd.zero_grad()
         want = reference.losses(images, targets, ours_proposals)
         sum(want.values()).backward()
-        if step == 0:  # the first step's gradients, as tests/models/test_training_parity.py
-            theirs = reference.convert({k: p.grad for k, p in trained})
-            with jax.default_matmul_precision(precision):
-                grads = gradients(state, ours_batch, *padded)
-            ours = flax.traverse_util.flatten_dict(grads, sep="/")
-            ours = {k: np.asarray(v) for k, v in ours.items()}
-            trained_paths = {k for k, v in theirs.items() if np.any(v)}
-            first_gradients = largest_difference(ours, {k: theirs[k] for k in trained_paths})
+        if step == 0:
+            their_grads = reference.convert({k: p.grad for k, p in trained})
         sgd.step()
         torch_seconds = time.perf_counter() - start
         start = time.perf_counter()
         with jax.default_matmul_precision(precision):
-            state, metrics = step_fn(state, ours_batch)
+            state, metrics, grads = step_fn(state, ours_batch, *padded)
         got = {k: float(metrics[k]) for k in LOSS_NAMES}
+        if step == 0:  # the first step's gradients, as tests/models/test_training_parity.py
+            ours = flax.traverse_util.flatten_dict(grads, sep="/")
+            ours = {k: np.asarray(v) for k, v in ours.items()}
+            trained_paths = {k for k, v in their_grads.items() if np.any(v)}
+            first_gradients = largest_difference(ours, {k: their_grads[k] for k in trained_paths})
         jax_seconds = time.perf_counter() - start
         ours = {
             k: np.asarray(v)
@@ -179,17 +188,20 @@ def main():
     parser.add_argument("--precision", choices=("highest", "default"), default="highest")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="the recipe's rate after its warm-up from the first step")  # fmt: skip
+    parser.add_argument("--keep-kinks", dest="clear_kinks", action="store_false",
+                        help="leave ReLU inputs near their kink (parity_references)")  # fmt: skip
     parser.add_argument("--out", default=None, help="results file (default: "
                         "experiments/results_train_parity_<detector>.md)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(header(), flush=True)
     rows, first_gradients, kinks_cleared = run(args.detector, args.steps, args.precision,
-                                               args.warmup)  # fmt: skip
+                                               args.warmup, args.clear_kinks)  # fmt: skip
     text = summary(rows, first_gradients, kinks_cleared)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()  # fmt: skip
-    name = f"{args.detector}{'' if args.warmup else '_no_warmup'}"
+    name = args.detector + ("" if args.warmup else "_no_warmup")
+    name += "" if args.clear_kinks else "_kinks"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                    f"results_train_parity_{name}.md")  # fmt: skip
     command = " ".join(["python experiments/train_parity.py", *sys.argv[1:]])
