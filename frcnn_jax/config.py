@@ -122,8 +122,8 @@ def torchvision_heads(model):
     settings where they differ from the paper's: sigmoid objectness, every anchor used, 2000
     proposals per level, no minimum proposal size, lambda 1 over the sampled anchors, RoIAlign,
     512 RoIs per image with backgrounds from IoU 0, the head's smooth-L1 beta 1/9, class NMS
-    0.5. Counts and widths that depend
-    on the model (channels, proposals, fc widths) stay for the config file to set."""
+    0.5. Counts and widths that depend on the model (channels, proposals, fc widths) stay for
+    the config file to set."""
     model.rpn.update(
         objectness="sigmoid",
         allowed_border=None,
