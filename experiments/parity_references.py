@@ -524,6 +524,25 @@ def training_proposals(model, state, batch, precision="highest"):
     return (boxes, valid), [np.asarray(b)[np.asarray(v)] for b, v in zip(boxes, valid, strict=True)]
 
 
+def losses_on_proposals(model, params, frozen, batch, boxes, valid):
+    """frcnn_jax's four training losses with the proposals fixed (boxes float32 [B, P, 4],
+    valid bool [B, P]): `rpn_losses` + `head_losses`. Their gradient is `FasterRCNN.losses`'s:
+    approximate joint training stops the gradient at the proposals anyway."""
+    variables = {"params": params, **frozen}
+    inputs = (batch["image"], batch["image_size"])
+    gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+    key = jax.random.key(0)
+    rpn = model.apply(variables, *inputs, *gt, key, method=FasterRCNN.rpn_losses)
+    head = model.apply(variables, *inputs, boxes, valid, *gt, key, method=FasterRCNN.head_losses)
+    return {**rpn, **head}
+
+
+def relative_errors(got, want):
+    """{tensor: largest |got - want| / largest |want|} over flat trees of arrays."""
+    tiny = np.finfo(np.float32).tiny
+    return {k: np.abs(got[k] - w).max() / max(np.abs(w).max(), tiny) for k, w in want.items()}
+
+
 def reference_and_ours(name, directory, *, warmup=False, clear_kinks=True):
     """(the reference `Reference`, frcnn_jax's model, its initial `TrainState`, its optimizer)
     for detector `name`: frcnn_jax's config as a user trains it, with deterministic sampling, on

@@ -30,7 +30,6 @@ import numpy as np
 import optax
 import torch
 
-from frcnn_jax.models import FasterRCNN
 from frcnn_jax.training.optim import learning_rate_schedule
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,9 @@ from parity_references import (
     LOSS_NAMES,
     batch,
     differing_proposals,
+    losses_on_proposals,
     reference_and_ours,
+    relative_errors,
     training_proposals,
 )
 
@@ -51,7 +52,7 @@ def largest_difference(got, want):
     """(largest |got - want| over every parameter, the same relative to each tensor's largest
     |want|, the tensor where that relative difference is largest)."""
     absolute = max(np.abs(got[k] - w).max() for k, w in want.items())
-    relative = {k: np.abs(got[k] - w).max() / max(np.abs(w).max(), 1e-30) for k, w in want.items()}
+    relative = relative_errors(got, want)
     worst = max(relative, key=relative.get)
     return float(absolute), float(relative[worst]), worst
 
@@ -70,20 +71,9 @@ def run(detector, steps, precision, warmup, clear_kinks):
     trained = [(k, p) for k, p in named if p.requires_grad]
     sgd = reference.optimizer(trained)
     base_rates = [group["lr"] for group in sgd.param_groups]
-    names = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid")
 
     def objective(params, state, b, boxes, valid):
-        """The joint objective on given proposals: `rpn_losses` + `head_losses` (approximate
-        joint training's gradient stops at the proposals, so this is `FasterRCNN.losses`'s
-        gradient with the proposals the reference gets)."""
-        variables = {"params": params, **state.frozen}
-        gt = [b[k] for k in names[2:]]
-        key = jax.random.key(0)
-        rpn = model.apply(variables, b["image"], b["image_size"], *gt, key,
-                          method=FasterRCNN.rpn_losses)  # fmt: skip
-        head = model.apply(variables, b["image"], b["image_size"], boxes, valid, *gt, key,
-                           method=FasterRCNN.head_losses)  # fmt: skip
-        terms = {**rpn, **head}
+        terms = losses_on_proposals(model, params, state.frozen, b, boxes, valid)
         return sum(terms.values()), terms
 
     @jax.jit

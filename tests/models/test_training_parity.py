@@ -27,15 +27,11 @@ from parity_references import (
     LOSS_NAMES,
     batch,
     differing_proposals,
+    losses_on_proposals,
     reference_and_ours,
+    relative_errors,
     training_proposals,
 )
-
-
-def relative_errors(got, want):
-    """{tensor: largest |got - want| / largest |want|} over flat trees of arrays."""
-    tiny = np.finfo(np.float32).tiny
-    return {k: np.abs(got[k] - w).max() / max(np.abs(w).max(), tiny) for k, w in want.items()}
 
 
 def flat_params(tree):
@@ -74,17 +70,9 @@ def parity(request, tmp_path_factory):
         terms = model.apply(variables, *inputs, key, scale, method=type(model).losses)
         return sum(terms.values()), terms
 
-    def on_given_proposals(params):
-        """The same objective with the proposals above fixed (its gradient: approximate joint
-        training stops it at the proposals anyway)."""
-        variables = {"params": params, **state.frozen}
-        image, sizes = ours_batch["image"], ours_batch["image_size"]
-        gt = [ours_batch[k] for k in names[2:]]
-        key = jax.random.key(0)
-        rpn = model.apply(variables, image, sizes, *gt, key, method=type(model).rpn_losses)
-        head = model.apply(variables, image, sizes, boxes, valid, *gt, key,
-                           method=type(model).head_losses)  # fmt: skip
-        return sum(rpn.values()) + sum(head.values())
+    def on_given_proposals(params):  # the same objective on the proposals above
+        terms = losses_on_proposals(model, params, state.frozen, ours_batch, boxes, valid)
+        return sum(terms.values())
 
     def step(state, batch):
         return train_step(state, batch, jax.random.key(0), model=model, tx=tx)
