@@ -44,9 +44,9 @@ def get_config(arg=None):
     c.train.bias_lr_factor = 2.0  # py-faster-rcnn: biases at lr_mult 2, no weight decay
     # py-faster-rcnn's alt-opt solvers, used with train.scheme=alternating: RPN 80k (x0.1 at
     # 60k), Fast R-CNN 40k (x0.1 at 30k), RPN 80k, Fast R-CNN 40k.
-    c.train.alternating_stage_steps = (80000, 40000, 80000, 40000)
-    c.train.alternating_stage_lr_steps = (60000, 30000, 60000, 30000)
-    c.train.alternating_stage_batch_sizes = (1, 2, 1, 2)  # RPN: 1 image, Fast R-CNN: 2
+    c.train.alternating_phase_steps = (80000, 40000, 80000, 40000)
+    c.train.alternating_phase_lr_steps = (60000, 30000, 60000, 30000)
+    c.train.alternating_phase_batch_sizes = (1, 2, 1, 2)  # RPN: 1 image, Fast R-CNN: 2
     c.train.log_every = 50
     c.train.checkpoint_every = 2000
     c.eval.split = "test"

@@ -74,8 +74,10 @@ def main():
     args = parser.parse_args()
     names = [f"class{k}" for k in range(1, args.classes + 1)]
     split = list(make_split(np.random.default_rng(0), args.images, args.detections, args.classes))
-    print(f"{platform.processor() or platform.machine()}, {args.images} images x "
-          f"{args.detections} detections, {args.classes} classes")  # fmt: skip
+    print(
+        f"{platform.processor() or platform.machine()}, {args.images} images x "
+        f"{args.detections} detections, {args.classes} classes"
+    )
     rows = [
         ("VOC07 11-point (frcnn_jax)", *time_voc(split, names, use_07=True), "mAP"),
         ("VOC area (frcnn_jax)", *time_voc(split, names, use_07=False), "mAP"),

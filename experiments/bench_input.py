@@ -20,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from frcnn_jax.data import pipeline, shapes
+from frcnn_jax.data import pipeline, shapes, sources
 from frcnn_jax.data.config import data_config
 
 
@@ -56,7 +56,7 @@ def time_ours(data, num_batches):
     for _ in range(num_batches):
         batch = next(batches)
     elapsed = time.perf_counter() - start
-    assert batch["image"].shape == (2, 600, 1000, 3)
+    assert batch.inputs.image.shape == (2, 600, 1000, 3)
     return 2 * num_batches / elapsed
 
 
@@ -75,8 +75,13 @@ class _TorchDataset:
         tensor = torch.from_numpy(image).permute(2, 0, 1).float()
         h, w = image.shape[:2]
         scale = min(600 / min(h, w), 1000 / max(h, w))
-        resized = F.interpolate(tensor[None], scale_factor=scale, mode="bilinear",
-                                recompute_scale_factor=True, align_corners=False)[0]  # fmt: skip
+        resized = F.interpolate(
+            tensor[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
+            align_corners=False,
+        )[0]
         if torch.rand(()) < 0.5:
             resized = resized.flip(-1)
         out = torch.zeros(3, 608, 1024)  # torchvision pads to a multiple of 32
@@ -109,11 +114,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = write_voc_folder(pathlib.Path(tmp) / "voc", args.images)
         data = data_config(
-            name="voc_folder", path=str(root), data_dir=str(pathlib.Path(tmp) / "tfds"),
+            name="voc_folder",
+            path=str(root),
+            data_dir=str(pathlib.Path(tmp) / "tfds"),
             workers=args.workers,
-        )  # fmt: skip
+        )
         start = time.perf_counter()
-        pipeline.prepare(pipeline.get_builder(data))
+        sources.prepare(sources.get_builder(data))
         prepared = time.perf_counter() - start
         ours = time_ours(data, args.batches)
         files = sorted((root / "JPEGImages").glob("*.jpg"))

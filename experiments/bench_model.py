@@ -44,6 +44,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
+from frcnn_jax.config import model_config  # noqa: E402
 from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
 
 
@@ -160,7 +161,7 @@ def time_ours(name, repeats):
     data = inputs(name)
     model = build_model(
         ml_collections.ConfigDict(
-            {"model": {**SETUPS[name]["ours"], "num_classes": NUM_CLASSES[name]}}
+            {"model": model_config(**SETUPS[name]["ours"], num_classes=NUM_CLASSES[name])}
         )
     )
     images1, sizes1 = (jnp.asarray(a) for a in data["detect"])
@@ -276,7 +277,11 @@ def time_import():
         convert_s = time.perf_counter() - start
         model = build_model(
             ml_collections.ConfigDict(
-                {"model": {**SETUPS["r50_fpn"]["ours"], "num_classes": NUM_CLASSES["r50_fpn"]}}
+                {
+                    "model": model_config(
+                        **SETUPS["r50_fpn"]["ours"], num_classes=NUM_CLASSES["r50_fpn"]
+                    )
+                }
             )
         )
         shapes = jax.eval_shape(

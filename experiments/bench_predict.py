@@ -48,7 +48,7 @@ from torch_timing import TORCH_DEVICE  # noqa: E402
 
 from frcnn_jax import weights  # noqa: E402
 from frcnn_jax.canvas import resize_scale, resized_size  # noqa: E402
-from frcnn_jax.config import config_from_file  # noqa: E402
+from frcnn_jax.config import config_from_file, model_config  # noqa: E402
 from frcnn_jax.data import checks  # noqa: E402
 from frcnn_jax.inference import Detector  # noqa: E402
 from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
@@ -133,9 +133,13 @@ def our_detector(name, batch_size):
     """frcnn_jax's `Detector` for `name` on the fitted canvas (r50_fpn: torchvision's weights)."""
     min_size, max_size = SIZES[name]
     data = ml_collections.ConfigDict(
-        {"min_size": min_size, "max_size": max_size, "canvas": fitted_canvas(name),
-         "orient_canvas": True}
-    )  # fmt: skip
+        {
+            "min_size": min_size,
+            "max_size": max_size,
+            "canvas": fitted_canvas(name),
+            "orient_canvas": True,
+        }
+    )
     if name == "r50_fpn":
         config = config_from_file(ROOT / "configs" / "coco_r50_fpn.py")
         config.model.num_classes = NUM_CLASSES[name]  # 91 outputs: background + ids 1..90
@@ -145,7 +149,7 @@ def our_detector(name, batch_size):
         )
     else:
         ours = {**SETUPS[name]["ours"], "num_classes": NUM_CLASSES[name]}
-        model = build_model(ml_collections.ConfigDict({"model": ours}))
+        model = build_model(ml_collections.ConfigDict({"model": model_config(**ours)}))
 
     def init(key):
         image = np.zeros((1, 64, 64, 3), np.float32)
@@ -171,10 +175,12 @@ def time_ours(name, paths, batch_sizes, repeats, folder):
     times = {}
     for batch in batch_sizes:
         detector = our_detector(name, batch)
-        times[batch] = passes(lambda chunk, d=detector: d([load(p) for p in chunk]), paths,
-                              batch, repeats)  # fmt: skip
-    prepare_s = passes(lambda chunk: [detector.prepare(load(p)) for p in chunk], paths, 1,
-                       repeats)[0]  # fmt: skip
+        times[batch] = passes(
+            lambda chunk, d=detector: d([load(p) for p in chunk]), paths, batch, repeats
+        )
+    prepare_s = passes(lambda chunk: [detector.prepare(load(p)) for p in chunk], paths, 1, repeats)[
+        0
+    ]
     from frcnn_jax import exported
     from frcnn_jax.export import export_detector
 
@@ -223,8 +229,10 @@ def main():
             f"; {len(paths)} JPEGs (500x375 and 375x500, 3:1); random weights; seconds per "
             f"image from file to detections, median of {args.repeats - 1} passes after a warm-up"
         )
-        print("| model | batch | frcnn_jax s/image | torchvision s/image | ratio | "
-              "frcnn_jax images/s | frcnn_jax warm-up s/image |")  # fmt: skip
+        print(
+            "| model | batch | frcnn_jax s/image | torchvision s/image | ratio | "
+            "frcnn_jax images/s | frcnn_jax warm-up s/image |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         notes = []
         for name in names:
@@ -234,15 +242,20 @@ def main():
             for batch in batch_sizes:
                 our_s, warm_s = ours[batch]
                 their_s = theirs[name][0][batch]
-                print(f"| {name} | {batch} | {our_s:.3f} | {their_s:.3f} | "
-                      f"{our_s / their_s:.2f} | {1 / our_s:.2f} | {warm_s:.2f} |",
-                      flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {batch} | {our_s:.3f} | {their_s:.3f} | "
+                    f"{our_s / their_s:.2f} | {1 / our_s:.2f} | {warm_s:.2f} |",
+                    flush=True,
+                )
             best_ours = min(s for s, _ in ours.values())
             best_theirs = min(theirs[name][0].values())
-            print(f"| {name} exported (jax.export file), 1 | 1 | {exported_s:.3f} | "
-                  f"{theirs[name][0].get(1, float('nan')):.3f} | "
-                  f"{exported_s / theirs[name][0].get(1, float('nan')):.2f} | "
-                  f"{1 / exported_s:.2f} | |", flush=True)  # fmt: skip
+            print(
+                f"| {name} exported (jax.export file), 1 | 1 | {exported_s:.3f} | "
+                f"{theirs[name][0].get(1, float('nan')):.3f} | "
+                f"{exported_s / theirs[name][0].get(1, float('nan')):.2f} | "
+                f"{1 / exported_s:.2f} | |",
+                flush=True,
+            )
             notes.append(
                 f"# {name}: canvas {fitted_canvas(name)}; best batch: frcnn_jax {best_ours:.3f} "
                 f"s/image vs torchvision {best_theirs:.3f} (ratio {best_ours / best_theirs:.2f}); "
@@ -250,8 +263,10 @@ def main():
                 f"export {export_s:.0f} s"
             )
         print("\n".join(notes))
-        print(f"# peak resident memory: frcnn_jax {peak_rss_gb():.1f} GB, torchvision "
-              f"{max(t[1] for t in theirs.values()):.1f} GB")  # fmt: skip
+        print(
+            f"# peak resident memory: frcnn_jax {peak_rss_gb():.1f} GB, torchvision "
+            f"{max(t[1] for t in theirs.values()):.1f} GB"
+        )
 
 
 if __name__ == "__main__":

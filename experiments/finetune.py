@@ -74,10 +74,14 @@ def main():
         for name, init in (("fine-tuned", str(pretrained)), ("from scratch", None)):
             workdir = root / f"{name.replace(' ', '_')}_seed{seed}"
             rows.append((name, seed, *run(target_config(args.finetune_steps, seed, init), workdir)))
-    print(f"\nPretrained: shapes_tiny (8 classes, shapes/320), {args.pretrain_steps} steps: "
-          f"test mAP@0.5 {pretrain_map:.3f} ({pretrain_minutes:.1f} min).")  # fmt: skip
-    print(f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), "
-          f"{args.finetune_steps} steps of batch 4, test split (300 images).\n")  # fmt: skip
+    print(
+        f"\nPretrained: shapes_tiny (8 classes, shapes/320), {args.pretrain_steps} steps: "
+        f"test mAP@0.5 {pretrain_map:.3f} ({pretrain_minutes:.1f} min)."
+    )
+    print(
+        f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), "
+        f"{args.finetune_steps} steps of batch 4, test split (300 images).\n"
+    )
     print("| start | seed | mAP@0.5 | minutes |")
     print("|---|---|---|---|")
     for name, seed, mean_ap, minutes in rows:

@@ -72,35 +72,61 @@ def anchor_rows(config):
 def table_rows(table, config):
     rpn = config.model.rpn
     unshared = [("model.rpn.shared_features", False)]
-    if config.train.scheme == "alternating":  # the paper's: stop after step 2
-        unshared.append(("train.alternating_steps", 2))
+    if config.train.scheme == "alternating":  # the paper's: stop after phase 2
+        unshared.append(("train.alternating_phases", 2))
     if table == "2":
         levels = len(rpn.anchor_sizes) if isinstance(rpn.anchor_sizes[0], (tuple, list)) else 1
         every = rpn.test_pre_nms_top_n * levels  # no NMS: every pre-NMS candidate
         counts = {100: 55.1, 300: 59.9, 1000: 56.3}
         return [
-            *[Row(f"{n} proposals" + (" (shared features)" if n == 300 else ""),
-                  test=(("model.rpn.test_post_nms_top_n", n),), paper=p)
-              for n, p in counts.items()],
-            Row("unshared features, 300 proposals", tuple(unshared),
-                (("model.rpn.test_post_nms_top_n", 300),), paper=58.7),
-            Row(f"no NMS, {every} proposals", test=(("model.rpn.test_nms", False),
-                                                   ("model.rpn.test_post_nms_top_n", every)),
-                paper=55.2),
-            *[Row(f"no cls (random proposals), {n}", test=(("model.rpn.test_ranking", "random"),
-                                                          ("model.rpn.test_post_nms_top_n", n)),
-                  paper=p) for n, p in ((100, 44.6), (300, 51.4), (1000, 55.8))],
-            Row("no reg (anchors as proposals), 300", test=(
-                ("model.rpn.test_regression", False), ("model.rpn.test_post_nms_top_n", 300)),
-                paper=52.1),
-        ]  # fmt: skip
+            *[
+                Row(
+                    f"{n} proposals" + (" (shared features)" if n == 300 else ""),
+                    test=(("model.rpn.test_post_nms_top_n", n),),
+                    paper=p,
+                )
+                for n, p in counts.items()
+            ],
+            Row(
+                "unshared features, 300 proposals",
+                tuple(unshared),
+                (("model.rpn.test_post_nms_top_n", 300),),
+                paper=58.7,
+            ),
+            Row(
+                f"no NMS, {every} proposals",
+                test=(("model.rpn.test_nms", False), ("model.rpn.test_post_nms_top_n", every)),
+                paper=55.2,
+            ),
+            *[
+                Row(
+                    f"no cls (random proposals), {n}",
+                    test=(
+                        ("model.rpn.test_ranking", "random"),
+                        ("model.rpn.test_post_nms_top_n", n),
+                    ),
+                    paper=p,
+                )
+                for n, p in ((100, 44.6), (300, 51.4), (1000, 55.8))
+            ],
+            Row(
+                "no reg (anchors as proposals), 300",
+                test=(("model.rpn.test_regression", False), ("model.rpn.test_post_nms_top_n", 300)),
+                paper=52.1,
+            ),
+        ]
     if table == "8":
         return anchor_rows(config)
     if table == "9":  # lambda relative to the config's balanced weight (the paper's 10)
         weight = float(rpn.box_weight)
-        return [Row(f"lambda = {lam:g} (rpn.box_weight {weight * lam / 10:g})",
-                    (("model.rpn.box_weight", weight * lam / 10),) if lam != 10 else (), paper=p)
-                for lam, p in ((0.1, 67.2), (1, 68.9), (10, 69.9), (100, 69.1))]  # fmt: skip
+        return [
+            Row(
+                f"lambda = {lam:g} (rpn.box_weight {weight * lam / 10:g})",
+                (("model.rpn.box_weight", weight * lam / 10),) if lam != 10 else (),
+                paper=p,
+            )
+            for lam, p in ((0.1, 67.2), (1, 68.9), (10, 69.9), (100, 69.1))
+        ]
     if table == "10":  # the paper's 5 test scales (480 ... 1200 for 600) scaled to the config
         scales = tuple(round(config.data.min_size * s / 600) for s in (480, 576, 688, 864, 1200))
         pyramid, multi = (("eval.scales", scales),), (("data.train_scales", scales),)
@@ -113,41 +139,56 @@ def table_rows(table, config):
             Row("one-stage, 5 test scales", one_stage, pyramid, paper=53.9),
         ]
     if table == "fig4":
-        return [Row(f"{n} proposals: recall vs IoU", test=(("model.rpn.test_post_nms_top_n", n),
-                                                          ("eval.proposal_recall", True)))
-                for n in (300, 1000, 2000)]  # fmt: skip
+        return [
+            Row(
+                f"{n} proposals: recall vs IoU",
+                test=(("model.rpn.test_post_nms_top_n", n), ("eval.proposal_recall", True)),
+            )
+            for n in (300, 1000, 2000)
+        ]
     if table == "schemes":  # gradients through the boxes need RoIAlign (RoIPool rounds them)
         pool = config.model.head.pooler == "pool"
         return [
             Row("approximate joint"),
-            Row("non-approximate joint" + (" (RoIAlign)" if pool else ""),
-                (("train.scheme", "non_approximate_joint"),
-                 *((("model.head.pooler", "align"),) if pool else ()))),
+            Row(
+                "non-approximate joint" + (" (RoIAlign)" if pool else ""),
+                (
+                    ("train.scheme", "non_approximate_joint"),
+                    *((("model.head.pooler", "align"),) if pool else ()),
+                ),
+            ),
             Row("4-step alternating", (("train.scheme", "alternating"),)),
-            Row("4-step alternating, step 2 from step 1",
-                (("train.scheme", "alternating"), ("train.alternating_step2_init", "step1"))),
-        ]  # fmt: skip
+            Row(
+                "4-step alternating, phase 2 from phase 1",
+                (("train.scheme", "alternating"), ("train.alternating_phase2_init", "phase1")),
+            ),
+        ]
     raise ValueError(f"unknown table {table!r}; one of {TABLES}")
 
 
 TABLES = ("2", "8", "9", "10", "fig4", "schemes")
 TITLES = {
     "2": "Table 2: proposals and ablations (the paper: ZF; its rows other than shared / unshared "
-         "test a detector trained on Selective Search proposals, 56.8 at 300; ours test the "
-         "joint detector's own RPN)",
+    "test a detector trained on Selective Search proposals, 56.8 at 300; ours test the "
+    "joint detector's own RPN)",
     "8": "Table 8: anchors (the paper: VGG-16; 1-scale rows at 256, its 128 rows: 65.8 / 68.8)",
     "9": "Table 9: lambda in equation (1) (the paper: VGG-16)",
     "10": "Table 10: one-stage vs two-stage (the paper, ZF: one stage 53.8 at 1 scale and 53.9 "
-          "with 5 test scales against two stages 58.7 at 1 scale, the figures its text compares; "
-          "its two-stage RPN has unshared features; it has no two-stage pyramid rows)",
+    "with 5 test scales against two stages 58.7 at 1 scale, the figures its text compares; "
+    "its two-stage RPN has unshared features; it has no two-stage pyramid rows)",
     "fig4": "Figure 4: proposal recall vs IoU (the paper: RPN's recall stays high from 2000 down "
-            "to 300 proposals)",
+    "to 300 proposals)",
     "schemes": "Training schemes (section 3.2)",
-}  # fmt: skip
+}
 # each table's reference row (the start of its label): the config as it is, or the paper's
 # choice; every other row is also shown as its difference from it, seed by seed
-REFERENCE = {"2": "300 proposals", "8": "3 scales, 3 ratios", "9": "lambda = 10 ",
-             "10": "two-stage (", "schemes": "approximate joint"}  # fmt: skip
+REFERENCE = {
+    "2": "300 proposals",
+    "8": "3 scales, 3 ratios",
+    "9": "lambda = 10 ",
+    "10": "two-stage (",
+    "schemes": "approximate joint",
+}
 
 
 def is_reference(table, label):
@@ -182,8 +223,11 @@ def training_name(pairs):
     if not pairs:
         return "config"
     text = json.dumps(sorted((k, list(v) if isinstance(v, tuple) else v) for k, v in pairs))
-    return "-".join(f"{k.split('.')[-1]}" for k, _ in sorted(pairs)) + "-" + hashlib.sha1(
-        text.encode()).hexdigest()[:8]  # fmt: skip
+    return (
+        "-".join(f"{k.split('.')[-1]}" for k, _ in sorted(pairs))
+        + "-"
+        + hashlib.sha1(text.encode()).hexdigest()[:8]
+    )
 
 
 def train(config, workdir):
@@ -203,16 +247,23 @@ def markdown(table, rows, setting, config_file):
     config_file = pathlib.Path(config_file)  # a repo config as the repo names it
     if config_file.parent.name == "configs":
         config_file = pathlib.Path("configs", config_file.name)
-    command = (f"python experiments/paper_tables.py --table {table} --config {config_file} "
-               f"--steps {steps} --seeds {seeds}")  # fmt: skip
+    command = (
+        f"python experiments/paper_tables.py --table {table} --config {config_file} "
+        f"--steps {steps} --seeds {seeds}"
+    )
     lines = [f"## {TITLES[table]}", "", f"{setting}: `{command}`", ""]
     if table == "fig4":
         thresholds = ("0.50", "0.60", "0.70", "0.80", "0.90")
-        lines += ["| proposals | seeds | " + " | ".join(f"recall@{t}" for t in thresholds)
-                  + " | AR |", "|---" * (len(thresholds) + 3) + "|"]  # fmt: skip
+        lines += [
+            "| proposals | seeds | " + " | ".join(f"recall@{t}" for t in thresholds) + " | AR |",
+            "|---" * (len(thresholds) + 3) + "|",
+        ]
     else:
-        lines += ["| row | seeds | ours mAP@0.5 (%) | spread | vs reference, by seed | "
-                  "paper (%) | training min |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| row | seeds | ours mAP@0.5 (%) | spread | vs reference, by seed | "
+            "paper (%) | training min |",
+            "|---|---|---|---|---|---|---|",
+        ]
     reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
     for label in dict.fromkeys(r["row"] for r in mine):
         found = [r for r in mine if r["row"] == label]
@@ -221,15 +272,20 @@ def markdown(table, rows, setting, config_file):
             recall = [r["recall"] for r in found]
             cells = [statistics.mean(x[t] for x in recall) for t in thresholds]
             cells.append(statistics.mean(x["AR"] for x in recall))
-            lines.append(f"| {label.split(':')[0]} | {seeds} | "
-                         + " | ".join(f"{c:.3f}" for c in cells) + " |")  # fmt: skip
+            lines.append(
+                f"| {label.split(':')[0]} | {seeds} | "
+                + " | ".join(f"{c:.3f}" for c in cells)
+                + " |"
+            )
             continue
         values = [100 * r["map"] for r in found]
         spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
         paper = "-" if found[0]["paper"] is None else f"{found[0]['paper']:.1f}"
         minutes = statistics.mean(r["train_minutes"] for r in found)
-        lines.append(f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | "
-                     f"{versus(table, found, reference)} | {paper} | {minutes:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | "
+            f"{versus(table, found, reference)} | {paper} | {minutes:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -286,16 +342,25 @@ def main():
                 result = training.evaluation.evaluate(
                     config, build_model(config), restore(workdir, mesh), mesh
                 )
-                record = {"table": table, "row": row.label, "seed": seed, "setting": setting,
-                          "config": args.config, "steps": args.steps,
-                          "map": result["voc"]["mAP"], "paper": row.paper,
-                          "train_minutes": round(minutes, 2), "workdir": str(workdir)}  # fmt: skip
+                record = {
+                    "table": table,
+                    "row": row.label,
+                    "seed": seed,
+                    "setting": setting,
+                    "config": args.config,
+                    "steps": args.steps,
+                    "map": result["voc"]["mAP"],
+                    "paper": row.paper,
+                    "train_minutes": round(minutes, 2),
+                    "workdir": str(workdir),
+                }
                 if "recall" in result:
                     count = config.model.rpn.test_post_nms_top_n
                     record["recall"] = result["recall"][f"recall@{count}"]
                 rows.add(record)
-                print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {record['map']:.4f}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{table} | {row.label} | seed {seed}: mAP@0.5 {record['map']:.4f}", flush=True
+                )
     for table in tables:
         print("\n" + markdown(table, rows, setting, args.config))
     written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]

@@ -47,6 +47,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_jax import weights
 from frcnn_jax.config import config_from_file
+from frcnn_jax.data.loader import Inputs
 from frcnn_jax.models import FasterRCNN, build_model
 from frcnn_jax.training.initial import init_state
 
@@ -107,14 +108,16 @@ def batch(num_classes, seed=0):
         images[i, :height, :width] = (coarse + noise).round()
         count = len(boxes[i])
         gt_boxes[i, :count], gt_classes[i, :count], gt_valid[i, :count] = boxes[i], classes[i], 1
-    ours = {
-        "image": images,
-        "image_size": np.array(SIZES, np.int32),
-        "gt_boxes": gt_boxes,
-        "gt_classes": gt_classes,
-        "gt_valid": gt_valid,
-        "scale": np.ones(2, np.float32),
-    }
+    ours = Inputs(
+        image=images,
+        image_size=np.array(SIZES, np.int32),
+        scale=np.ones(2, np.float32),
+        gt_boxes=gt_boxes,
+        gt_classes=gt_classes,
+        gt_valid=gt_valid,
+        gt_difficult=np.zeros_like(gt_valid),
+        valid=np.ones(2, bool),
+    )
     theirs_images = [
         torch.from_numpy(images[i, :h, :w].transpose(2, 0, 1) / 255).float()
         for i, (h, w) in enumerate(SIZES)
@@ -384,9 +387,16 @@ def paper_reference(num_classes):
         None, box_head, predictor, 0.5, 0.5, EVERY, 0.25, None, 0.05, 0.3, 100
     )  # fg / bg IoU 0.5 (backgrounds from IoU 0: py-faster-rcnn's BG_THRESH_LO)
     proposal_filter = RegionProposalNetwork(
-        AnchorGenerator(), None, 0.7, 0.3, EVERY, 0.5,
-        dict(training=12000, testing=6000), dict(training=2000, testing=300), 0.7,
-    )  # fmt: skip
+        AnchorGenerator(),
+        None,
+        0.7,
+        0.3,
+        EVERY,
+        0.5,
+        dict(training=12000, testing=6000),
+        dict(training=2000, testing=300),
+        0.7,
+    )
     proposal_filter.min_size = 16.0  # 16 px of the original image (scale 1 here)
     module = torch.nn.ModuleDict({"vgg": vgg, "rpn": rpn, "predictor": predictor}).train()
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -518,7 +528,7 @@ def training_proposals(model, state, batch, precision="highest"):
     """frcnn_jax's training proposals for `batch`: (boxes float32 [B, P, 4], valid bool [B, P])
     and the valid boxes as float32 [P_i, 4] per image."""
     variables = {"params": state.params, **state.frozen}
-    inputs = (batch["image"], batch["image_size"], batch["scale"])
+    inputs = (batch.image, batch.image_size, batch.scale)
     with jax.default_matmul_precision(precision):
         boxes, valid = _training_proposals(model, variables, *inputs)
     return (boxes, valid), [np.asarray(b)[np.asarray(v)] for b, v in zip(boxes, valid, strict=True)]
@@ -529,8 +539,8 @@ def losses_on_proposals(model, params, frozen, batch, boxes, valid):
     valid bool [B, P]): `rpn_losses` + `head_losses`. Their gradient is `FasterRCNN.losses`'s:
     approximate joint training stops the gradient at the proposals anyway."""
     variables = {"params": params, **frozen}
-    inputs = (batch["image"], batch["image_size"])
-    gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+    inputs = (batch.image, batch.image_size)
+    gt = (batch.gt_boxes, batch.gt_classes, batch.gt_valid)
     key = jax.random.key(0)
     rpn = model.apply(variables, *inputs, *gt, key, method=FasterRCNN.rpn_losses)
     head = model.apply(variables, *inputs, boxes, valid, *gt, key, method=FasterRCNN.head_losses)

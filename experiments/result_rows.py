@@ -23,8 +23,11 @@ class Rows:
 
     def add(self, row):
         """Append `row` stamped with the time it finished and the commit that made it."""
-        row = {**row, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-               "commit": commit()}  # fmt: skip
+        row = {
+            **row,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "commit": commit(),
+        }
         self.all.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
@@ -35,8 +38,13 @@ class Rows:
 def commit():
     """The checkout's short commit hash (None outside a git checkout)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None

@@ -75,10 +75,15 @@ def main():
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="soak_"))
     command = [
-        sys.executable, "-m", "frcnn_jax.train", f"--config={args.config}",
-        f"--workdir={workdir}", f"--config.train.num_steps={args.steps}",
-        f"--config.train.log_every={args.every}", *args.overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "frcnn_jax.train",
+        f"--config={args.config}",
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={args.steps}",
+        f"--config.train.log_every={args.every}",
+        *args.overrides,
+    ]
     samples, stop = [], threading.Event()
     start = time.time()
     process = subprocess.Popen(command, cwd=ROOT)

@@ -27,9 +27,12 @@ configure_runtime()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from frcnn_jax import postprocess  # noqa: E402
 from frcnn_jax.config import config_from_file  # noqa: E402
-from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
+from frcnn_jax.models import (  # noqa: E402
+    FasterRCNN,
+    build_model,
+    roi_heads,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The paper's Table 5 (K40 GPU, ms): conv, proposal, region-wise (incl. NMS), total
@@ -71,10 +74,14 @@ def stage_times(config, repeats):
 
     @jax.jit
     def nms(logits, deltas, boxes, valid):
-        detect = functools.partial(postprocess.detect, image_height=height, image_width=width,
-                                   score_threshold=head.score_threshold,
-                                   nms_threshold=head.nms_threshold,
-                                   max_detections=head.max_detections)  # fmt: skip
+        detect = functools.partial(
+            roi_heads.detect,
+            image_height=height,
+            image_width=width,
+            score_threshold=head.score_threshold,
+            nms_threshold=head.nms_threshold,
+            max_detections=head.max_detections,
+        )
         return jax.vmap(detect)(logits, deltas, boxes, valid)
 
     features, rpn_features = convs(variables, images, sizes)
@@ -96,10 +103,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = jax.devices()[0]
-    print(f"one image, random weights, {device.platform} ({device.device_kind}), "
-          f"medians of {args.repeats}; the paper: K40 GPU\n")  # fmt: skip
-    print("| config | canvas | convs ms | proposals ms | region-wise ms | NMS ms | sum ms | "
-          "one program ms | paper conv / proposal / region-wise / total ms |")  # fmt: skip
+    print(
+        f"one image, random weights, {device.platform} ({device.device_kind}), "
+        f"medians of {args.repeats}; the paper: K40 GPU\n"
+    )
+    print(
+        "| config | canvas | convs ms | proposals ms | region-wise ms | NMS ms | sum ms | "
+        "one program ms | paper conv / proposal / region-wise / total ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for path in args.configs.split(","):
         config = config_from_file(ROOT / path if not pathlib.Path(path).is_absolute() else path)
@@ -110,8 +121,11 @@ def main():
         cells = " | ".join(f"{times[s]:.1f}" for s in stages)
         reference = " / ".join(str(v) for v in paper) if paper else "-"
         canvas = "x".join(str(s) for s in config.data.canvas)
-        print(f"| {pathlib.Path(path).name} | {canvas} | {cells} | {total:.1f} | "
-              f"{times['one program']:.1f} | {reference} |", flush=True)  # fmt: skip
+        print(
+            f"| {pathlib.Path(path).name} | {canvas} | {cells} | {total:.1f} | "
+            f"{times['one program']:.1f} | {reference} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from synthetic import ground_truth  # noqa: E402
 
 from frcnn_jax import sharding, training  # noqa: E402
 from frcnn_jax.config import config_from_file  # noqa: E402
+from frcnn_jax.data.loader import Inputs  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
 
 
@@ -32,13 +33,17 @@ def synthetic_batch(rng, batch_size, canvas, max_boxes, num_classes, num=5):
     boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
     classes = np.zeros((batch_size, max_boxes), np.int32)
     boxes[:, :num], classes[:, :num] = ground_truth(rng, batch_size, canvas, num_classes, num)
-    return {
-        "image": rng.uniform(0, 255, (batch_size, height, width, 3)).astype(np.float32),
-        "image_size": np.tile(np.array([[height, width]], np.int32), (batch_size, 1)),
-        "gt_boxes": boxes,
-        "gt_classes": classes,
-        "gt_valid": np.arange(max_boxes)[None].repeat(batch_size, 0) < num,
-    }
+    gt_valid = np.arange(max_boxes)[None].repeat(batch_size, 0) < num
+    return Inputs(
+        image=rng.uniform(0, 255, (batch_size, height, width, 3)).astype(np.float32),
+        image_size=np.tile(np.array([[height, width]], np.int32), (batch_size, 1)),
+        scale=np.ones(batch_size, np.float32),
+        gt_boxes=boxes,
+        gt_classes=classes,
+        gt_valid=gt_valid,
+        gt_difficult=np.zeros_like(gt_valid),
+        valid=np.ones(batch_size, bool),
+    )
 
 
 def time_steps(config, batch_size, steps):

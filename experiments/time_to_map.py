@@ -59,16 +59,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIDES = ("frcnn_jax", "torchvision")
 SCHEDULE = {"sgd": "step", "adamw": "cosine"}
 # (optimizer, learning rate), most promising first: an unfinished search has the likely winners
-RECIPES = (("adamw", 1e-3), ("sgd", 0.02), ("adamw", 5e-4), ("sgd", 0.01), ("adamw", 2e-3),
-           ("sgd", 0.04))  # fmt: skip
+RECIPES = (
+    ("adamw", 1e-3),
+    ("sgd", 0.02),
+    ("adamw", 5e-4),
+    ("sgd", 0.01),
+    ("adamw", 2e-3),
+    ("sgd", 0.04),
+)
 
 
 def recipe_config(config, optimizer, learning_rate, fitted):
     """`config` with one recipe of the search and the side's fitted schedule (`fitted`:
     `budget.fit_to_budget`'s overrides)."""
     config = config.copy_and_resolve_references()
-    config.train.update(fitted, optimizer=optimizer, lr_schedule=SCHEDULE[optimizer],
-                        learning_rate=learning_rate)  # fmt: skip
+    config.train.update(
+        fitted, optimizer=optimizer, lr_schedule=SCHEDULE[optimizer], learning_rate=learning_rate
+    )
     check_config(config)
     return config
 
@@ -87,8 +94,7 @@ def ours(config):
 
     def step(batch):
         nonlocal state
-        batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
-        state, metrics = step_fn(state, batch, key, None)
+        state, metrics = step_fn(state, sharding.shard_batch(batch.inputs, mesh), key, None)
         return metrics["loss"]
 
     def detect(batch):
@@ -176,7 +182,7 @@ def theirs(config):
     weights (ndim > 1) only."""
     import torch
 
-    from frcnn_jax.postprocess import Detections
+    from frcnn_jax.models.roi_heads import Detections
 
     torch.manual_seed(config.train.seed)
     torch.set_num_threads(2)
@@ -199,14 +205,14 @@ def theirs(config):
 
     def to_torch(batch):
         images, targets = [], []
-        for i in range(len(batch["valid"])):
-            h, w = batch["image_size"][i]
+        for i in range(len(batch.inputs.valid)):
+            h, w = batch.inputs.image_size[i]
             images.append(
-                torch.from_numpy(batch["image"][i, :h, :w]).permute(2, 0, 1).float() / 255
+                torch.from_numpy(batch.inputs.image[i, :h, :w]).permute(2, 0, 1).float() / 255
             )
-            valid = batch["gt_valid"][i]
-            boxes = torch.from_numpy(batch["gt_boxes"][i][valid])
-            labels = torch.from_numpy(batch["gt_classes"][i][valid]).long()
+            valid = batch.inputs.gt_valid[i]
+            boxes = torch.from_numpy(batch.inputs.gt_boxes[i][valid])
+            labels = torch.from_numpy(batch.inputs.gt_classes[i][valid]).long()
             targets.append({"boxes": boxes, "labels": labels})
         return images, targets
 
@@ -229,12 +235,18 @@ def theirs(config):
         with torch.no_grad():
             outputs = model(images)
         num = 100
-        out = {k: np.zeros((len(images), num, *s), d) for k, s, d in
-               [("boxes", (4,), np.float32), ("scores", (), np.float32), ("classes", (), np.int32),
-                ("valid", (), bool)]}  # fmt: skip
+        out = {
+            k: np.zeros((len(images), num, *s), d)
+            for k, s, d in [
+                ("boxes", (4,), np.float32),
+                ("scores", (), np.float32),
+                ("classes", (), np.int32),
+                ("valid", (), bool),
+            ]
+        }
         for i, o in enumerate(outputs):
             n = len(o["scores"])
-            scale = float(batch["scale"][i]) or 1.0
+            scale = float(batch.inputs.scale[i]) or 1.0
             out["boxes"][i, :n] = o["boxes"].numpy() / scale
             out["scores"][i, :n] = o["scores"].numpy()
             out["classes"][i, :n] = o["labels"].numpy()
@@ -251,8 +263,9 @@ BUILD = {"frcnn_jax": ours, "torchvision": theirs}
 
 
 def train_batches(config):
-    batches, _ = make_batches(config.data, config.data.train_split,
-                              batch_size=config.train.batch_size, train=True, seed=0)  # fmt: skip
+    batches, _ = make_batches(
+        config.data, config.data.train_split, batch_size=config.train.batch_size, train=True, seed=0
+    )
     return batches
 
 
@@ -327,18 +340,24 @@ def sustained_ratio(rows, side, optimizer):
     its budget to the steps/s measured for the search's schedules (the config's optimizer, a
     few dozen steps); 1.0 before any such row of 2+ steps."""
     fitted = rows.find("fit", side=side)
-    ratios = [r["steps_per_second"] / fitted["steps_per_second"]
-              for r in rows.mine("search")
-              if r["side"] == side and r["optimizer"] == optimizer and fitted
-              and r["steps_per_second"] > 0]  # fmt: skip
+    ratios = [
+        r["steps_per_second"] / fitted["steps_per_second"]
+        for r in rows.mine("search")
+        if r["side"] == side
+        and r["optimizer"] == optimizer
+        and fitted
+        and r["steps_per_second"] > 0
+    ]
     return float(np.median(ratios)) if ratios else 1.0
 
 
 def row_seconds(rows, minutes):
     """Wall seconds one more run is expected to take: the longest finished run's timed parts
     plus a minute of set-up (20% over the budget before any run has finished)."""
-    done = [r["first_step_s"] + r["data_s"] + r["step_s"] + r["eval_s"]
-            for r in rows.mine("search") + rows.mine("race")]  # fmt: skip
+    done = [
+        r["first_step_s"] + r["data_s"] + r["step_s"] + r["eval_s"]
+        for r in rows.mine("search") + rows.mine("race")
+    ]
     return max(done) + 60 if done else 1.2 * 60 * minutes
 
 
@@ -370,39 +389,67 @@ def tables(rows_file, command):
     for kind, name in (("fit", "Fitted schedules (search)"), ("race-fit", "Fitted (race)")):
         fits = rows_file.mine(kind)
         if fits:
-            lines.append(f"{name}: " + "; ".join(
-                f"{r['side']} {r['steps_per_second']:.3f} steps/s"
-                + (f" ({r['measured_steps_per_second']:.3f} measured x {r['sustained_ratio']:.3f}"
-                   " sustained in the search)" if "sustained_ratio" in r else " measured")
-                + f" -> {r['num_steps']} steps" for r in fits) + ".")  # fmt: skip
+            lines.append(
+                f"{name}: "
+                + "; ".join(
+                    f"{r['side']} {r['steps_per_second']:.3f} steps/s"
+                    + (
+                        f" ({r['measured_steps_per_second']:.3f} measured x "
+                        f"{r['sustained_ratio']:.3f} sustained in the search)"
+                        if "sustained_ratio" in r
+                        else " measured"
+                    )
+                    + f" -> {r['num_steps']} steps"
+                    for r in fits
+                )
+                + "."
+            )
     lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
     marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
     head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
     lines += [head + " | steps/s | load | finished |", "|---" * (len(marks) + 5) + "|"]
     for row in search:
         cells = [f"{m['map']:.3f} ({m['steps']})" for m in row["marks"]]
-        lines.append(f"| {row['side']} | {recipe_name(row)} | " + " | ".join(cells)
-                     + f" | {row['steps_per_second']:.2f} | {row['load_average']:.1f} "
-                     f"| {row['finished']} |")  # fmt: skip
+        lines.append(
+            f"| {row['side']} | {recipe_name(row)} | "
+            + " | ".join(cells)
+            + f" | {row['steps_per_second']:.2f} | {row['load_average']:.1f} "
+            f"| {row['finished']} |"
+        )
     source = race if {r["side"] for r in race} >= set(SIDES) else search
     tops = {side: best(source, side) for side in SIDES}
     if all(tops.values()):
         kind = "the race (best recipes rerun back to back)" if source is race else "the search"
         ours_row, theirs_row = tops["frcnn_jax"], tops["torchvision"]
-        lines += ["", f"## Best against best, from {kind}", "",
-                  f"frcnn_jax: {recipe_name(ours_row)}; torchvision: {recipe_name(theirs_row)}.",
-                  "", "| training minutes | frcnn_jax mAP@0.5 (steps) | torchvision mAP@0.5 "
-                  "(steps) | ratio |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Best against best, from {kind}",
+            "",
+            f"frcnn_jax: {recipe_name(ours_row)}; torchvision: {recipe_name(theirs_row)}.",
+            "",
+            "| training minutes | frcnn_jax mAP@0.5 (steps) | torchvision mAP@0.5 "
+            "(steps) | ratio |",
+            "|---|---|---|---|",
+        ]
         for a, b in zip(ours_row["marks"], theirs_row["marks"], strict=True):
             ratio = f"{a['map'] / b['map']:.2f}x" if b["map"] > 0 else "-"
-            lines.append(f"| {a['minutes']:g} | {a['map']:.3f} ({a['steps']}) | "
-                         f"{b['map']:.3f} ({b['steps']}) | {ratio} |")  # fmt: skip
-        lines += ["", "## Where the training time goes (the best rows)", "",
-                  "| side | steps/s | first step s | waiting for data s | steps s | eval s "
-                  "(not counted) |", "|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {a['minutes']:g} | {a['map']:.3f} ({a['steps']}) | "
+                f"{b['map']:.3f} ({b['steps']}) | {ratio} |"
+            )
+        lines += [
+            "",
+            "## Where the training time goes (the best rows)",
+            "",
+            "| side | steps/s | first step s | waiting for data s | steps s | eval s "
+            "(not counted) |",
+            "|---|---|---|---|---|---|",
+        ]
         for side, row in tops.items():
-            lines.append(f"| {side} | {row['steps_per_second']:.3f} | {row['first_step_s']} | "
-                         f"{row['data_s']} | {row['step_s']} | {row['eval_s']} |")  # fmt: skip
+            lines.append(
+                f"| {side} | {row['steps_per_second']:.3f} | {row['first_step_s']} | "
+                f"{row['data_s']} | {row['step_s']} | {row['eval_s']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -421,8 +468,11 @@ def main():
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
-    parser.add_argument("--stop-by", type=clock_time, help="HH:MM: start no run that could not "
-                        "end by then (estimated from the finished rows)")  # fmt: skip
+    parser.add_argument(
+        "--stop-by",
+        type=clock_time,
+        help="HH:MM: start no run that could not end by then (estimated from the finished rows)",
+    )
     args = parser.parse_args()
     config = config_from_file(args.config)
     config.data.workers = 2
@@ -431,14 +481,17 @@ def main():
     if args.recipes:
         recipes = [(o, float(lr)) for o, lr in (r.split(":") for r in args.recipes.split(","))]
     sides = args.sides.split(",")
-    setting = (f"{pathlib.Path(args.config).stem} ({config.data.name}, batch "
-               f"{config.train.batch_size}), {args.minutes:g} training minutes, "
-               f"{args.eval_images or 'all'} test images")  # fmt: skip
+    setting = (
+        f"{pathlib.Path(args.config).stem} ({config.data.name}, batch "
+        f"{config.train.batch_size}), {args.minutes:g} training minutes, "
+        f"{args.eval_images or 'all'} test images"
+    )
     rows = Rows(args.rows, setting)
 
     def evaluate(detect):
-        batches, info = make_batches(config.data, config.eval.split,
-                                     batch_size=config.eval.batch_size, train=False)  # fmt: skip
+        batches, info = make_batches(
+            config.data, config.eval.split, batch_size=config.eval.batch_size, train=False
+        )
         if args.eval_images:
             import dataclasses
             import itertools
@@ -461,20 +514,34 @@ def main():
             ratio = sustained_ratio(rows, side, optimizer) if kind == "race-fit" else 1.0
             speed = measured * ratio
             fitted = fit_to_budget(config.train, 60 * args.minutes, speed)
-            row = rows.add(kind, side=side, steps_per_second=round(speed, 3),
-                           measured_steps_per_second=round(measured, 3),
-                           sustained_ratio=round(ratio, 3), **fitted)  # fmt: skip
-            print(f"{side}: {measured:.3f} steps/s measured, x{ratio:.3f} sustained -> {fitted} "
-                  f"for {args.minutes:g} min", flush=True)  # fmt: skip
-        return {"num_steps": row["num_steps"], "lr_steps": tuple(row["lr_steps"]),
-                "warmup_steps": row["warmup_steps"]}  # fmt: skip
+            row = rows.add(
+                kind,
+                side=side,
+                steps_per_second=round(speed, 3),
+                measured_steps_per_second=round(measured, 3),
+                sustained_ratio=round(ratio, 3),
+                **fitted,
+            )
+            print(
+                f"{side}: {measured:.3f} steps/s measured, x{ratio:.3f} sustained -> {fitted} "
+                f"for {args.minutes:g} min",
+                flush=True,
+            )
+        return {
+            "num_steps": row["num_steps"],
+            "lr_steps": tuple(row["lr_steps"]),
+            "warmup_steps": row["warmup_steps"],
+        }
 
     def run(kind, side, optimizer, lr):
         if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr) is not None:
             return
         if args.stop_by and time.time() + row_seconds(rows, args.minutes) > args.stop_by:
-            print(f"{kind}: {side}, {optimizer} lr {lr:g}: not started, it could not end by "
-                  f"--stop-by", flush=True)  # fmt: skip
+            print(
+                f"{kind}: {side}, {optimizer} lr {lr:g}: not started, it could not end by "
+                f"--stop-by",
+                flush=True,
+            )
             raise StopBy
         fitted = fit("race-fit" if kind == "race" else "fit", side)
         print(f"{kind}: {side}, {optimizer} lr {lr:g}, {fitted}:", flush=True)
@@ -496,8 +563,7 @@ def main():
     except StopBy:
         pass
 
-    text = tables(rows, "python experiments/time_to_map.py " + " ".join(
-        a for a in os.sys.argv[1:]))  # fmt: skip
+    text = tables(rows, "python experiments/time_to_map.py " + " ".join(a for a in os.sys.argv[1:]))
     print("\n" + text)
     pathlib.Path(args.rows).with_suffix(".md").write_text(text)
 

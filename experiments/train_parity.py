@@ -44,8 +44,12 @@ from parity_references import (
     training_proposals,
 )
 
-SHORT = {"rpn_objectness": "rpn_obj", "rpn_box": "rpn_box", "fast_rcnn_class": "frcnn_cls",
-         "fast_rcnn_box": "frcnn_box"}  # fmt: skip
+SHORT = {
+    "rpn_objectness": "rpn_obj",
+    "rpn_box": "rpn_box",
+    "fast_rcnn_class": "frcnn_cls",
+    "fast_rcnn_box": "frcnn_box",
+}
 
 
 def largest_difference(got, want):
@@ -122,9 +126,16 @@ def run(detector, steps, precision, warmup, clear_kinks):
         }
         theirs = reference.convert({k: p.detach() for k, p in named})
         absolute, relative, worst = largest_difference(ours, theirs)
-        row = {"step": step, "lr": float(schedule(step)), "absolute": absolute,
-               "relative": relative, "worst": worst, "torch_s": torch_seconds,
-               "jax_s": jax_seconds, "differing": differing}  # fmt: skip
+        row = {
+            "step": step,
+            "lr": float(schedule(step)),
+            "absolute": absolute,
+            "relative": relative,
+            "worst": worst,
+            "torch_s": torch_seconds,
+            "jax_s": jax_seconds,
+            "differing": differing,
+        }
         for name in LOSS_NAMES:
             row[f"ours_{name}"], row[f"theirs_{name}"] = got[name], float(want[name].detach())
         rows.append(row)
@@ -135,37 +146,50 @@ def run(detector, steps, precision, warmup, clear_kinks):
 def header():
     names = " | ".join(f"{SHORT[n]} ours | {SHORT[n]} ref" for n in LOSS_NAMES)
     columns = 5 + 2 * len(LOSS_NAMES)
-    return (f"| step | lr | {names} | proposals differing | largest param diff | "
-            f"largest rel. diff (tensor) |\n"
-            + "|" + "---|" * columns)  # fmt: skip
+    return (
+        f"| step | lr | {names} | proposals differing | largest param diff | "
+        f"largest rel. diff (tensor) |\n" + "|" + "---|" * columns
+    )
 
 
 def format_row(row):
     losses = " | ".join(f"{row[f'ours_{n}']:.7g} | {row[f'theirs_{n}']:.7g}" for n in LOSS_NAMES)
-    return (f"| {row['step']} | {row['lr']:.3g} | {losses} | {row['differing']} | "
-            f"{row['absolute']:.2e} | "
-            f"{row['relative']:.2e} ({row['worst']}) |")  # fmt: skip
+    return (
+        f"| {row['step']} | {row['lr']:.3g} | {losses} | {row['differing']} | "
+        f"{row['absolute']:.2e} | "
+        f"{row['relative']:.2e} ({row['worst']}) |"
+    )
 
 
 def summary(rows, first_gradients, kinks_cleared):
     _, relative, worst = first_gradients
-    lines = [f"- step 0 gradients: largest difference {relative:.1e} of that tensor's largest "
-             f"gradient ({worst}); {kinks_cleared} ReLU units moved off the kink beforehand "
-             f"(parity_references.clear_relu_kinks)"]  # fmt: skip
+    lines = [
+        f"- step 0 gradients: largest difference {relative:.1e} of that tensor's largest "
+        f"gradient ({worst}); {kinks_cleared} ReLU units moved off the kink beforehand "
+        f"(parity_references.clear_relu_kinks)"
+    ]
     for name in LOSS_NAMES:
-        diffs = [abs(r[f"ours_{name}"] - r[f"theirs_{name}"]) / max(abs(r[f"theirs_{name}"]),
-                 1e-30) for r in rows]  # fmt: skip
+        diffs = [
+            abs(r[f"ours_{name}"] - r[f"theirs_{name}"]) / max(abs(r[f"theirs_{name}"]), 1e-30)
+            for r in rows
+        ]
         worst = int(np.argmax(diffs))
-        lines.append(f"- {name}: largest relative difference {diffs[worst]:.1e} (step "
-                     f"{worst}); first 10 steps {max(diffs[:10]):.1e}")  # fmt: skip
+        lines.append(
+            f"- {name}: largest relative difference {diffs[worst]:.1e} (step "
+            f"{worst}); first 10 steps {max(diffs[:10]):.1e}"
+        )
     for at in sorted({0, 9, 24, len(rows) - 1} & set(range(len(rows)))):
         r = rows[at]
-        lines.append(f"- parameters after step {at}: largest difference {r['absolute']:.1e}, "
-                     f"{r['relative']:.1e} of that tensor's largest ({r['worst']})")  # fmt: skip
+        lines.append(
+            f"- parameters after step {at}: largest difference {r['absolute']:.1e}, "
+            f"{r['relative']:.1e} of that tensor's largest ({r['worst']})"
+        )
     counts = [r["differing"] for r in rows]
-    lines.append(f"- proposals in one side's own choice only (near-tied scores; both sides then "
-                 f"train on frcnn_jax's): median {np.median(counts):.0f} per step, largest "
-                 f"{max(counts)}")  # fmt: skip
+    lines.append(
+        f"- proposals in one side's own choice only (near-tied scores; both sides then "
+        f"train on frcnn_jax's): median {np.median(counts):.0f} per step, largest "
+        f"{max(counts)}"
+    )
     ratio = np.median([r["jax_s"] for r in rows[1:]]) / np.median([r["torch_s"] for r in rows[1:]])
     lines.append(f"- median step time frcnn_jax / reference (steps 1+, this machine): {ratio:.2f}")
     return "\n".join(lines)
@@ -176,24 +200,41 @@ def main():
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="coco_r50_fpn")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--precision", choices=("highest", "default"), default="highest")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="the recipe's rate after its warm-up from the first step")  # fmt: skip
-    parser.add_argument("--keep-kinks", dest="clear_kinks", action="store_false",
-                        help="leave ReLU inputs near their kink (parity_references)")  # fmt: skip
-    parser.add_argument("--out", default=None, help="results file (default: "
-                        "experiments/results_train_parity_<detector>.md)")  # fmt: skip
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="the recipe's rate after its warm-up from the first step",
+    )
+    parser.add_argument(
+        "--keep-kinks",
+        dest="clear_kinks",
+        action="store_false",
+        help="leave ReLU inputs near their kink (parity_references)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results file (default: experiments/results_train_parity_<detector>.md)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(header(), flush=True)
-    rows, first_gradients, kinks_cleared = run(args.detector, args.steps, args.precision,
-                                               args.warmup, args.clear_kinks)  # fmt: skip
+    rows, first_gradients, kinks_cleared = run(
+        args.detector, args.steps, args.precision, args.warmup, args.clear_kinks
+    )
     text = summary(rows, first_gradients, kinks_cleared)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(__file__)).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+    ).stdout.strip()
     name = args.detector + ("" if args.warmup else "_no_warmup")
     name += "" if args.clear_kinks else "_kinks"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                   f"results_train_parity_{name}.md")  # fmt: skip
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), f"results_train_parity_{name}.md"
+    )
     command = " ".join(["python experiments/train_parity.py", *sys.argv[1:]])
     with open(out, "w") as f:
         f.write(

@@ -50,3 +50,22 @@ def resize_scale(height, width, *, min_size, max_size, canvas):
 def resized_size(height, width, scale):
     # floor like torchvision's interpolate(scale_factor=...), never below one pixel
     return max(math.floor(height * scale + 1e-6), 1), max(math.floor(width * scale + 1e-6), 1)
+
+
+def scaled_sizes(data, min_size):
+    """{min_size, max_size, canvas} of `data` (a config.data section) for images resized to
+    short side `min_size`: the long side limit and the canvas scaled alike."""
+    factor = min_size / data.min_size
+    return {
+        "min_size": int(min_size),
+        "max_size": max(int(min_size), round(data.max_size * factor)),
+        "canvas": tuple(math.ceil(side * factor) for side in data.canvas),
+    }
+
+
+def train_canvas(data):
+    """The (H, W) canvas training batches use: `data.canvas`, or with `data.train_scales` the
+    canvas of the largest scale (smaller scales are padded onto it: one compiled shape)."""
+    if not data.train_scales:
+        return tuple(data.canvas)
+    return scaled_sizes(data, max(data.train_scales))["canvas"]

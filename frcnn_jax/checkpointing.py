@@ -167,8 +167,12 @@ class Checkpoints:
         self.manager.reload()
         log.warning(
             "checkpoint step %d in %s is damaged (%s: %s): moved to %s; trying the one before",
-            step, self.directory, type(error).__name__, first, aside,
-        )  # fmt: skip
+            step,
+            self.directory,
+            type(error).__name__,
+            first,
+            aside,
+        )
 
     def check_tensors(self, step, abstract_state):
         """Raise `TensorMismatch` naming the first tensor of `params` / `frozen` whose shape
@@ -208,10 +212,11 @@ def _shapes(tree, prefix):
     """{"prefix/a/b": shape tuple} of a pytree of arrays or array metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        "/".join([prefix, *(str(getattr(k, "key", getattr(k, "name", k))) for k in path)]):
-        tuple(leaf.shape)
+        "/".join([prefix, *(str(getattr(k, "key", getattr(k, "name", k))) for k in path)]): tuple(
+            leaf.shape
+        )
         for path, leaf in leaves
-    }  # fmt: skip
+    }
 
 
 def _describe(shape):

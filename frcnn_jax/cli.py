@@ -21,10 +21,11 @@ def define_config_and_workdir(workdir_help):
 
 def define_allow_model_change():
     flags.DEFINE_bool(
-        "allow_model_change", False,
+        "allow_model_change",
+        False,
         "Use the workdir's checkpoints with a model that differs from the one they were "
         "trained with (run.json): by default that is an error naming the field.",
-    )  # fmt: skip
+    )
 
 
 @contextlib.contextmanager
@@ -35,8 +36,12 @@ def clear_errors():
 
     try:
         yield
-    except (rundir.WorkdirInUse, rundir.ModelChanged, checkpointing.DiskFull,
-            checkpointing.TensorMismatch) as e:  # fmt: skip
+    except (
+        rundir.WorkdirInUse,
+        rundir.ModelChanged,
+        checkpointing.DiskFull,
+        checkpointing.TensorMismatch,
+    ) as e:
         raise SystemExit(f"error: {e}") from None
 
 

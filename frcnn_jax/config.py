@@ -9,9 +9,13 @@ import types
 
 import ml_collections
 
+from frcnn_jax import kernels
 from frcnn_jax.data.config import check_data_config, data_config
+from frcnn_jax.models import build_model
 from frcnn_jax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from frcnn_jax.models.faster_rcnn import HeadSettings, RPNSettings
+from frcnn_jax.models.roi_heads import HeadSettings
+from frcnn_jax.models.rpn import RPNSettings
+from frcnn_jax.overrides import override
 
 SCHEMES = ("approximate_joint", "non_approximate_joint", "alternating")
 METRICS = ("voc07", "voc_area")
@@ -20,40 +24,55 @@ LR_SCHEDULES = ("step", "cosine")
 WEIGHT_DECAY_ON = ("kernels", "all")
 
 
-def base_config():
+def model_config(**overrides):
+    """`config.model` with defaults (the paper's VGG-16 detector for VOC); keyword arguments
+    override fields, `rpn` / `head` as dicts of their fields (an unknown field fails, naming
+    it)."""
     c = ml_collections.ConfigDict()
-    c.data = data_config()
-    c.model = ml_collections.ConfigDict()
-    c.model.backbone = "vgg16"  # paper: VGG-16 (ZF for the fast net)
-    c.model.num_classes = 20  # K object classes (VOC: 20)
-    c.model.dtype = "float32"  # "bfloat16": bf16 conv/matmul, float32 parameters and box math
-    c.model.frozen_stages = ml_collections.FieldReference(None, field_type=int)  # None: default
+    c.backbone = "vgg16"  # paper: VGG-16 (ZF for the fast net)
+    c.num_classes = 20  # K object classes (VOC: 20)
+    c.dtype = "float32"  # "bfloat16": bf16 conv/matmul, float32 parameters and box math
+    # "auto": frcnn_jax's CPU convolution and pooling kernels where they apply; "xla": XLA's
+    # own everywhere (see frcnn_jax.kernels)
+    c.kernels = kernels.DEFAULT
+    c.frozen_stages = ml_collections.FieldReference(None, field_type=int)  # None: default
     # .npz from `python -m frcnn_jax.import_weights` (ImageNet backbones or a whole detector)
-    c.model.init_checkpoint = ml_collections.FieldReference(None, field_type=str)
+    c.init_checkpoint = ml_collections.FieldReference(None, field_type=str)
     # The input convention of the weights (see frcnn_jax.weights): torchvision's ImageNet RGB
     # mean/std in 0-255 units; Caffe's VGG-16/ZF: "bgr", mean (102.98, 115.95, 122.77), std 1.
-    c.model.pixel_mean = IMAGENET_MEAN
-    c.model.pixel_std = IMAGENET_STD
-    c.model.channel_order = "rgb"
-    c.model.rpn = settings_config(RPNSettings)  # every field, paper values (see RPNSettings)
-    c.model.head = settings_config(HeadSettings)  # every field, paper values (see HeadSettings)
+    c.pixel_mean = IMAGENET_MEAN
+    c.pixel_std = IMAGENET_STD
+    c.channel_order = "rgb"
+    c.rpn = settings_config(RPNSettings)  # every field, paper values (see RPNSettings)
+    c.head = settings_config(HeadSettings)  # every field, paper values (see HeadSettings)
+    override(c, overrides, "config.model")
+    return c
+
+
+def base_config():
+    """The paper's setting (VGG-16 on VOC 2007, its schedule) that every config file starts
+    from; sections `data`, `model`, `train`, `eval`."""
+    c = ml_collections.ConfigDict()
+    c.data = data_config()
+    c.model = model_config()
 
     c.train = ml_collections.ConfigDict()
     c.train.scheme = "approximate_joint"  # paper default; "non_approximate_joint", "alternating"
-    # Alternating training, step 2's starting weights: "initial" (the paper: the same
-    # ImageNet-initialized network as step 1) or "step1" (step 1's trained network; for training
-    # from scratch, where "initial" would throw step 1's backbone training away).
-    c.train.alternating_step2_init = "initial"
-    # Alternating training, the four steps' lengths and each step's lr decay step (paper /
+    # Alternating training (the paper's 4 steps, called phases 1-4 here; "step" is an optimizer
+    # step), phase 2's starting weights: "initial" (the paper: the same ImageNet-initialized
+    # network as phase 1) or "phase1" (phase 1's trained network; for training from scratch,
+    # where "initial" would throw phase 1's backbone training away).
+    c.train.alternating_phase2_init = "initial"
+    # Alternating training, the four phases' lengths and each phase's lr decay step (paper /
     # py-faster-rcnn alt-opt: (80000, 40000, 80000, 40000) and (60000, 30000, 60000, 30000)).
     # Empty: num_steps split 1/3, 1/6, 1/3, 1/6, with lr_steps and warm-up scaled alike.
-    c.train.alternating_stage_steps = ()
-    c.train.alternating_stage_lr_steps = ()
-    # ... and each step's batch size; empty: batch_size (py-faster-rcnn: 1, 2, 1, 2 images)
-    c.train.alternating_stage_batch_sizes = ()
-    # 4: the paper's scheme; 2: stop after step 2, with model.rpn.shared_features=False: step
-    # 1's RPN and step 2's Fast R-CNN, each with its own convs (the paper's "unshared", Table 2)
-    c.train.alternating_steps = 4
+    c.train.alternating_phase_steps = ()
+    c.train.alternating_phase_lr_steps = ()
+    # ... and each phase's batch size; empty: batch_size (py-faster-rcnn: 1, 2, 1, 2 images)
+    c.train.alternating_phase_batch_sizes = ()
+    # 4: the paper's scheme; 2: stop after phase 2, with model.rpn.shared_features=False: phase
+    # 1's RPN and phase 2's Fast R-CNN, each with its own convs (the paper's "unshared", Table 2)
+    c.train.alternating_phases = 4
     c.train.batch_size = 2  # global images per step (paper: 1 image per GPU, 2 in py-faster-rcnn)
     c.train.num_steps = 40000  # paper VOC07: 60k + 20k images at 1 image/step
     c.train.learning_rate = 1e-3  # paper: 1e-3
@@ -148,37 +167,31 @@ def torchvision_heads(model):
 
 
 def check_config(c):
-    """Raise ValueError naming the field for values that cannot work."""
+    """Raise ValueError naming the field for values that cannot work (the model's fields are
+    checked by building it: `build_model`)."""
     check_data_config(c.data)
+    build_model(c)
     if c.train.scheme not in SCHEMES:
         raise ValueError(f"config.train.scheme must be one of {SCHEMES}, got {c.train.scheme!r}")
-    if c.train.alternating_step2_init not in ("initial", "step1"):
+    if c.train.alternating_phase2_init not in ("initial", "phase1"):
         raise ValueError(
-            "config.train.alternating_step2_init must be 'initial' or 'step1', got "
-            f"{c.train.alternating_step2_init!r}"
+            "config.train.alternating_phase2_init must be 'initial' or 'phase1', got "
+            f"{c.train.alternating_phase2_init!r}"
         )
-    stages, decays = c.train.alternating_stage_steps, c.train.alternating_stage_lr_steps
-    if stages and (len(stages) != 4 or min(stages) <= 0):
+    phases, decays = c.train.alternating_phase_steps, c.train.alternating_phase_lr_steps
+    if phases and (len(phases) != 4 or min(phases) <= 0):
         raise ValueError(
-            f"config.train.alternating_stage_steps: need 4 positive step counts, got {stages}"
+            f"config.train.alternating_phase_steps: need 4 positive step counts, got {phases}"
         )
-    if decays and (not stages or len(decays) != 4):
+    if decays and (not phases or len(decays) != 4):
         raise ValueError(
-            "config.train.alternating_stage_lr_steps: need 4 decay steps, one per stage, and "
-            f"alternating_stage_steps set; got {decays} with stage steps {stages}"
+            "config.train.alternating_phase_lr_steps: need 4 decay steps, one per phase, and "
+            f"alternating_phase_steps set; got {decays} with phase steps {phases}"
         )
-    if c.model.channel_order not in ("rgb", "bgr"):
-        raise ValueError(
-            f"config.model.channel_order must be 'rgb' or 'bgr', got {c.model.channel_order!r}"
-        )
-    for field in ("pixel_mean", "pixel_std"):
-        values = c.model[field]
-        if len(values) != 3 or (field == "pixel_std" and min(values) <= 0):
-            raise ValueError(f"config.model.{field}: need 3 values (std > 0), got {values}")
-    sizes = c.train.alternating_stage_batch_sizes
+    sizes = c.train.alternating_phase_batch_sizes
     if sizes and (len(sizes) != 4 or min(sizes) <= 0):
         raise ValueError(
-            f"config.train.alternating_stage_batch_sizes: need 4 positive sizes, got {sizes}"
+            f"config.train.alternating_phase_batch_sizes: need 4 positive sizes, got {sizes}"
         )
     choices = (
         ("optimizer", OPTIMIZERS),
@@ -220,15 +233,15 @@ def _check_variants(c):
     """The paper's ablation switches: combinations that cannot work."""
     alternating = c.train.scheme == "alternating"
     shared = c.model.rpn.shared_features
-    if c.train.alternating_steps not in (2, 4):
+    if c.train.alternating_phases not in (2, 4):
         raise ValueError(
-            f"config.train.alternating_steps must be 4 or 2, got {c.train.alternating_steps}"
+            f"config.train.alternating_phases must be 4 or 2, got {c.train.alternating_phases}"
         )
-    if alternating and (c.train.alternating_steps == 2) == shared:
+    if alternating and (c.train.alternating_phases == 2) == shared:
         raise ValueError(
-            "config.train.alternating_steps=2 (stop after step 2) goes with "
-            "config.model.rpn.shared_features=False and 4 with True: steps 3 and 4 share the "
-            f"features; got alternating_steps={c.train.alternating_steps}, "
+            "config.train.alternating_phases=2 (stop after phase 2) goes with "
+            "config.model.rpn.shared_features=False and 4 with True: phases 3 and 4 share the "
+            f"features; got alternating_phases={c.train.alternating_phases}, "
             f"shared_features={shared}"
         )
     if c.model.head.rois == "anchors" and (alternating or not shared):

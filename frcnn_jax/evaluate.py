@@ -26,8 +26,12 @@ def main(argv):
 
     check_config(FLAGS.config)
     with cli.clear_errors():
-        training.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                     allow_model_change=FLAGS.allow_model_change)  # fmt: skip
+        training.evaluate_checkpoint(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.checkpoint,
+            allow_model_change=FLAGS.allow_model_change,
+        )
 
 
 if __name__ == "__main__":

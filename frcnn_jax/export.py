@@ -4,8 +4,9 @@
 Serializes a trained detector (the workdir's config, classes and checkpoint) with its weights
 via `jax.export` (StableHLO) into one file that `frcnn_jax.exported.load` runs with only jax
 and numpy. One function per canvas: the config's canvas (or --canvas) and, with
-`data.orient_canvas`, its transpose. Traced without `frcnn_jax.models.conv`'s CPU layout pins
-(CPU-only custom calls): the exported model is portable, somewhat slower on a CPU.
+`data.orient_canvas`, its transpose. Traced with `model.kernels="xla"` (XLA's own convolutions:
+the CPU kernels' layout pins are CPU-only custom calls), so the exported model is portable and
+somewhat slower on a CPU; the file's metadata names the kernels it traced.
 """
 
 import json
@@ -14,6 +15,7 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+EXPORT_KERNELS = "xla"  # portable: see the module docstring
 
 
 def define_flags():
@@ -34,25 +36,25 @@ def export_detector(detector, path, *, batch_size=1, platforms=("cpu",)):
 
     from frcnn_jax import canvas as canvas_lib
     from frcnn_jax.exported import FORMAT
-    from frcnn_jax.models import FasterRCNN, conv
+    from frcnn_jax.models import FasterRCNN, with_kernels
 
     canvas = detector.canvas
     variables = detector.variables
+    model = with_kernels(detector.model, EXPORT_KERNELS)
 
     def infer(images, sizes, scales):
-        out = detector.model.apply(variables, images, sizes, scales, method=FasterRCNN.detect)
+        out = model.apply(variables, images, sizes, scales, method=FasterRCNN.detect)
         return out.boxes, out.scores, out.classes, out.valid
 
     blobs = {}
     canvases = canvas_lib.canvases(canvas, orient=detector.orient)
-    with conv.cpu_tuning(False):
-        for index, (height, width) in enumerate(canvases):
-            exported = export.export(jax.jit(infer), platforms=tuple(platforms))(
-                jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32),
-                jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
-                jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-            )
-            blobs[f"canvas_{index}"] = np.frombuffer(exported.serialize(), np.uint8)
+    for index, (height, width) in enumerate(canvases):
+        exported = export.export(jax.jit(infer), platforms=tuple(platforms))(
+            jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+            jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+        )
+        blobs[f"canvas_{index}"] = np.frombuffer(exported.serialize(), np.uint8)
     meta = {
         "format": FORMAT,
         "class_names": list(detector.class_names),
@@ -63,6 +65,7 @@ def export_detector(detector, path, *, batch_size=1, platforms=("cpu",)):
         "max_size": detector.resize["max_size"],
         "batch_size": batch_size,
         "platforms": list(platforms),
+        "kernels": EXPORT_KERNELS,
     }
     with open(path, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **blobs)
@@ -77,13 +80,17 @@ def main(argv):
     from frcnn_jax.inference import Detector
 
     cli.start()  # CPU tuning before JAX starts, logging
-    detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                     canvas=cli.canvas(FLAGS.canvas))  # fmt: skip
-    meta = export_detector(detector, FLAGS.output, batch_size=FLAGS.batch_size,
-                           platforms=FLAGS.platforms)  # fmt: skip
+    detector = Detector.from_workdir(
+        FLAGS.workdir, checkpoint=FLAGS.checkpoint, canvas=cli.canvas(FLAGS.canvas)
+    )
+    meta = export_detector(
+        detector, FLAGS.output, batch_size=FLAGS.batch_size, platforms=FLAGS.platforms
+    )
     platforms = ", ".join(meta["platforms"])
-    print(f"exported step {detector.step} of {FLAGS.workdir} for {platforms} (canvases "
-          f"{meta['canvases']}, batch {FLAGS.batch_size}) -> {FLAGS.output}")  # fmt: skip
+    print(
+        f"exported step {detector.step} of {FLAGS.workdir} for {platforms} (canvases "
+        f"{meta['canvases']}, batch {FLAGS.batch_size}) -> {FLAGS.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ class ExportedDetector:
         resized (h, w), float32 [B] scales -> (boxes [B, D, 4] in original pixels, scores,
         classes, valid)."""
         function = self.functions[tuple(canvases.shape[1:3])]
-        return function.call(jnp.asarray(canvases, jnp.float32), jnp.asarray(sizes, jnp.int32),
-                             jnp.asarray(scales, jnp.float32))  # fmt: skip
+        return function.call(
+            jnp.asarray(canvases, jnp.float32),
+            jnp.asarray(sizes, jnp.int32),
+            jnp.asarray(scales, jnp.float32),
+        )
 
     def prepare(self, image):
         """uint8 [H, W, 3] -> (canvas float32 [H', W', 3], (h, w), scale)."""
@@ -54,8 +57,13 @@ class ExportedDetector:
             raise ValueError(f"images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         height, width = image.shape[:2]
         canvas = canvas_for(height, width, self.meta["canvas"], orient=self.meta["orient"])
-        scale = resize_scale(height, width, min_size=self.meta["min_size"],
-                             max_size=self.meta["max_size"], canvas=canvas)  # fmt: skip
+        scale = resize_scale(
+            height,
+            width,
+            min_size=self.meta["min_size"],
+            max_size=self.meta["max_size"],
+            canvas=canvas,
+        )
         new_h, new_w = resized_size(height, width, scale)
         resized = jax.image.resize(jnp.asarray(image, jnp.float32), (new_h, new_w, 3), "linear")
         out = np.zeros((*canvas, 3), np.float32)

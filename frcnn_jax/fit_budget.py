@@ -36,8 +36,10 @@ def main(argv):
     speed = budget.measure_steps_per_second(config, steps=FLAGS.steps)
     overrides = budget.fit_to_budget(config.train, 60 * FLAGS.minutes, speed)
     batch, minutes = config.train.batch_size, FLAGS.minutes
-    print(f"measured {speed:.3f} steps/s over {FLAGS.steps} steps (batch {batch}); "
-          f"for {minutes:g} minutes of training:")  # fmt: skip
+    print(
+        f"measured {speed:.3f} steps/s over {FLAGS.steps} steps (batch {batch}); "
+        f"for {minutes:g} minutes of training:"
+    )
     print(" ".join(budget.as_flags(overrides)), flush=True)
 
 

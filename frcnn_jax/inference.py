@@ -54,8 +54,14 @@ class Detector:
     @classmethod
     def from_config(cls, config, variables, *, class_names, batch_size=1, canvas=None):
         """From a config (`model` and `data` sections) and variables ({"params", ...})."""
-        return cls(build_model(config), variables, class_names=class_names, data=config.data,
-                   batch_size=batch_size, canvas=canvas)  # fmt: skip
+        return cls(
+            build_model(config),
+            variables,
+            class_names=class_names,
+            data=config.data,
+            batch_size=batch_size,
+            canvas=canvas,
+        )
 
     @classmethod
     def from_workdir(cls, workdir, *, checkpoint=None, batch_size=1, canvas=None):
@@ -66,9 +72,13 @@ class Detector:
         step = checkpoints.latest_step() if checkpoint is None else checkpoint
         if step is None:
             raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
-        detector = cls.from_config(config, checkpoints.restore_variables(step),
-                                   class_names=class_names, batch_size=batch_size,
-                                   canvas=canvas)  # fmt: skip
+        detector = cls.from_config(
+            config,
+            checkpoints.restore_variables(step),
+            class_names=class_names,
+            batch_size=batch_size,
+            canvas=canvas,
+        )
         detector.step = step
         return detector
 
@@ -82,9 +92,15 @@ class Detector:
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or not image.size:
             raise ValueError(f"images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         out, _ = preprocess.preprocess(
-            image, np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool),
-            canvas=self.canvas, orient=self.orient, max_boxes=1, **self.resize,
-        )  # fmt: skip
+            image,
+            np.zeros((0, 4)),
+            np.zeros(0, np.int64),
+            np.zeros(0, bool),
+            canvas=self.canvas,
+            orient=self.orient,
+            max_boxes=1,
+            **self.resize,
+        )
         return out["image"], out["image_size"], out["scale"]
 
     def __call__(self, images):
@@ -155,8 +171,12 @@ def draw(image, detections, *, score_threshold=0.5):
         ty = y1 - tag_h if y1 - tag_h >= 0 else y1
         canvas.rectangle((x1, ty, x1 + right - left + 2 * width, ty + tag_h), fill=fill)
         dark = sum(fill) > 380  # dark text on light colours
-        canvas.text((x1 + width, ty + width - top), text, fill=(0, 0, 0) if dark else
-                    (255, 255, 255), font=font)  # fmt: skip
+        canvas.text(
+            (x1 + width, ty + width - top),
+            text,
+            fill=(0, 0, 0) if dark else (255, 255, 255),
+            font=font,
+        )
     return picture
 
 

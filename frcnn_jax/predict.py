@@ -64,8 +64,13 @@ def predict(detector, paths, output, *, score_threshold=0.5, log_every_s=10.0):
         now, done = time.perf_counter(), min(first + step, len(paths))
         if now - last >= log_every_s or done == len(paths):
             rate = done / (now - start)
-            log.info("%d/%d images, %.2f images/s, ETA %.0f s", done, len(paths), rate,
-                     (len(paths) - done) / max(rate, 1e-9))  # fmt: skip
+            log.info(
+                "%d/%d images, %.2f images/s, ETA %.0f s",
+                done,
+                len(paths),
+                rate,
+                (len(paths) - done) / max(rate, 1e-9),
+            )
             last = now
     (output / "detections.json").write_text(json.dumps(entries, indent=1))
     return entries, skipped
@@ -74,14 +79,20 @@ def predict(detector, paths, output, *, score_threshold=0.5, log_every_s=10.0):
 def _entries(path, shape, found):
     """COCO-results-style rows (box as [x, y, width, height]) of one image's detections."""
     rows = []
-    for box, score, cls, name in zip(found["boxes"], found["scores"], found["classes"],
-                                     found["class_names"], strict=True):  # fmt: skip
+    for box, score, cls, name in zip(
+        found["boxes"], found["scores"], found["classes"], found["class_names"], strict=True
+    ):
         x1, y1, x2, y2 = (float(v) for v in box)
-        rows.append({
-            "file": str(path), "image_size": [int(shape[0]), int(shape[1])],
-            "class_name": str(name), "category_id": int(cls), "score": round(float(score), 5),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-        })  # fmt: skip
+        rows.append(
+            {
+                "file": str(path),
+                "image_size": [int(shape[0]), int(shape[1])],
+                "class_name": str(name),
+                "category_id": int(cls),
+                "score": round(float(score), 5),
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            }
+        )
     return rows
 
 
@@ -104,15 +115,20 @@ def main(argv):
     files = find_images(paths)
     if not files:
         raise app.UsageError(f"no images found in {paths}")
-    detector = Detector.from_workdir(FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                     batch_size=FLAGS.batch_size,
-                                     canvas=cli.canvas(FLAGS.canvas))  # fmt: skip
+    detector = Detector.from_workdir(
+        FLAGS.workdir,
+        checkpoint=FLAGS.checkpoint,
+        batch_size=FLAGS.batch_size,
+        canvas=cli.canvas(FLAGS.canvas),
+    )
     log.info("%s, step %d: %d images", FLAGS.workdir, detector.step, len(files))
-    entries, skipped = predict(detector, files, FLAGS.output,
-                               score_threshold=FLAGS.score_threshold)  # fmt: skip
-    print(f"{len(files) - len(skipped)} images, {len(entries)} detections -> "
-          f"{pathlib.Path(FLAGS.output) / 'detections.json'}; {len(skipped)} skipped"
-          + (f": {', '.join(skipped)}" if skipped else ""), flush=True)  # fmt: skip
+    entries, skipped = predict(detector, files, FLAGS.output, score_threshold=FLAGS.score_threshold)
+    print(
+        f"{len(files) - len(skipped)} images, {len(entries)} detections -> "
+        f"{pathlib.Path(FLAGS.output) / 'detections.json'}; {len(skipped)} skipped"
+        + (f": {', '.join(skipped)}" if skipped else ""),
+        flush=True,
+    )
     sys.exit(min(len(skipped), 100))
 
 

@@ -39,8 +39,20 @@ def read(workdir):
             "writes run.json when it starts)"
         )
     run = json.loads(path.read_text())
-    config = ml_collections.ConfigDict(_tuples(run["config"]))
+    from frcnn_jax.config import base_config
+
+    # fields a run.json of an older version lacks get today's defaults
+    config = ml_collections.ConfigDict(_merged(base_config().to_dict(), _tuples(run["config"])))
     return config, tuple(run["class_names"]), tuple(run["category_ids"])
+
+
+def _merged(defaults, stored):
+    """`stored` (nested dicts) over `defaults`, section by section."""
+    out = dict(defaults)
+    for key, value in stored.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def _tuples(value):
@@ -56,11 +68,25 @@ def _tuples(value):
 # thresholds, proposal counts, frozen stages, dtype) may change between runs of one workdir,
 # e.g. to evaluate with another number of test proposals.
 MODEL_FIELDS = (
-    "backbone", "num_classes", "pixel_mean", "pixel_std", "channel_order",
-    "rpn.anchor_sizes", "rpn.aspect_ratios", "rpn.anchor_style", "rpn.channels",
-    "rpn.objectness", "rpn.box_normalizer", "rpn.shared_features",
-    "head.box_head", "head.widths", "head.pooler", "head.output_size", "head.aligned", "head.rois",
-)  # fmt: skip
+    "backbone",
+    "num_classes",
+    "pixel_mean",
+    "pixel_std",
+    "channel_order",
+    "rpn.anchor_sizes",
+    "rpn.aspect_ratios",
+    "rpn.anchor_style",
+    "rpn.channels",
+    "rpn.objectness",
+    "rpn.box_normalizer",
+    "rpn.shared_features",
+    "head.box_head",
+    "head.widths",
+    "head.pooler",
+    "head.output_size",
+    "head.aligned",
+    "head.rois",
+)
 
 
 class ModelChanged(ValueError):

@@ -100,8 +100,14 @@ def retain_freed_memory(environ=None):
     return _retaining
 
 
-_ACCELERATOR_MODULES = ("libtpu", "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin",
-                        "jax_rocm60_plugin", "jax_rocm7_plugin")  # fmt: skip
+_ACCELERATOR_MODULES = (
+    "libtpu",
+    "jax_plugins",
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm60_plugin",
+    "jax_rocm7_plugin",
+)
 
 
 def cpu_is_the_platform(environ=None):

@@ -37,7 +37,8 @@ def local_batch_size(global_batch_size, mesh):
 
 
 def shard_batch(batch, mesh):
-    """Host-local NumPy batch dict -> global jax.Arrays split along the batch axis."""
+    """A pytree of host-local NumPy arrays with a leading batch axis (e.g. a batch's `Inputs`)
+    -> global jax.Arrays split along the batch axis."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
@@ -62,8 +63,10 @@ def hosts_agree():
 
 
 def gather_batch(batch):
-    """Every host's examples (in global batch order), keeping this host's under "_local"."""
+    """A `frcnn_jax.data.loader.Batch` of every host's examples (in global batch order), with
+    this host's own as its `local`."""
     from jax.experimental import multihost_utils
 
-    gathered = multihost_utils.process_allgather(batch, tiled=True)
-    return {**{k: np.asarray(v) for k, v in gathered.items()}, "_local": batch}
+    everyone = batch._replace(local=None)
+    gathered = jax.tree.map(np.asarray, multihost_utils.process_allgather(everyone, tiled=True))
+    return gathered._replace(local=batch)

@@ -40,8 +40,9 @@ def main(argv):
         jax.distributed.initialize()
     check_config(FLAGS.config)
     with cli.clear_errors():
-        training.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                    allow_model_change=FLAGS.allow_model_change)  # fmt: skip
+        training.train_and_evaluate(
+            FLAGS.config, FLAGS.workdir, allow_model_change=FLAGS.allow_model_change
+        )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,12 @@ class _Reader:
         self.put(out, f"{path}/bias", f"{name}.bias", bias)
 
     def batch_norm(self, out, path, name):
-        for ours, theirs in (("weight", "weight"), ("bias", "bias"), ("mean", "running_mean"),
-                             ("var", "running_var")):  # fmt: skip
+        for ours, theirs in (
+            ("weight", "weight"),
+            ("bias", "bias"),
+            ("mean", "running_mean"),
+            ("var", "running_var"),
+        ):
             self.put(out, f"{path}/{ours}", f"{name}.{theirs}", self.take(f"{name}.{theirs}"))
         if f"{name}.num_batches_tracked" in self.state:
             self.used.add(f"{name}.num_batches_tracked")
@@ -117,8 +121,9 @@ def _resnet(reader, out, prefix, depth_name, stages, *, params, stats, stem=True
                 reader.conv(out, f"{params}/{ours}/conv{i}", f"{theirs}.conv{i}", bias=False)
                 reader.batch_norm(out, f"{stats}/{ours}/bn{i}", f"{theirs}.bn{i}")
             if block == 0:
-                reader.conv(out, f"{params}/{ours}/downsample_conv", f"{theirs}.downsample.0",
-                            bias=False)  # fmt: skip
+                reader.conv(
+                    out, f"{params}/{ours}/downsample_conv", f"{theirs}.downsample.0", bias=False
+                )
                 reader.batch_norm(out, f"{stats}/{ours}/downsample_bn", f"{theirs}.downsample.1")
 
 
@@ -156,39 +161,81 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
         if body not in ("c4", "fpn"):
             raise ValueError(f"body must be 'c4' or 'fpn' for {arch}, got {body!r}")
         if body == "c4":
-            _resnet(reader, out, "", arch, (0, 1, 2), params="params/backbone",
-                    stats="batch_stats/backbone")  # fmt: skip
-            _resnet(reader, out, "", arch, (3,), params="params/box_head",
-                    stats="batch_stats/box_head", stem=False)  # fmt: skip
-            covers = ["params/backbone", "batch_stats/backbone", "params/box_head",
-                      "batch_stats/box_head"]  # fmt: skip
+            _resnet(
+                reader,
+                out,
+                "",
+                arch,
+                (0, 1, 2),
+                params="params/backbone",
+                stats="batch_stats/backbone",
+            )
+            _resnet(
+                reader,
+                out,
+                "",
+                arch,
+                (3,),
+                params="params/box_head",
+                stats="batch_stats/box_head",
+                stem=False,
+            )
+            covers = [
+                "params/backbone",
+                "batch_stats/backbone",
+                "params/box_head",
+                "batch_stats/box_head",
+            ]
         else:
-            _resnet(reader, out, "", arch, (0, 1, 2, 3), params="params/backbone/body",
-                    stats="batch_stats/backbone/body")  # fmt: skip
+            _resnet(
+                reader,
+                out,
+                "",
+                arch,
+                (0, 1, 2, 3),
+                params="params/backbone/body",
+                stats="batch_stats/backbone/body",
+            )
             covers = ["params/backbone/body", "batch_stats/backbone/body"]
         reader.used.update(k for k in reader.state if k.startswith("fc."))  # ImageNet classifier
     else:
-        _resnet(reader, out, "backbone.body.", "resnet50", (0, 1, 2, 3),
-                params="params/backbone/body", stats="batch_stats/backbone/body")  # fmt: skip
+        _resnet(
+            reader,
+            out,
+            "backbone.body.",
+            "resnet50",
+            (0, 1, 2, 3),
+            params="params/backbone/body",
+            stats="batch_stats/backbone/body",
+        )
         for level in range(4):
-            reader.conv(out, f"params/backbone/fpn_inner{level}",
-                        f"backbone.fpn.inner_blocks.{level}.0")  # fmt: skip
-            reader.conv(out, f"params/backbone/fpn_layer{level}",
-                        f"backbone.fpn.layer_blocks.{level}.0")  # fmt: skip
+            reader.conv(
+                out, f"params/backbone/fpn_inner{level}", f"backbone.fpn.inner_blocks.{level}.0"
+            )
+            reader.conv(
+                out, f"params/backbone/fpn_layer{level}", f"backbone.fpn.layer_blocks.{level}.0"
+            )
         reader.conv(out, "params/rpn_head/conv", "rpn.head.conv.0.0")
         reader.conv(out, "params/rpn_head/cls", "rpn.head.cls_logits")
         reader.conv(out, "params/rpn_head/bbox", "rpn.head.bbox_pred")
-        reader.linear(out, "params/box_head/fc6", "roi_heads.box_head.fc6",
-                      channels_first=(256, 7))  # fmt: skip
+        reader.linear(out, "params/box_head/fc6", "roi_heads.box_head.fc6", channels_first=(256, 7))
         reader.linear(out, "params/box_head/fc7", "roi_heads.box_head.fc7")
         rows = None
         if coco80:
             classes = np.array((0, *COCO_CATEGORY_IDS))
             rows = classes, (classes[:, None] * 4 + np.arange(4)).reshape(-1)
-        reader.linear(out, "params/predictor/cls_score", "roi_heads.box_predictor.cls_score",
-                      rows=None if rows is None else rows[0])  # fmt: skip
-        reader.linear(out, "params/predictor/bbox_pred", "roi_heads.box_predictor.bbox_pred",
-                      rows=None if rows is None else rows[1])  # fmt: skip
+        reader.linear(
+            out,
+            "params/predictor/cls_score",
+            "roi_heads.box_predictor.cls_score",
+            rows=None if rows is None else rows[0],
+        )
+        reader.linear(
+            out,
+            "params/predictor/bbox_pred",
+            "roi_heads.box_predictor.bbox_pred",
+            rows=None if rows is None else rows[1],
+        )
         covers = ["params", "batch_stats"]
     unused = sorted(set(reader.state) - reader.used)
     if unused:
@@ -266,12 +313,18 @@ def restore_into(variables, flat, covers, *, source="weights"):
     if skipped:
         log.warning(
             "%s: the file's class count differs from model.num_classes; re-initialised the "
-            "predictor instead of loading: %s", source, ", ".join(skipped),
-        )  # fmt: skip
+            "predictor instead of loading: %s",
+            source,
+            ", ".join(skipped),
+        )
     fresh = sorted({k.rsplit("/", 1)[0] for k in model if k not in flat})
     if fresh:
-        log.info("%s: %d tensors loaded; initialised fresh: %s", source, len(flat) - len(skipped),
-                 ", ".join(fresh[:12]) + (" ..." if len(fresh) > 12 else ""))  # fmt: skip
+        log.info(
+            "%s: %d tensors loaded; initialised fresh: %s",
+            source,
+            len(flat) - len(skipped),
+            ", ".join(fresh[:12]) + (" ..." if len(fresh) > 12 else ""),
+        )
     out = dict(model)
     for key, value in flat.items():
         if tuple(value.shape) == tuple(model[key].shape):

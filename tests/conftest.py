@@ -22,3 +22,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir for the module's tests (the tiny shapes set is made in it once)."""
+    return tmp_path_factory.mktemp("tfds")

@@ -11,9 +11,12 @@ import pytest
 
 from frcnn_jax.config import base_config
 from frcnn_jax.training import budget
-from tests.test_trainer import write_config_file
+from tests.tiny import write_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
 def test_fit_to_budget_keeps_the_schedules_shape():
@@ -21,14 +24,18 @@ def test_fit_to_budget_keeps_the_schedules_shape():
     train.update(num_steps=4000, lr_steps=(3000,), warmup_steps=100)
     # 10 minutes at 2 steps/s: 1200 steps, the decay at 75% of them, the warm-up as it was
     assert budget.fit_to_budget(train, 600, 2.0) == {
-        "num_steps": 1200, "lr_steps": (900,), "warmup_steps": 100,
-    }  # fmt: skip
+        "num_steps": 1200,
+        "lr_steps": (900,),
+        "warmup_steps": 100,
+    }
     train.update(lr_steps=(2000, 3000))
     assert budget.fit_to_budget(train, 1000, 10.0)["lr_steps"] == (5000, 7500)  # longer runs too
     # a budget shorter than the warm-up: half the run warms up, decays stay inside the run
     assert budget.fit_to_budget(train, 10, 1.0) == {
-        "num_steps": 10, "lr_steps": (5, 8), "warmup_steps": 5,
-    }  # fmt: skip
+        "num_steps": 10,
+        "lr_steps": (5, 8),
+        "warmup_steps": 5,
+    }
     assert budget.fit_to_budget(train, 0.1, 1.0)["num_steps"] == 1
 
 
@@ -39,14 +46,15 @@ def test_fit_to_budget_names_what_it_cannot_fit():
     with pytest.raises(ValueError, match="positive budget"):
         budget.fit_to_budget(train, 60, -1.0)
     train.scheme = "alternating"
-    with pytest.raises(ValueError, match="alternating_stage_steps"):
+    with pytest.raises(ValueError, match="alternating_phase_steps"):
         budget.fit_to_budget(train, 60, 2.0)
 
 
 def test_time_steps_times_only_the_steps_after_the_warm_up():
     calls, blocked = [], []
-    speed = budget.time_steps(lambda: calls.append(1) or len(calls), steps=5, warmup=3,
-                              block=blocked.append)  # fmt: skip
+    speed = budget.time_steps(
+        lambda: calls.append(1) or len(calls), steps=5, warmup=3, block=blocked.append
+    )
     assert len(calls) == 8 and blocked == list(range(1, 9))  # every result waited for
     assert speed > 0
     with pytest.raises(ValueError, match="at least one timed step"):
@@ -55,8 +63,11 @@ def test_time_steps_times_only_the_steps_after_the_warm_up():
 
 def test_the_printed_flags_parse_back_into_the_config():
     flags = budget.as_flags({"num_steps": 1200, "lr_steps": (900, 1100), "warmup_steps": 100})
-    assert flags == ["--config.train.num_steps=1200", "--config.train.lr_steps=(900,1100,)",
-                     "--config.train.warmup_steps=100"]  # fmt: skip
+    assert flags == [
+        "--config.train.num_steps=1200",
+        "--config.train.lr_steps=(900,1100,)",
+        "--config.train.warmup_steps=100",
+    ]
     script = (
         "import sys\n"
         "from absl import flags\n"
@@ -66,23 +77,28 @@ def test_the_printed_flags_parse_back_into_the_config():
         "t = flags.FLAGS.config.train\n"
         "print(t.num_steps, tuple(t.lr_steps), t.warmup_steps)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True,
-                         check=True, cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script, *flags], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.split("\n")[-2] == "1200 (900, 1100) 100"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
 
 
 def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     out = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.fit_budget", f"--config={config_file}",
-         "--minutes=2", "--steps=3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "frcnn_jax.fit_budget",
+            f"--config={config_file}",
+            "--minutes=2",
+            "--steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith("measured ") and "for 2 minutes of training" in lines[-2]
@@ -91,8 +107,11 @@ def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
     assert int(fitted["--config.train.num_steps"]) == int(120 * speed)
     bad = subprocess.run(
         [sys.executable, "-m", "frcnn_jax.fit_budget", f"--config={config_file}", "--minutes=0"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "--minutes must be > 0" in bad.stderr
 
 
@@ -102,18 +121,29 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     finds every search row done and trains none of them again."""
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     rows = tmp_path / "rows.jsonl"
-    command = [sys.executable, str(ROOT / "experiments" / "time_to_map.py"),
-               f"--config={config_file}", "--recipes=adamw:0.001", "--minutes=0.1",
-               "--every=0.05", "--fit-steps=2", "--eval-images=4", f"--rows={rows}"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "time_to_map.py"),
+        f"--config={config_file}",
+        "--recipes=adamw:0.001",
+        "--minutes=0.1",
+        "--every=0.05",
+        "--fit-steps=2",
+        "--eval-images=4",
+        f"--rows={rows}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=900)  # fmt: skip
+    out = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     written = [json.loads(line) for line in rows.read_text().splitlines()]
     assert [(r["kind"], r["side"]) for r in written] == [
-        ("fit", "frcnn_jax"), ("fit", "torchvision"),
-        ("search", "frcnn_jax"), ("search", "torchvision"),
-    ]  # fmt: skip
+        ("fit", "frcnn_jax"),
+        ("fit", "torchvision"),
+        ("search", "frcnn_jax"),
+        ("search", "torchvision"),
+    ]
     for row in written[2:]:
         assert row["optimizer"] == "adamw" and row["learning_rate"] == 0.001
         assert [m["minutes"] for m in row["marks"]] == [0.05, 0.1]
@@ -124,14 +154,17 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     table = rows.with_suffix(".md").read_text()
     assert "## Best against best, from the search" in table
     assert "| frcnn_jax | adamw+cosine lr 0.001 |" in table
-    race = subprocess.run([*command, "--race"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=900)  # fmt: skip
+    race = subprocess.run(
+        [*command, "--race"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900
+    )
     assert race.returncode == 0, race.stderr[-3000:]
     added = [json.loads(line) for line in rows.read_text().splitlines()][4:]
     assert [(r["kind"], r["side"]) for r in added] == [
-        ("race-fit", "frcnn_jax"), ("race-fit", "torchvision"),
-        ("race", "frcnn_jax"), ("race", "torchvision"),
-    ]  # fmt: skip
+        ("race-fit", "frcnn_jax"),
+        ("race-fit", "torchvision"),
+        ("race", "frcnn_jax"),
+        ("race", "torchvision"),
+    ]
     assert "search:" not in race.stdout  # the search's rows were all done
     for fit in added[:2]:  # corrected by what the side's search run sustained
         search = next(r for r in written[2:] if r["side"] == fit["side"])

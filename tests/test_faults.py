@@ -15,17 +15,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from frcnn_jax import checkpointing, rundir, training
-from frcnn_jax.data.pipeline import _alive as alive
+from frcnn_jax.data.workers import alive
 from frcnn_jax.models import build_model
-from tests.test_trainer import ROOT, run_train, tiny_config, write_config_file
+from tests.tiny import ROOT, run_train, tiny_config, write_config_file
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from soak import descendants  # experiments/soak.py: the /proc walk, kept in one place
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
 def config(data_dir, **train):
@@ -133,11 +130,19 @@ def test_a_changed_model_is_named_and_can_be_allowed(data_dir, straight, tmp_pat
 
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     done = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.evaluate", f"--config={config_file}",
-         f"--workdir={straight}", "--config.model.rpn.channels=16"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "frcnn_jax.evaluate",
+            f"--config={config_file}",
+            f"--workdir={straight}",
+            "--config.model.rpn.channels=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )  # fmt: skip
+    )
     assert done.returncode != 0
     assert "error: config.model.rpn.channels is 16 here but 32" in done.stderr
     assert "Traceback" not in done.stderr
@@ -194,6 +199,7 @@ def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
     for name, after in (("8_to_1", None), ("1_to_8", DEVICES_8)):
         resumed = train(tmp_path / name, 4, after)
         assert "resumed from" in resumed.stdout + resumed.stderr
-        for a, b in zip(final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4),
-                        strict=True):  # fmt: skip
+        for a, b in zip(
+            final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4), strict=True
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,9 @@ from frcnn_jax import cli, rundir, training
 from frcnn_jax.inference import Detector, draw
 from frcnn_jax.models import FasterRCNN
 from tests.data.test_folders import _bomb_png
-from tests.test_trainer import ROOT, tiny_config
+from tests.tiny import ROOT, tiny_config
+
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +60,25 @@ def test_detector_keeps_the_scale_of_both_orientations_and_compiles_once_per_can
     assert detector.traces == 2
     for image, result in zip(images, results, strict=True):
         canvas, size, scale = detector.prepare(image)
-        assert min(size) == 96 and canvas.shape[:2] == ((96, 160) if size[1] > size[0] else
-                                                        (160, 96))  # fmt: skip
+        assert min(size) == 96 and canvas.shape[:2] == (
+            (96, 160) if size[1] > size[0] else (160, 96)
+        )
         assert len(result["boxes"]) == 100 and set(result) == {
-            "boxes", "scores", "classes", "class_names"
-        }  # fmt: skip
+            "boxes",
+            "scores",
+            "classes",
+            "class_names",
+        }
         height, width = image.shape[:2]
         boxes = result["boxes"]
         assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
         want = detector.model.apply(
-            detector.variables, jnp.asarray(canvas[None], jnp.float32), jnp.asarray(size[None]),
-            jnp.asarray([scale]), method=FasterRCNN.detect,
-        )  # fmt: skip
+            detector.variables,
+            jnp.asarray(canvas[None], jnp.float32),
+            jnp.asarray(size[None]),
+            jnp.asarray([scale]),
+            method=FasterRCNN.detect,
+        )
         np.testing.assert_allclose(boxes, np.asarray(want.boxes[0]), atol=1e-3)
         np.testing.assert_allclose(result["scores"], np.asarray(want.scores[0]), atol=1e-6)
         assert list(result["class_names"]) == [names[c - 1] for c in np.asarray(want.classes[0])]
@@ -100,8 +109,12 @@ def test_a_given_canvas_replaces_the_configs_for_both_orientations(run):
 
 def test_draw_marks_detections_above_the_threshold_only():
     image = picture(100, 150, 0)
-    detections = {"boxes": np.array([[10, 10, 60, 50]], np.float32), "scores": np.array([0.9]),
-                  "classes": np.array([2]), "class_names": np.array(["ellipse"])}  # fmt: skip
+    detections = {
+        "boxes": np.array([[10, 10, 60, 50]], np.float32),
+        "scores": np.array([0.9]),
+        "classes": np.array([2]),
+        "class_names": np.array(["ellipse"]),
+    }
     drawn = np.asarray(draw(image, detections, score_threshold=0.5))
     assert drawn.shape == image.shape and (drawn != image).any()
     assert (drawn[10, 10:60] != image[10, 10:60]).any()  # the top edge of the box
@@ -119,11 +132,21 @@ def test_predict_command_writes_json_and_pictures_and_skips_bad_files(run, tmp_p
     _bomb_png(folder / "bomb.png")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.predict", f"--workdir={run}", f"--output={out}",
-         "--score_threshold=0.0", "--canvas=96,144", str(folder)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "frcnn_jax.predict",
+            f"--workdir={run}",
+            f"--output={out}",
+            "--score_threshold=0.0",
+            "--canvas=96,144",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )  # fmt: skip
+    )
     assert done.returncode == 3, done.stdout + done.stderr  # three files skipped
     for name in ("cut.jpg", "notes.jpg", "bomb.png"):
         assert name in done.stderr
@@ -147,6 +170,7 @@ def test_predict_command_writes_json_and_pictures_and_skips_bad_files(run, tmp_p
 EXPORTED_SCRIPT = """
 import sys, numpy as np
 from frcnn_jax.exported import load
+
 detector = load(sys.argv[1])
 inputs = np.load(sys.argv[2])
 boxes, scores, classes, valid = detector.detect_canvas(inputs["canvas"], inputs["size"],
@@ -156,7 +180,8 @@ whole = detector(inputs["image"])
 assert whole["boxes"].shape[1] == 4 and len(whole["class_names"]) == len(whole["scores"])
 heavy = sorted(m for m in ("flax", "tensorflow", "tensorflow_datasets", "grain", "PIL", "optax",
                            "frcnn_jax.models", "frcnn_jax.data") if m in sys.modules)
-print("IMPORTED", heavy, detector.meta["platforms"], detector.meta["canvases"])
+print("IMPORTED", heavy, detector.meta["platforms"], detector.meta["canvases"],
+      detector.meta["kernels"])
 """
 
 
@@ -164,10 +189,19 @@ def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     path = tmp_path / "model.jaxexport"
     done = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.export", f"--workdir={run}", f"--output={path}",
-         "--canvas=96,128"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "frcnn_jax.export",
+            f"--workdir={run}",
+            f"--output={path}",
+            "--canvas=96,128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "for cpu, cuda, tpu (canvases [[96, 128], [128, 96]]" in done.stdout
 
@@ -178,21 +212,39 @@ def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run
     detector = Detector.from_config(config, trained.variables, class_names=names)
     image = picture(150, 110, 5)  # portrait: the (128, 96) canvas
     canvas, size, scale = detector.prepare(image)
-    np.savez(tmp_path / "inputs.npz", canvas=canvas[None].astype(np.float32), size=size[None],
-             scale=np.array([scale]), image=image)  # fmt: skip
+    np.savez(
+        tmp_path / "inputs.npz",
+        canvas=canvas[None].astype(np.float32),
+        size=size[None],
+        scale=np.array([scale]),
+        image=image,
+    )
     script = tmp_path / "run_exported.py"
     script.write_text(EXPORTED_SCRIPT)
     ran = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "outputs.npz")], capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            str(path),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "outputs.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert ran.returncode == 0, ran.stderr
     assert "IMPORTED [] ['cpu', 'cuda', 'tpu']" in ran.stdout  # nothing but jax and numpy
+    assert ran.stdout.rstrip().endswith("xla")  # traced with XLA's kernels, and says so
     got = np.load(tmp_path / "outputs.npz")
     want = detector.model.apply(
-        {**trained.variables}, jnp.asarray(canvas[None], jnp.float32), jnp.asarray(size[None]),
-        jnp.asarray([scale]), method=FasterRCNN.detect,
-    )  # fmt: skip
+        {**trained.variables},
+        jnp.asarray(canvas[None], jnp.float32),
+        jnp.asarray(size[None]),
+        jnp.asarray([scale]),
+        method=FasterRCNN.detect,
+    )
     # The exported model's score threshold is the trained config's (0.05), not this one's.
     keep = np.asarray(got["valid"][0])
     np.testing.assert_array_equal(

@@ -2,11 +2,15 @@
 its training cell a few steps on a handful of small pictures."""
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-from tests.test_trainer import ROOT
+from tests.tiny import ROOT
 
 NOTEBOOK = ROOT / "experiments" / "colab_quickstart.ipynb"
+
+
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
 def test_the_colab_notebook_trains_evaluates_and_draws(tmp_path, monkeypatch):
@@ -17,8 +21,12 @@ def test_the_colab_notebook_trains_evaluates_and_draws(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})  # fmt: skip
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()  # raises CellExecutionError, with the cell and traceback, if a cell fails
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs)

@@ -26,8 +26,14 @@ def test_step_schedule_warms_up_then_decays_at_each_step():
 
 
 def test_cosine_schedule_runs_from_the_rate_to_its_final_factor_after_the_warm_up():
-    train = train_config(learning_rate=0.1, warmup_steps=10, warmup_factor=0.0, num_steps=110,
-                         lr_schedule="cosine", cosine_final_factor=0.1)  # fmt: skip
+    train = train_config(
+        learning_rate=0.1,
+        warmup_steps=10,
+        warmup_factor=0.0,
+        num_steps=110,
+        lr_schedule="cosine",
+        cosine_final_factor=0.1,
+    )
     schedule = optim.learning_rate_schedule(train)
     np.testing.assert_allclose(float(schedule(5)), 0.05, rtol=1e-6)  # halfway up the ramp
     np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
@@ -45,8 +51,11 @@ def params():
     }
 
 
-TRAINABLE = {"conv": {"kernel": True, "bias": True}, "norm": {"scale": True},
-             "stem": {"kernel": False}}  # fmt: skip
+TRAINABLE = {
+    "conv": {"kernel": True, "bias": True},
+    "norm": {"scale": True},
+    "stem": {"kernel": False},
+}
 
 
 def run_ours(train, steps, grads):
@@ -79,8 +88,11 @@ def run_reference(
     machinery crashed the test process after the JAX tests had run.)"""
     p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params().items()}
     others = wd if decay_all else 0.0
-    groups = [(("conv", "kernel"), lr, wd), (("conv", "bias"), lr * bias_factor, others),
-              (("norm", "scale"), lr, others)]  # fmt: skip
+    groups = [
+        (("conv", "kernel"), lr, wd),
+        (("conv", "bias"), lr * bias_factor, others),
+        (("norm", "scale"), lr, others),
+    ]
     state = {key: {"buf": None, "m": 0.0, "v": 0.0} for key, _, _ in groups}
     for t, g in enumerate(grads[:steps], start=1):
         for (k, n), rate, decay in groups:
@@ -100,27 +112,40 @@ def run_reference(
 
 def gradients(count):
     rng = np.random.default_rng(1)
-    return [{k: {n: jnp.asarray(rng.normal(size=np.shape(v)), jnp.float32) for n, v in d.items()}
-             for k, d in params().items()} for _ in range(count)]  # fmt: skip
+    return [
+        {
+            k: {n: jnp.asarray(rng.normal(size=np.shape(v)), jnp.float32) for n, v in d.items()}
+            for k, d in params().items()
+        }
+        for _ in range(count)
+    ]
 
 
 @pytest.mark.parametrize("decay_on", ["kernels", "all"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_updates_equal_torchs_update_rules_with_the_same_groups(optimizer, decay_on):
     lr, wd, factor = 0.05, 0.01, 2.0
-    train = train_config(optimizer=optimizer, learning_rate=lr, weight_decay=wd,
-                         bias_lr_factor=factor, lr_steps=(), momentum=0.9,
-                         weight_decay_on=decay_on)  # fmt: skip
+    train = train_config(
+        optimizer=optimizer,
+        learning_rate=lr,
+        weight_decay=wd,
+        bias_lr_factor=factor,
+        lr_steps=(),
+        momentum=0.9,
+        weight_decay_on=decay_on,
+    )
     grads = gradients(4)
     ours = run_ours(train, 4, grads)
     name = {"sgd": "SGD", "adamw": "AdamW"}[optimizer]
-    theirs = run_reference(name, 4, grads, lr=lr, wd=wd, bias_factor=factor,
-                           decay_all=decay_on == "all")  # fmt: skip
+    theirs = run_reference(
+        name, 4, grads, lr=lr, wd=wd, bias_factor=factor, decay_all=decay_on == "all"
+    )
     for k, d in theirs.items():
         for n, want in d.items():
             np.testing.assert_allclose(np.asarray(ours[k][n]), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(ours["stem"]["kernel"]),
-                                  params()["stem"]["kernel"].astype(np.float32))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(ours["stem"]["kernel"]), params()["stem"]["kernel"].astype(np.float32)
+    )
 
 
 def test_unknown_optimizer_and_schedule_are_named():

@@ -8,7 +8,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
 def run_python(*args, check=True):
@@ -48,8 +53,16 @@ def test_readme_examples_run():
     }
 
 
-HEAVY = ("tensorflow", "tensorflow_datasets", "grain", "pycocotools", "matplotlib", "PIL",
-         "tensorboard", "torch")  # fmt: skip
+HEAVY = (
+    "tensorflow",
+    "tensorflow_datasets",
+    "grain",
+    "pycocotools",
+    "matplotlib",
+    "PIL",
+    "tensorboard",
+    "torch",
+)
 
 
 def readme_examples():
@@ -65,15 +78,20 @@ def test_the_core_install_runs_the_ops_example_and_a_model(tmp_path):
     """`pip install frcnn_jax` without extras, in a fresh virtualenv: the README's ops and model
     examples run, and none of the extras' packages is installed or imported."""
     source = tmp_path / "source"  # a copy: pip builds in the tree it installs from
-    shutil.copytree(ROOT / "frcnn_jax", source / "frcnn_jax",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(
+        ROOT / "frcnn_jax", source / "frcnn_jax", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", str(source)], check=True,
-                   capture_output=True, timeout=1200)  # fmt: skip
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", str(source)],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
     ops_example, model_example, _ = readme_examples()
     script = tmp_path / "core.py"
     script.write_text(
@@ -90,8 +108,14 @@ def test_the_core_install_runs_the_ops_example_and_a_model(tmp_path):
         "print('CORE OK', sorted(losses), frcnn_jax.ops.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([python, str(script)], cwd=tmp_path, env={**env, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [python, str(script)],
+        cwd=tmp_path,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "CORE OK" in done.stdout and str(venv) in done.stdout  # the installed package
 
@@ -121,8 +145,13 @@ def test_importing_the_entry_points_changes_nothing_in_the_process():
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "XLA_FLAGS"))}
     env.pop("FRCNN_JAX_MALLOC", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["OK", "True", "True", "True"]
 
@@ -140,6 +169,7 @@ def test_the_allocator_setting_is_for_the_cpu_only():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("FRCNN_JAX_MALLOC", None)
     env = {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cuda"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env=env)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env
+    )
     assert done.stdout.split() == ["False", "False"], done.stderr  # a GPU host: glibc's default

@@ -1,5 +1,5 @@
 """The paper's / py-faster-rcnn's VOC recipe, one hand-made case per setting (the README's
-"paper recipe" table points here). The RPN's border rule is tested in tests/test_targets.py,
+"paper recipe" table points here). The RPN's border rule is tested in tests/models/test_targets.py,
 every field's override in tests/test_config.py."""
 
 import pathlib
@@ -11,16 +11,16 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.object_detection import voc as tfds_voc
 
-from frcnn_jax import targets, training
+from frcnn_jax import training
 from frcnn_jax.config import config_from_file
-from frcnn_jax.data import checks, folders, pipeline
+from frcnn_jax.data import checks, folders, pipeline, sources, transforms
 from frcnn_jax.data.config import data_config
 from frcnn_jax.evaluation.recall import ProposalRecall
 from frcnn_jax.evaluation.voc import voc_iou
 from frcnn_jax.models import FasterRCNN, build_model
-from frcnn_jax.models.faster_rcnn import level_anchors
-from tests import py_faster_rcnn
-from tests.models.test_faster_rcnn import one_image, tiny_config
+from frcnn_jax.models.rpn import level_anchors
+from tests import paper_settings, py_faster_rcnn
+from tests.tiny import one_image, tiny_model_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -36,10 +36,16 @@ def test_voc_backgrounds_start_at_iou_zero_as_py_faster_rcnn():
     assert head.background_iou == (0.0, 0.5)
 
     def backgrounds(background_iou):
-        out = targets.sample_proposals(
-            jax.random.key(0), proposals, np.ones(2, bool), gt, np.ones(1, np.int32),
-            np.ones(1, bool), batch_size=8, background_iou=background_iou,
-        )  # fmt: skip
+        out = paper_settings.sample_proposals(
+            jax.random.key(0),
+            proposals,
+            np.ones(2, bool),
+            gt,
+            np.ones(1, np.int32),
+            np.ones(1, bool),
+            batch_size=8,
+            background_iou=background_iou,
+        )
         rois = np.asarray(out.rois)[np.asarray(out.valid) & (np.asarray(out.classes) == 0)]
         return {tuple(r) for r in rois.tolist()}
 
@@ -68,7 +74,7 @@ def test_end2end_schedule_is_py_faster_rcnns_solver():
     np.testing.assert_allclose([schedule(49999), schedule(50000)], [1e-3, 1e-4], rtol=1e-6)
 
 
-def test_alternating_stages_are_py_faster_rcnns_alt_opt_solvers():
+def test_alternating_phases_are_py_faster_rcnns_alt_opt_solvers():
     train = voc().train.copy_and_resolve_references()
     train.scheme = "alternating"
     stages = training.alternating.alternating_schedules(train)
@@ -80,16 +86,20 @@ def test_alternating_stages_are_py_faster_rcnns_alt_opt_solvers():
     np.testing.assert_allclose(float(rates[1](30000)), 1e-4, rtol=1e-6)
     assert training.alternating.final_step(train) == 240000
     # Without stage lengths, num_steps is shared 1/3, 1/6, 1/3, 1/6 and the decays scaled.
-    train.alternating_stage_steps, train.alternating_stage_lr_steps = (), ()
-    train.alternating_stage_batch_sizes = ()
+    train.alternating_phase_steps, train.alternating_phase_lr_steps = (), ()
+    train.alternating_phase_batch_sizes = ()
     train.num_steps, train.lr_steps = 120, (90,)
     stages = training.alternating.alternating_schedules(train)
-    assert [(n, s.lr_steps) for n, s in stages] == [(40, (30,)), (20, (15,)), (40, (30,)),
-                                                    (20, (15,))]  # fmt: skip
+    assert [(n, s.lr_steps) for n, s in stages] == [
+        (40, (30,)),
+        (20, (15,)),
+        (40, (30,)),
+        (20, (15,)),
+    ]
     assert training.alternating.final_step(train) == 120
 
 
-def test_alternating_steps_start_as_in_the_paper():
+def test_alternating_phases_start_as_in_the_paper():
     def net(tag):
         return {k: tag for k in ("backbone", "rpn_head", "box_head", "predictor")}
 
@@ -97,28 +107,30 @@ def test_alternating_steps_start_as_in_the_paper():
     start = training.alternating.alternating_start
     assert start(1, initial, []) == initial
     assert start(2, initial, finals[:1]) == initial
-    assert start(2, initial, finals[:1], step2_init="step1") == finals[0]
-    # step 3: the detector's convs and head, a fresh RPN head
+    assert start(2, initial, finals[:1], phase2_init="phase1") == finals[0]
+    # phase 3: the detector's convs and head, a fresh RPN head
     assert start(3, initial, finals[:2]) == {**net("s2"), "rpn_head": "init"}
-    # step 4: step 3's network (fc6/fc7 from step 2), a fresh predictor
+    # phase 4: phase 3's network (fc6/fc7 from phase 2), a fresh predictor
     assert start(4, initial, finals) == {**net("s3"), "predictor": "init"}
 
 
 def test_voc0712_evaluates_on_voc2007_test_and_label_less_splits_are_refused():
     c = voc("voc0712_vgg16")
     assert training.evaluation.eval_data_name(c) == "voc/2007" and c.eval.split == "test"
-    data = pipeline.with_name(c.data, training.evaluation.eval_data_name(c))
+    data = sources.with_name(c.data, training.evaluation.eval_data_name(c))
     small = dict(min_size=64, max_size=96, canvas=(64, 96), workers=0)
     with tfds.testing.mock_data(num_examples=3):
         data.update(small)
         _, info = pipeline.make_batches(data, "test", batch_size=1, train=False)
         assert info.num_examples == 3 and len(info.class_names) == 20
         with pytest.raises(ValueError, match=r"split 'test' of voc/2012 has no ground truth"):
-            pipeline.make_batches(data_config(name="voc/2012", **small), "test", batch_size=1,
-                                  train=False)  # fmt: skip
+            pipeline.make_batches(
+                data_config(name="voc/2012", **small), "test", batch_size=1, train=False
+            )
         with pytest.raises(ValueError, match=r"'test' of coco/2017 has no ground truth"):
-            pipeline.make_batches(data_config(name="coco/2017", **small), "test",
-                                  batch_size=1, train=False)  # fmt: skip
+            pipeline.make_batches(
+                data_config(name="coco/2017", **small), "test", batch_size=1, train=False
+            )
 
 
 def test_tfds_voc_and_a_voc_folder_give_the_same_boxes(tmp_path):
@@ -146,7 +158,7 @@ def test_tfds_voc_and_a_voc_folder_give_the_same_boxes(tmp_path):
         },
         "_voc_one_based": True,  # what make_batches tags TFDS voc records with
     }
-    _, boxes, *_ = pipeline.to_example(record, 0, checks.Problems())
+    _, boxes, *_ = transforms.to_example(record, 0, checks.Problems())
     np.testing.assert_allclose(boxes, from_folder, atol=1e-3)
     np.testing.assert_allclose(from_folder[0], [47, 239, 195, 371])
 
@@ -167,8 +179,9 @@ def test_voc_iou_equals_the_devkits_plus_one_iou():
     )
 
 
+@pytest.mark.slow
 def test_two_thousand_test_proposals_for_evaluation_and_recall():
-    config = tiny_config()
+    config = tiny_model_config()
     config.model.rpn.test_pre_nms_top_n = 6000
     config.model.rpn.test_post_nms_top_n = 2000
     model = build_model(config)
@@ -182,8 +195,13 @@ def test_two_thousand_test_proposals_for_evaluation_and_recall():
     assert kept > 300 and not np.asarray(valid[0, kept:]).any()
     recall = ProposalRecall(num_proposals=(300, 1000, 2000))
     gt = np.array([[12, 14, 52, 60], [64, 20, 116, 52]], np.float32)
-    recall.add(np.asarray(boxes[0]), gt, proposal_valid=np.asarray(valid[0]),
-               gt_valid=np.ones(2, bool), gt_difficult=np.zeros(2, bool))  # fmt: skip
+    recall.add(
+        np.asarray(boxes[0]),
+        gt,
+        proposal_valid=np.asarray(valid[0]),
+        gt_valid=np.ones(2, bool),
+        gt_difficult=np.zeros(2, bool),
+    )
     result = recall.result()
     assert result.recall.shape == (3, len(result.iou_thresholds))
     assert (np.diff(result.recall, axis=0) >= 0).all()  # more proposals never lose recall
@@ -192,8 +210,10 @@ def test_two_thousand_test_proposals_for_evaluation_and_recall():
 def test_biases_learn_at_twice_the_rate_without_weight_decay():
     train = voc().train
     assert train.bias_lr_factor == 2.0 and train.weight_decay == 5e-4
-    params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
-              "conv1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}  # fmt: skip
+    params = {
+        "fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        "conv1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+    }
     trainable = {"fc": {"kernel": True, "bias": True}, "conv1": {"kernel": False, "bias": False}}
     tx = training.optim.make_optimizer(train, trainable)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -204,6 +224,7 @@ def test_biases_learn_at_twice_the_rate_without_weight_decay():
     assert not np.asarray(updates["conv1"]["bias"]).any()
 
 
+@pytest.mark.slow
 def test_rpn_min_size_counts_original_image_pixels_as_py_faster_rcnn():
     """py-faster-rcnn drops proposals under 16 x im_scale resized pixels (16 px of the original
     image); with `min_size_original=False` min_size counts resized pixels (torchvision)."""
@@ -211,14 +232,15 @@ def test_rpn_min_size_counts_original_image_pixels_as_py_faster_rcnn():
     scales = jnp.array([2.0])
 
     def proposals(min_size, original):
-        config = tiny_config()
+        config = tiny_model_config()
         config.model.rpn.min_size = min_size
         config.model.rpn.min_size_original = original
         config.model.rpn.test_post_nms_top_n = 1000
         model = build_model(config)
         variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
-        _, (boxes, valid) = model.apply(variables, images, sizes, scales, return_proposals=True,
-                                        method=FasterRCNN.detect)  # fmt: skip
+        _, (boxes, valid) = model.apply(
+            variables, images, sizes, scales, return_proposals=True, method=FasterRCNN.detect
+        )
         return np.asarray(boxes), np.asarray(valid)
 
     original, resized = proposals(20.0, True), proposals(40.0, False)

@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-from tests.test_trainer import write_config_file
+import pytest
+
+from tests.tiny import write_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "paper_tables.py"
@@ -24,14 +26,24 @@ c.model.head.widths = (32, 32)
 """
 
 
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
+
+
 def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     """Tables 10 and Figure 4 (three trainings, eight evaluations: the one-stage model, the image
     pyramid, multi-scale training, proposal recall); the other tables' rows are the same
     machinery with other fields (checked below without training)."""
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
     rows = tmp_path / "rows.jsonl"
-    command = [sys.executable, str(SCRIPT), "--table=10,fig4", f"--config={config_file}",
-               "--steps=2", f"--rows={rows}", f"--runs={tmp_path / 'runs'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--table=10,fig4",
+        f"--config={config_file}",
+        "--steps=2",
+        f"--rows={rows}",
+        f"--runs={tmp_path / 'runs'}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -44,8 +56,10 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     trainings = [r for r in written if "training" in r]
     assert len(trainings) == len({r["workdir"] for r in results}) == 3
     by_row = {r["row"]: r for r in results}
-    assert by_row["two-stage, 5 test scales"]["workdir"] == by_row[
-        "300 proposals: recall vs IoU"]["workdir"]  # fmt: skip
+    assert (
+        by_row["two-stage, 5 test scales"]["workdir"]
+        == by_row["300 proposals: recall vs IoU"]["workdir"]
+    )
     assert set(by_row["300 proposals: recall vs IoU"]["recall"]) >= {"0.50", "0.90", "AR"}
     table = rows.with_suffix(".md").read_text()
     assert "## Table 10:" in table and "## Figure 4:" in table
@@ -63,6 +77,7 @@ ROW_CHECK = """
 import paper_tables
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.models import build_model
+
 
 for name in ("shapes_tiny.py", "voc07_vgg16.py"):
     base = paper_tables.scaled(config_from_file(ROOT / "configs" / name), 100)
@@ -90,7 +105,7 @@ assert paper_tables.versus("8", [{**found[0], "row": "3 scales, 3 ratios"}], {})
 voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))
-assert ("train.alternating_steps", 2) in unshared.train  # the paper's: stop after step 2
+assert ("train.alternating_phases", 2) in unshared.train  # the paper's: stop after phase 2
 print("ok")
 """
 
@@ -99,19 +114,30 @@ def test_every_row_of_every_table_is_a_valid_model():
     """Each row's config passes the checks and builds, on a shapes and a VOC config (in a
     subprocess: the script sets up the CPU runtime when imported)."""
     script = f"import pathlib\nROOT = pathlib.Path({str(ROOT)!r})\n" + ROW_CHECK
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"},
-                         timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"},
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_stage_times_prints_every_stage(tmp_path):
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "stage_times.py"),
-         f"--configs={config_file}", "--repeats=1"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "stage_times.py"),
+            f"--configs={config_file}",
+            "--repeats=1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     row = out.stdout.strip().splitlines()[-1].split("|")
     assert row[1].strip() == "cfg.py" and row[2].strip() == "128x128"

@@ -60,8 +60,9 @@ def test_vgg16_features_and_fc6_fc7_equal_torchvisions():
     want = reference.features[:-1](nchw(images)).permute(0, 2, 3, 1).numpy()  # conv5_3, no pool5
     assert_close(got, want)
     pooled = np.random.default_rng(1).normal(size=(5, 7, 7, 512)).astype(np.float32)
-    head = MLPHead((4096, 4096), 0.5).apply({"params": tree(flat, "params/box_head")}, pooled,
-                                            train=False)  # fmt: skip
+    head = MLPHead((4096, 4096), 0.5, jnp.float32).apply(
+        {"params": tree(flat, "params/box_head")}, pooled, train=False
+    )
     want = reference.classifier[:5](nchw(pooled).flatten(1)).numpy()  # fc6, relu, drop, fc7, relu
     assert_close(head, want)
 
@@ -78,8 +79,10 @@ def test_resnet_c4_and_fpn_bodies_equal_torchvisions(depth):
         stages.append(x.permute(0, 2, 3, 1).numpy())
 
     flat, _ = weights.from_torchvision(reference.state_dict(), arch=f"resnet{depth}", body="c4")
-    variables = {"params": tree(flat, "params/backbone"),
-                 "batch_stats": tree(flat, "batch_stats/backbone")}  # fmt: skip
+    variables = {
+        "params": tree(flat, "params/backbone"),
+        "batch_stats": tree(flat, "batch_stats/backbone"),
+    }
     assert_close(ResNet(depth, num_stages=3).apply(variables, images), stages[2])
     pooled = np.random.default_rng(1).normal(size=(3, 14, 14, 1024)).astype(np.float32)
     res5 = {
@@ -89,11 +92,14 @@ def test_resnet_c4_and_fpn_bodies_equal_torchvisions(depth):
     want = reference.layer4(nchw(pooled)).mean((2, 3)).numpy()
     assert_close(Res5Head(depth).apply(res5, pooled, train=False), want)
 
-    flat, covers = weights.from_torchvision(reference.state_dict(), arch=f"resnet{depth}",
-                                            body="fpn")  # fmt: skip
+    flat, covers = weights.from_torchvision(
+        reference.state_dict(), arch=f"resnet{depth}", body="fpn"
+    )
     assert covers == ["params/backbone/body", "batch_stats/backbone/body"]
-    variables = {"params": tree(flat, "params/backbone/body"),
-                 "batch_stats": tree(flat, "batch_stats/backbone/body")}  # fmt: skip
+    variables = {
+        "params": tree(flat, "params/backbone/body"),
+        "batch_stats": tree(flat, "batch_stats/backbone/body"),
+    }
     got = ResNet(depth, num_stages=4).apply(variables, images, all_stages=True)
     for ours, theirs in zip(got, stages, strict=True):
         assert_close(ours, theirs)
@@ -173,8 +179,10 @@ def test_the_coco_detector_gives_torchvisions_proposals_and_detections():
     sizes = jnp.array([[800, 1088]])
 
     def rpn_and_detect(module, images):
-        levels = module._rpn(module._features(images, sizes, train=False)[1], images.shape[1:3])
-        return module._proposals(levels, sizes, train=False), module.detect(images, sizes)
+        features, rpn_features = module._features(images, sizes, train=False)
+        canvas = images.shape[1:3]
+        proposals, _ = module._proposals(features, rpn_features, canvas, sizes, None, train=False)
+        return proposals, module.detect(images, sizes)
 
     with jax.default_matmul_precision("highest"):  # direct convolutions, as torch's
         rpn, detections = jax.jit(lambda v, x: model.apply(v, x, method=rpn_and_detect))(
@@ -198,10 +206,21 @@ def test_the_coco_detector_gives_torchvisions_proposals_and_detections():
     assert not out_of_order.any(), np.flatnonzero(out_of_order)
     np.testing.assert_array_equal(ours[:50], np.arange(50))  # the best, well apart: exact
     keep = np.asarray(detections.valid[0])
-    assert keep.sum() == len(want["scores"]) > 10
-    np.testing.assert_allclose(np.asarray(detections.boxes[0])[keep], want["boxes"], atol=1e-2)
-    np.testing.assert_allclose(np.asarray(detections.scores[0])[keep], want["scores"], atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(detections.classes[0])[keep], want["labels"])
+    count = len(want["scores"])
+    assert keep.sum() == count > 10
+    boxes, scores, classes = (
+        np.asarray(x[0])[keep] for x in (detections.boxes, detections.scores, detections.classes)
+    )
+    # The same detections in the same order, but for float32 near-ties: two detections whose
+    # scores agree within 1e-5 may come out in either order (as the proposals above).
+    distance = np.abs(boxes[:, None] - want["boxes"][None]).max(-1)  # [ours, theirs]
+    distance[classes[:, None] != want["labels"][None]] = np.inf
+    ours = distance.argmin(axis=0)
+    assert sorted(ours) == list(range(count))  # one to one
+    np.testing.assert_allclose(distance[ours, np.arange(count)], 0.0, atol=1e-2)
+    np.testing.assert_allclose(scores[ours], want["scores"], atol=1e-4)
+    moved = np.flatnonzero(ours != np.arange(count))
+    assert np.all(np.abs(want["scores"][moved] - want["scores"][ours[moved]]) < 1e-5), moved
 
 
 def test_other_class_counts_reinitialise_the_predictor_and_coco80_selects_rows(caplog):
@@ -245,8 +264,11 @@ def test_loading_is_strict_and_names_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"tensors not in the model: \['params/extra/kernel'\]"):
         weights.restore_into(variables, {**flat, "params/extra/kernel": np.zeros(2)}, full)
     wrong = {**flat, name: np.zeros((12544, 512), np.float32)}
-    with pytest.raises(ValueError, match=r"fc6/kernel has shape \(12544, 512\) in the file, "
-                                         r"the model expects \(12544, 1024\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"fc6/kernel has shape \(12544, 512\) in the file, "
+        r"the model expects \(12544, 1024\)",
+    ):
         weights.restore_into(variables, wrong, full)
     # A backbone-only file leaves the rest freshly initialised; a round trip through a file.
     body = {k: v + 1 for k, v in flat.items() if k.startswith("params/backbone/body/")}
@@ -262,8 +284,13 @@ def test_loading_is_strict_and_names_the_tensor(tmp_path):
 
 def run_import(*args):
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
-    return subprocess.run([sys.executable, "-m", "frcnn_jax.import_weights", *args],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.import_weights", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 class _Exploit:
@@ -274,6 +301,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_import_weights_converts_a_file_and_never_runs_code_from_one(tmp_path):
     source, output = tmp_path / "r50.pth", tmp_path / "r50.npz"
     torch.save(torchvision.models.resnet50().state_dict(), source)

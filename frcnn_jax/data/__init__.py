@@ -1,5 +1,6 @@
-"""Datasets and the input pipeline: TFDS sources, user folders, the `shapes` synthetic set,
-preprocessing to static shapes (`data.preprocess`) and a resumable grain loader.
+"""Datasets and the input pipeline: `sources` (TFDS datasets, user folders via `builders` /
+`folders`, the `shapes` synthetic set), `transforms` (per-example decoding and `preprocess` to
+static shapes), `loader` (grain, canvas buckets, resume state) and `pipeline.make_batches`.
 
 The names below load their modules on first use, so `frcnn_jax.data.preprocess` (what
 `frcnn_jax.inference` needs: PIL) does not import TFDS, TensorFlow or grain."""
@@ -7,8 +8,8 @@ The names below load their modules on first use, so `frcnn_jax.data.preprocess` 
 import importlib
 
 _EXPORTS = {
-    "Batches": "pipeline",
-    "DatasetInfo": "pipeline",
+    "Batches": "loader",
+    "DatasetInfo": "sources",
     "make_batches": "pipeline",
     "check_data_config": "config",
     "data_config": "config",

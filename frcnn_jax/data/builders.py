@@ -107,9 +107,14 @@ def _shapes_record(seed, split, image_size, min_side, max_side, index):
         seed, split, index, image_size=image_size, min_side=min_side, max_side=max_side
     )
     return folders.record(
-        index, f"{split}_{index:06d}", checks.encode_jpeg(ex["image"]), *image_size,
-        ex["boxes"], ex["labels"], ex["difficult"],
-    )  # fmt: skip
+        index,
+        f"{split}_{index:06d}",
+        checks.encode_jpeg(ex["image"]),
+        *image_size,
+        ex["boxes"],
+        ex["labels"],
+        ex["difficult"],
+    )
 
 
 # ---------------------------------------------------------------- user folders

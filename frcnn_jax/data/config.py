@@ -2,27 +2,27 @@
 
 import ml_collections
 
+from frcnn_jax.overrides import override
+
 
 def data_config(**overrides):
-    """`config.data` with defaults; keyword arguments override fields (unknown ones fail)."""
+    """`config.data` with defaults (the paper's VOC 2007 trainval); keyword arguments override
+    fields (an unknown one fails, naming it)."""
     c = ml_collections.ConfigDict()
-    c.name = (
-        "shapes/512"  # TFDS name (voc/2007, coco/2017), shapes/<512|320>, voc_folder, coco_folder
-    )
-    c.data_dir = ml_collections.FieldReference(
-        None, field_type=str
-    )  # TFDS data_dir; None: TFDS default
-    c.train_split = "train"  # split expression, e.g. "train+validation" (VOC 07 trainval)
-    c.path = ml_collections.FieldReference(None, field_type=str)  # voc_folder: the VOC-layout root
-    c.coco_splits = ml_collections.FieldReference(
-        None, field_type=dict
-    )  # coco_folder: {split: (json, images)}
-    c.class_names = ml_collections.FieldReference(
-        None, field_type=list
-    )  # voc_folder: fixed class list
-    c.shapes_num_examples = ml_collections.FieldReference(
-        None, field_type=dict
-    )  # shapes split sizes
+    # TFDS name (voc/2007, coco/2017), shapes/<512|320> (offline synthetic), voc_folder,
+    # coco_folder
+    c.name = "voc/2007"
+    # TFDS data_dir; None: TFDS's default
+    c.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.train_split = "train+validation"  # a split expression; paper: VOC 2007 trainval
+    # voc_folder: the VOC-layout root
+    c.path = ml_collections.FieldReference(None, field_type=str)
+    # coco_folder: {split: (annotation json, image folder)}
+    c.coco_splits = ml_collections.FieldReference(None, field_type=dict)
+    # voc_folder: a fixed class list (None: the classes found in the annotations)
+    c.class_names = ml_collections.FieldReference(None, field_type=list)
+    # shapes: {split: number of examples} (None: the generator's sizes)
+    c.shapes_num_examples = ml_collections.FieldReference(None, field_type=dict)
     c.min_size = 600  # paper: short side 600
     c.max_size = 1000  # paper: long side <= 1000
     c.canvas = (600, 1000)  # static (H, W) every image is padded to (see orient_canvas)
@@ -41,7 +41,7 @@ def data_config(**overrides):
     c.flip = True  # paper: random horizontal flip in training
     c.exclude_difficult = True  # VOC "difficult" boxes are not training targets (kept for eval)
     c.workers = 2  # grain worker processes (0: decode in the main process)
-    c.update(overrides)
+    override(c, overrides, "config.data")
     return c
 
 

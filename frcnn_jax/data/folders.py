@@ -125,8 +125,10 @@ def voc_examples(root, split, class_names, problems):
         boxes, keep = checks.clean_boxes(boxes[known], height, width, xml.name, problems)
         labels = np.array([index[n] for n in names if n in index], np.int64)[keep]
         difficult = np.array([d for (n, _, d) in ann["objects"] if n in index], bool)[keep]
-        yield image_id, record(number, ann["filename"], data, height, width, boxes, labels,
-                               difficult)  # fmt: skip
+        yield (
+            image_id,
+            record(number, ann["filename"], data, height, width, boxes, labels, difficult),
+        )
 
 
 # ---------------------------------------------------------------- COCO JSON
@@ -179,5 +181,7 @@ def coco_examples(annotation_file, image_dir, problems, *, category_ids=None):
         boxes, keep = checks.clean_boxes(boxes, height, width, name, problems)
         labels = np.array([index[a["category_id"]] for a in anns], np.int64)[keep]
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)[keep]
-        yield str(info["id"]), record(info["id"], name, encoded, height, width, boxes, labels,
-                                      crowd)  # fmt: skip
+        yield (
+            str(info["id"]),
+            record(info["id"], name, encoded, height, width, boxes, labels, crowd),
+        )

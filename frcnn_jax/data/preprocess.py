@@ -25,8 +25,20 @@ def flip_boxes(boxes, width):
     return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
 
 
-def preprocess(image, boxes, labels, difficult, *, min_size, max_size, canvas, max_boxes,
-               flip=False, exclude_difficult=False, orient=True):  # fmt: skip
+def preprocess(
+    image,
+    boxes,
+    labels,
+    difficult,
+    *,
+    min_size,
+    max_size,
+    canvas,
+    max_boxes,
+    flip=False,
+    exclude_difficult=False,
+    orient=True,
+):
     """One example to fixed shapes.
 
     Args:

@@ -120,8 +120,16 @@ def _draw_clutter(rng, image, *, num_lines, num_blobs, max_width):
     return np.asarray(pil, np.float32).copy()
 
 
-def render(seed, split, index, *, image_size=(512, 512), max_objects=MAX_OBJECTS,
-           min_side=MIN_SIDE, max_side=MAX_SIDE):  # fmt: skip
+def render(
+    seed,
+    split,
+    index,
+    *,
+    image_size=(512, 512),
+    max_objects=MAX_OBJECTS,
+    min_side=MIN_SIDE,
+    max_side=MAX_SIDE,
+):
     """One example of the shapes dataset.
 
     Args:
@@ -140,9 +148,12 @@ def render(seed, split, index, *, image_size=(512, 512), max_objects=MAX_OBJECTS
     height, width = image_size
     image = _background(rng, height, width)
     image = _draw_clutter(
-        rng, image, num_lines=int(rng.integers(2, 10)), num_blobs=int(rng.integers(1, 6)),
+        rng,
+        image,
+        num_lines=int(rng.integers(2, 10)),
+        num_blobs=int(rng.integers(1, 6)),
         max_width=4,
-    )  # fmt: skip
+    )
 
     shading = 40 * (_smooth_noise(rng, (height, width), 4, 1)[..., 0] - 0.5)
     objects = []  # (label, mask in the frame, full mask size)

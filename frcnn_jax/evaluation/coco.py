@@ -86,9 +86,20 @@ class COCOEvaluator:
         self._images = []
         self._annotations = []
 
-    def add(self, image_id, det_boxes, det_scores, det_classes, *, det_valid=None,
-            gt_boxes=None, gt_classes=None, gt_valid=None, gt_difficult=None,
-            image_size=None):  # fmt: skip
+    def add(
+        self,
+        image_id,
+        det_boxes,
+        det_scores,
+        det_classes,
+        *,
+        det_valid=None,
+        gt_boxes=None,
+        gt_classes=None,
+        gt_valid=None,
+        gt_difficult=None,
+        image_size=None,
+    ):
         """One image; boxes (x1, y1, x2, y2) in original-image pixels.
 
         `gt_*` and `image_size` ((height, width)) are needed only without an annotation file.

@@ -16,9 +16,19 @@ from frcnn_jax.evaluation.voc import VOCEvaluator
 log = logging.getLogger(__name__)
 
 
-def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_threshold=0.5,
-                        coco=True, proposals=False, workdir=None, title=None,
-                        log_every_s=10.0):  # fmt: skip
+def evaluate_detections(
+    detect_fn,
+    batches,
+    info,
+    *,
+    use_07_metric=True,
+    iou_threshold=0.5,
+    coco=True,
+    proposals=False,
+    workdir=None,
+    title=None,
+    log_every_s=10.0,
+):
     """Streams `batches` through `detect_fn` and the evaluators; optionally writes a report.
 
     Args:
@@ -46,15 +56,20 @@ def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_thr
     for batch in batches:
         detections, batch_proposals = detect_fn(batch)
         detections = [np.asarray(x) for x in detections]
-        for i in np.flatnonzero(np.asarray(batch["valid"])):
+        for i in np.flatnonzero(np.asarray(batch.inputs.valid)):
             _add_image(voc, coco_eval, recall, batch, i, detections, batch_proposals)
             seen += 1
         now = time.perf_counter()
         if now - last_log >= log_every_s:
             rate = seen / (now - start)
             eta = (info.num_examples - seen) / max(rate, 1e-9)
-            log.info("evaluated %d/%d images, %.1f images/s, ETA %.0f s",
-                     seen, info.num_examples, rate, eta)  # fmt: skip
+            log.info(
+                "evaluated %d/%d images, %.1f images/s, ETA %.0f s",
+                seen,
+                info.num_examples,
+                rate,
+                eta,
+            )
             last_log = now
     voc_result = voc.result()
     if seen and not sum(c.num_gt for c in voc_result.classes):
@@ -69,8 +84,13 @@ def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_thr
     recall_result = recall.result() if recall is not None else None
     if recall_result is not None:
         metrics["recall"] = recall_result.as_dict()
-    log.info("evaluated %d images in %.1f s: mAP@%g %s", seen, time.perf_counter() - start,
-             iou_threshold, _fmt(voc_result.mean_ap))  # fmt: skip
+    log.info(
+        "evaluated %d images in %.1f s: mAP@%g %s",
+        seen,
+        time.perf_counter() - start,
+        iou_threshold,
+        _fmt(voc_result.mean_ap),
+    )
     if workdir is not None:
         write_report(workdir, metrics, voc_result, recall_result, coco_eval, title=title)
     return metrics
@@ -78,22 +98,43 @@ def evaluate_detections(detect_fn, batches, info, *, use_07_metric=True, iou_thr
 
 def _add_image(voc, coco_eval, recall, batch, i, detections, proposals):
     boxes, scores, classes, valid = (x[i] for x in detections)
-    scale = float(batch["scale"][i])
-    gt_valid = batch["gt_valid"][i]
-    gt_boxes = batch["gt_boxes"][i] / scale  # resized frame -> original pixels
-    gt_classes, gt_difficult = batch["gt_classes"][i], batch["gt_difficult"][i]
-    voc.add(boxes, scores, classes, gt_boxes, gt_classes, det_valid=valid, gt_valid=gt_valid,
-            gt_difficult=gt_difficult)  # fmt: skip
+    inputs = batch.inputs
+    scale = float(inputs.scale[i])
+    gt_valid = inputs.gt_valid[i]
+    gt_boxes = inputs.gt_boxes[i] / scale  # resized frame -> original pixels
+    gt_classes, gt_difficult = inputs.gt_classes[i], inputs.gt_difficult[i]
+    voc.add(
+        boxes,
+        scores,
+        classes,
+        gt_boxes,
+        gt_classes,
+        det_valid=valid,
+        gt_valid=gt_valid,
+        gt_difficult=gt_difficult,
+    )
     if coco_eval is not None:
         coco_eval.add(
-            int(batch["image_id"][i]), boxes, scores, classes, det_valid=valid,
-            gt_boxes=gt_boxes, gt_classes=gt_classes, gt_valid=gt_valid,
-            gt_difficult=gt_difficult, image_size=tuple(batch["original_size"][i]),
-        )  # fmt: skip
+            int(batch.image_id[i]),
+            boxes,
+            scores,
+            classes,
+            det_valid=valid,
+            gt_boxes=gt_boxes,
+            gt_classes=gt_classes,
+            gt_valid=gt_valid,
+            gt_difficult=gt_difficult,
+            image_size=tuple(batch.original_size[i]),
+        )
     if recall is not None:
         proposal_boxes, proposal_valid = (np.asarray(x[i]) for x in proposals)
-        recall.add(proposal_boxes, batch["gt_boxes"][i], proposal_valid=proposal_valid,
-                   gt_valid=gt_valid, gt_difficult=gt_difficult)  # fmt: skip
+        recall.add(
+            proposal_boxes,
+            inputs.gt_boxes[i],
+            proposal_valid=proposal_valid,
+            gt_valid=gt_valid,
+            gt_difficult=gt_difficult,
+        )
 
 
 def _fmt(value):

@@ -107,8 +107,18 @@ class VOCEvaluator:
         self._num_gt = np.zeros(len(self.class_names) + 1, np.int64)
         self.num_images = 0
 
-    def add(self, det_boxes, det_scores, det_classes, gt_boxes, gt_classes, *,
-            det_valid=None, gt_valid=None, gt_difficult=None):  # fmt: skip
+    def add(
+        self,
+        det_boxes,
+        det_scores,
+        det_classes,
+        gt_boxes,
+        gt_classes,
+        *,
+        det_valid=None,
+        gt_valid=None,
+        gt_difficult=None,
+    ):
         """One image. Boxes (x1, y1, x2, y2) in the same pixel frame for both.
 
         Args:

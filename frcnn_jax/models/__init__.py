@@ -7,17 +7,18 @@ import types
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax import kernels as kernels_lib
 from frcnn_jax.models.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     VGG16,
     ZF,
     TinyBackbone,
     get_backbone,
 )
-from frcnn_jax.models.faster_rcnn import FasterRCNN, HeadSettings, RPNSettings
+from frcnn_jax.models.faster_rcnn import FasterRCNN
 from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
+from frcnn_jax.models.roi_heads import HeadSettings
+from frcnn_jax.models.rpn import RPNSettings
 
 __all__ = [
     "FasterRCNN",
@@ -33,6 +34,7 @@ __all__ = [
     "build_model",
     "get_backbone",
     "trainable_mask",
+    "with_kernels",
 ]
 
 
@@ -68,29 +70,49 @@ def _check_type(name, value, annotation):
 
 
 def build_model(config) -> FasterRCNN:
-    """The detector described by `config.model`: backbone (name), num_classes, dtype
-    ("float32" or "bfloat16" for conv/matmul compute), frozen_stages (optional: leading
-    backbone stages without gradient), pixel_mean / pixel_std / channel_order (the input
-    convention of the weights; torchvision's ImageNet RGB statistics by default), and the
-    `rpn` / `head` sections whose fields are those of `RPNSettings` / `HeadSettings` (paper
-    values by default)."""
+    """The detector described by `config.model` (the section `frcnn_jax.config.model_config`
+    makes, with its defaults): backbone (name), num_classes, dtype ("float32" or "bfloat16" for
+    conv/matmul compute), kernels (`frcnn_jax.kernels`), frozen_stages (leading backbone stages
+    without gradient; None: the backbone's default), pixel_mean / pixel_std / channel_order (the
+    input convention of the weights), and the `rpn` / `head` sections whose fields are those of
+    `RPNSettings` / `HeadSettings`. A value that cannot work raises ValueError naming its
+    field."""
     model = config.model
-    dtype = jnp.dtype(model.get("dtype", "float32"))
-    rpn = _settings(RPNSettings, model.get("rpn"), "rpn")
+    dtype = jnp.dtype(model.dtype)
+    kernels_lib.check(model.kernels)
+    rpn = _settings(RPNSettings, model.rpn, "rpn")
 
     def backbone():
-        return get_backbone(model.backbone, dtype=dtype, frozen_stages=model.get("frozen_stages"))
+        return get_backbone(
+            model.backbone, dtype=dtype, frozen_stages=model.frozen_stages, kernels=model.kernels
+        )
 
     return FasterRCNN(
         backbone=backbone(),
         rpn_backbone=None if rpn.shared_features else backbone(),
         num_classes=model.num_classes,
         rpn=rpn,
-        head=_settings(HeadSettings, model.get("head"), "head"),
-        pixel_mean=tuple(model.get("pixel_mean", IMAGENET_MEAN)),
-        pixel_std=tuple(model.get("pixel_std", IMAGENET_STD)),
-        channel_order=model.get("channel_order", "rgb"),
+        head=_settings(HeadSettings, model.head, "head"),
+        pixel_mean=tuple(model.pixel_mean),
+        pixel_std=tuple(model.pixel_std),
+        channel_order=model.channel_order,
         dtype=dtype,
+        kernels=model.kernels,
+    )
+
+
+def with_kernels(model, kernels):
+    """`model` (a `FasterRCNN`) with its backbones and heads using `kernels` (see
+    `frcnn_jax.kernels`): the same parameters, another program."""
+    kernels_lib.check(kernels)
+
+    def backbone(module):
+        return None if module is None else module.clone(kernels=kernels)
+
+    return model.clone(
+        kernels=kernels,
+        backbone=backbone(model.backbone),
+        rpn_backbone=backbone(model.rpn_backbone),
     )
 
 

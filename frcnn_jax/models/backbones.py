@@ -7,10 +7,9 @@ reference so weights can later be imported (VGG-16: torchvision's `vgg16().featu
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from frcnn_jax.models.conv import Conv
+from frcnn_jax import kernels as kernels_lib
 from frcnn_jax.models.fpn import ResNetFPN, feature_pyramid
 from frcnn_jax.models.resnet import ResNet, freeze_if
 
@@ -19,61 +18,12 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def _max_pool(x, *, window=2, stride=2, padding="VALID"):
-    if (window, stride, padding) == (2, 2, "VALID"):
-        return max_pool_2x2(x)
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
-
-
-def _pool_windows(x):
-    """[N, H, W, C] -> [N, H // 2, 2, W // 2, 2, C]; an odd last row or column is dropped."""
-    n, h, w, c = x.shape
-    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x):
-    """2x2 max pooling with stride 2 (VGG's; floor mode) on [N, H, W, C].
-
-    The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, and the same gradient as
-    torch's `max_pool2d` (each window's first maximum in row-major order gets it), but computed
-    with elementwise ops: XLA's CPU backend expands the generic pooling gradient
-    (select-and-scatter) into index arrays and windowed reductions about 10x slower (VGG-16's
-    pools at 600 x 1000).
-    """
-    return jnp.max(_pool_windows(x), axis=(2, 4))
-
-
-def _max_pool_2x2_fwd(x):
-    out = max_pool_2x2(x)
-    return out, (x, out)
-
-
-def _max_pool_2x2_bwd(residuals, grad):
-    x, out = residuals
-    windows = _pool_windows(x)
-    taken = jnp.zeros(out.shape, bool)  # the window's first maximum is already found
-    rows = []
-    for dy in range(2):
-        row = []
-        for dx in range(2):
-            first = (windows[:, :, dy, :, dx] == out) & ~taken
-            taken = taken | first
-            row.append(jnp.where(first, grad, 0).astype(x.dtype))
-        rows.append(jnp.stack(row, axis=3))
-    n, h, w, c = x.shape
-    d_x = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    return (jnp.pad(d_x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
-
-
 class TinyBackbone(nn.Module):
     """A small stride-16 convnet for tests and CPU experiments."""
 
     widths: Sequence[int] = (16, 32, 64, 128)
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     stride = 16
 
     @property
@@ -85,11 +35,12 @@ class TinyBackbone(nn.Module):
         """The last stage's map, or every stage's (strides 2, 4, 8, ...) with `all_stages`."""
         del train
         x = images.astype(self.dtype)
+        conv = kernels_lib.conv_layer(self.kernels)
         stages = []
         for i, width in enumerate(self.widths):
             # Stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
-            x = nn.relu(Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
-            x = nn.relu(Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+            x = nn.relu(conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
+            x = nn.relu(conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
             stages.append(x)
         return stages if all_stages else x
 
@@ -101,15 +52,16 @@ class TinyFPN(nn.Module):
     widths: Sequence[int] = (16, 32, 64, 128, 256)
     channels: int = 64
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     strides = (8, 16, 32)
     roi_levels = 3
 
     @nn.compact
     def __call__(self, images, *, train=False):
         del train
-        body = TinyBackbone(self.widths, dtype=self.dtype, name="body")
+        body = TinyBackbone(self.widths, dtype=self.dtype, kernels=self.kernels, name="body")
         stages = body(images, all_stages=True)[2:]  # C3-C5
-        return feature_pyramid(stages, self.channels, self.dtype)
+        return feature_pyramid(stages, self.channels, self.dtype, self.kernels)
 
 
 _VGG16_LAYOUT = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -124,6 +76,7 @@ class VGG16(nn.Module):
     """
 
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     frozen_blocks: int = 2
     stride = 16
     channels = 512
@@ -132,12 +85,15 @@ class VGG16(nn.Module):
     def __call__(self, images, *, train=False):
         del train
         x = images.astype(self.dtype)
+        conv = kernels_lib.conv_layer(self.kernels)
         for block, widths in enumerate(_VGG16_LAYOUT, start=1):
             for layer, width in enumerate(widths, start=1):
-                conv = Conv(width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{block}_{layer}")
-                x = nn.relu(conv(x))
+                name = f"conv{block}_{layer}"
+                x = nn.relu(conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
             if block < len(_VGG16_LAYOUT):  # no pool5: conv5_3 is the shared feature map
-                x = _max_pool(x)
+                x = kernels_lib.max_pool(
+                    x, window=2, stride=2, padding="VALID", kernels=self.kernels
+                )
             x = freeze_if(x, block <= self.frozen_blocks)
         return x
 
@@ -165,6 +121,7 @@ class ZF(nn.Module):
     as in py-faster-rcnn's ZF prototxt (LRN after conv1 and conv2)."""
 
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     stride = 16
     channels = 256
 
@@ -172,9 +129,10 @@ class ZF(nn.Module):
     def __call__(self, images, *, train=False):
         del train
         x = images.astype(self.dtype)
+        conv = kernels_lib.conv_layer(self.kernels)
         for name, width, kernel, stride in (("conv1", 96, 7, 2), ("conv2", 256, 5, 2)):
             x = nn.relu(
-                Conv(
+                conv(
                     width,
                     (kernel, kernel),
                     strides=stride,
@@ -183,30 +141,38 @@ class ZF(nn.Module):
                     name=name,
                 )(x)
             )
-            x = _max_pool(_local_response_norm(x), window=3, padding=((1, 1), (1, 1)))
+            x = kernels_lib.max_pool(
+                _local_response_norm(x),
+                window=3,
+                stride=2,
+                padding=((1, 1), (1, 1)),
+                kernels=self.kernels,
+            )
         for name, width in (("conv3", 384), ("conv4", 384), ("conv5", 256)):
-            x = nn.relu(Conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+            x = nn.relu(conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
         return x
 
 
-def get_backbone(name: str, *, dtype=jnp.float32, frozen_stages=None) -> nn.Module:
-    """The backbone module called `name`: "tiny", "vgg16", "zf", "resnet50_c4" / "resnet101_c4"
-    (stem to res4, stride 16; their res5 is the box head, see `HeadSettings.box_head`) or
-    "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps).
+def get_backbone(name: str, *, dtype, frozen_stages, kernels) -> nn.Module:
+    """The backbone module called `name`: "tiny", "tiny_fpn", "vgg16", "zf", "resnet50_c4" /
+    "resnet101_c4" (stem to res4, stride 16; their res5 is the box head, see
+    `HeadSettings.box_head`) or "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps).
 
-    frozen_stages: leading stages that get no gradient (None: each backbone's default, the
-    paper's conv1-conv2 for VGG-16 and torchvision's stem + layer1 for ResNets)."""
+    dtype: conv/matmul compute dtype. frozen_stages: leading stages that get no gradient (None:
+    each backbone's default, the paper's conv1-conv2 for VGG-16 and torchvision's stem +
+    layer1 for ResNets). kernels: `frcnn_jax.kernels.KERNELS`."""
     frozen = {} if frozen_stages is None else {"frozen_stages": frozen_stages}
     vgg_frozen = {} if frozen_stages is None else {"frozen_blocks": frozen_stages}
+    common = {"dtype": dtype, "kernels": kernels}
     backbones = {
-        "tiny": lambda: TinyBackbone(dtype=dtype),
-        "tiny_fpn": lambda: TinyFPN(dtype=dtype),
-        "vgg16": lambda: VGG16(dtype=dtype, **vgg_frozen),
-        "zf": lambda: ZF(dtype=dtype),
-        "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, dtype=dtype, **frozen),
-        "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, dtype=dtype, **frozen),
-        "resnet50_fpn": lambda: ResNetFPN(depth=50, dtype=dtype, **frozen),
-        "resnet101_fpn": lambda: ResNetFPN(depth=101, dtype=dtype, **frozen),
+        "tiny": lambda: TinyBackbone(**common),
+        "tiny_fpn": lambda: TinyFPN(**common),
+        "vgg16": lambda: VGG16(**common, **vgg_frozen),
+        "zf": lambda: ZF(**common),
+        "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, **common, **frozen),
+        "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, **common, **frozen),
+        "resnet50_fpn": lambda: ResNetFPN(depth=50, **common, **frozen),
+        "resnet101_fpn": lambda: ResNetFPN(depth=101, **common, **frozen),
     }
     if name not in backbones:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")

@@ -8,7 +8,7 @@ Returns P2-P6: 256-channel maps at strides 4, 8, 16, 32 and 64 (P6 = P5 subsampl
 import flax.linen as nn
 import jax.numpy as jnp
 
-from frcnn_jax.models.conv import Conv
+from frcnn_jax import kernels as kernels_lib
 from frcnn_jax.models.resnet import ResNet
 
 
@@ -24,6 +24,7 @@ class ResNetFPN(nn.Module):
     depth: int = 50
     channels: int = 256
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     strides = (4, 8, 16, 32, 64)
     roi_levels = 4  # RoIs are pooled from P2-P5 (torchvision's MultiScaleRoIAlign)
     frozen_stages: int = 2  # stem and layer1, as `ResNet.frozen_stages`
@@ -36,10 +37,11 @@ class ResNetFPN(nn.Module):
             num_stages=4,
             frozen_stages=self.frozen_stages,
             dtype=self.dtype,
+            kernels=self.kernels,
             name="body",
         )(images, all_stages=True)  # C2..C5
 
-        outputs = feature_pyramid(stages, self.channels, self.dtype)
+        outputs = feature_pyramid(stages, self.channels, self.dtype, self.kernels)
         outputs.append(outputs[-1][:, ::2, ::2])  # P6: max_pool2d(kernel 1, stride 2)
         return outputs
 
@@ -49,7 +51,7 @@ class ResNetFPN(nn.Module):
         return tuple(f"body/{prefix}" for prefix in body.frozen_prefixes())
 
 
-def feature_pyramid(stages, channels, dtype):
+def feature_pyramid(stages, channels, dtype, kernels):
     """FPN top-down pathway (call inside a compact module): a 1x1 lateral conv per stage
     (`fpn_inner{i}`), nearest 2x upsampling and sum, then a 3x3 output conv (`fpn_layer{i}`);
     returns the maps finest first."""
@@ -57,10 +59,14 @@ def feature_pyramid(stages, channels, dtype):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
     def conv(kernel, name):
-        return Conv(
-            channels, (kernel, kernel), padding=kernel // 2, kernel_init=init, dtype=dtype,
+        return kernels_lib.conv_layer(kernels)(
+            channels,
+            (kernel, kernel),
+            padding=kernel // 2,
+            kernel_init=init,
+            dtype=dtype,
             name=name,
-        )  # fmt: skip
+        )
 
     top = len(stages) - 1
     last = conv(1, f"fpn_inner{top}")(stages[top])

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frcnn_jax.models.conv import Conv
+from frcnn_jax import kernels as kernels_lib
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _WIDTHS = (64, 128, 256, 512)
@@ -21,40 +21,6 @@ _WIDTHS = (64, 128, 256, 512)
 def freeze_if(x, frozen):
     """x, with no gradient flowing back through it when `frozen` (a static bool)."""
     return jax.lax.stop_gradient(x) if frozen else x
-
-
-def _stem_pool_reference(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-@jax.custom_vjp
-def stem_max_pool(x):
-    """torchvision's stem pooling, `max_pool2d(x, 3, stride=2, padding=1)`, on [N, H, W, C].
-
-    Rows then columns, each the maximum of three strided slices: the same values as
-    `nn.max_pool`, whose CPU reduce-window is about 6x slower at the stem's size. Its
-    gradient is `nn.max_pool`'s.
-    """
-    out_h, out_w = ((size - 1) // 2 + 1 for size in x.shape[1:3])
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    rows = padded[:, 0 : 2 * out_h - 1 : 2]
-    for i in (1, 2):
-        rows = jnp.maximum(rows, padded[:, i : i + 2 * out_h - 1 : 2])
-    out = rows[:, :, 0 : 2 * out_w - 1 : 2]
-    for j in (1, 2):
-        out = jnp.maximum(out, rows[:, :, j : j + 2 * out_w - 1 : 2])
-    return out
-
-
-def _stem_pool_fwd(x):
-    return stem_max_pool(x), x
-
-
-def _stem_pool_bwd(x, grad):
-    return jax.vjp(_stem_pool_reference, x)[1](grad)
-
-
-stem_max_pool.defvjp(_stem_pool_fwd, _stem_pool_bwd)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -83,11 +49,12 @@ class Bottleneck(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
 
     @nn.compact
     def __call__(self, x):
         def conv(features, kernel, stride, name):
-            return Conv(
+            return kernels_lib.conv_layer(self.kernels)(
                 features,
                 (kernel, kernel),
                 strides=stride,
@@ -114,6 +81,7 @@ class ResNetStage(nn.Module):
     depth: int
     index: int
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
 
     @nn.compact
     def __call__(self, x):
@@ -125,6 +93,7 @@ class ResNetStage(nn.Module):
                 stride if block == 0 else 1,
                 downsample=block == 0,
                 dtype=self.dtype,
+                kernels=self.kernels,
                 name=f"block{block}",
             )(x)
         return x
@@ -136,6 +105,7 @@ class ResNet(nn.Module):
     depth: int = 50
     num_stages: int = 3
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
     # Leading parts without gradient, counting the stem as 1: torchvision's detection default
     # (trainable_backbone_layers=3) freezes the stem and layer1.
     frozen_stages: int = 2
@@ -154,15 +124,20 @@ class ResNet(nn.Module):
         del train  # frozen BatchNorm: the same computation in training and inference
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {self.depth}")
-        x = Conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(
+        conv = kernels_lib.conv_layer(self.kernels)
+        x = conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(
             images.astype(self.dtype)
         )
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
-        x = stem_max_pool(x)
+        x = kernels_lib.max_pool(
+            x, window=3, stride=2, padding=((1, 1), (1, 1)), kernels=self.kernels
+        )
         x = freeze_if(x, self.frozen_stages >= 1)
         stages = []
         for index in range(self.num_stages):
-            x = ResNetStage(self.depth, index, dtype=self.dtype, name=f"layer{index + 1}")(x)
+            x = ResNetStage(
+                self.depth, index, dtype=self.dtype, kernels=self.kernels, name=f"layer{index + 1}"
+            )(x)
             x = freeze_if(x, self.frozen_stages >= index + 2)
             stages.append(x)
         return stages if all_stages else x
@@ -180,9 +155,11 @@ class Res5Head(nn.Module):
 
     depth: int = 50
     dtype: jnp.dtype = jnp.float32
+    kernels: str = kernels_lib.DEFAULT
 
     @nn.compact
     def __call__(self, pooled, *, train):
         del train
-        x = ResNetStage(self.depth, 3, dtype=self.dtype, name="layer4")(pooled.astype(self.dtype))
+        stage = ResNetStage(self.depth, 3, dtype=self.dtype, kernels=self.kernels, name="layer4")
+        x = stage(pooled.astype(self.dtype))
         return jnp.mean(x, axis=(1, 2))  # [R, 2048]

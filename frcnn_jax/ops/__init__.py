@@ -16,6 +16,7 @@ from frcnn_jax.ops.boxes import (
     xyxy_to_normalized_yxyx,
 )
 from frcnn_jax.ops.coding import decode_boxes, encode_boxes
+from frcnn_jax.ops.losses import smooth_l1
 from frcnn_jax.ops.matching import IGNORE, NEGATIVE, POSITIVE, MatchResult, match_boxes
 from frcnn_jax.ops.nms import NMSResult, batched_nms, nms
 from frcnn_jax.ops.roi import map_levels, multilevel_roi_align, roi_align, roi_pool
@@ -47,6 +48,7 @@ __all__ = [
     "roi_align",
     "roi_pool",
     "sample_balanced",
+    "smooth_l1",
     "xyxy_to_cxcywh",
     "xyxy_to_normalized_yxyx",
 ]

@@ -24,8 +24,9 @@ class MatchResult(NamedTuple):
     labels: jax.Array
 
 
-def match_boxes(iou, gt_valid, *, high_threshold, low_threshold, allow_low_quality,
-                anchor_valid=None):  # fmt: skip
+def match_boxes(
+    iou, gt_valid, *, high_threshold, low_threshold, allow_low_quality, anchor_valid=None
+):
     """Labels each anchor positive, negative or ignored from its IoU with the ground truth.
 
     The paper's rule, with torchvision `Matcher` semantics: an anchor whose best IoU is

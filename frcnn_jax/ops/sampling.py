@@ -44,6 +44,9 @@ def sample_balanced(key, positive, negative, *, num_samples, positive_fraction):
       negative: bool [N] candidates labelled negative. A candidate marked both counts as positive;
         one marked neither (ignored anchors, padding) is never sampled.
       num_samples: S, the static number of output slots (256 for the RPN, 128 or 512 RoIs).
+        None: no sampling, every candidate is taken (S = N, in index order, positives and
+        negatives valid, the rest padding): a deterministic result, as torchvision's sampler
+        gives when its batch size exceeds the candidate count (for parity tests).
       positive_fraction: largest share of positives (0.5 RPN, 0.25 Fast R-CNN).
 
     Returns:
@@ -53,6 +56,11 @@ def sample_balanced(key, positive, negative, *, num_samples, positive_fraction):
     _checks.check_rank("positive", positive, 1)
     _checks.check_rank("negative", negative, 1)
     _checks.check_same_length(["positive", "negative"], [positive, negative])
+    if num_samples is None:
+        return SampleResult(
+            jnp.arange(positive.shape[0], dtype=jnp.int32),
+            jnp.asarray(positive, bool) | jnp.asarray(negative, bool),
+        )
     _checks.check_non_negative_int("num_samples", num_samples)
     _checks.check_unit_interval("positive_fraction", positive_fraction)
     positive = jnp.asarray(positive, bool)

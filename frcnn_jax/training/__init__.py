@@ -2,8 +2,9 @@
 `evaluate_checkpoint(config, workdir)` (`python -m frcnn_jax.evaluate`).
 
 One concept per module: `optim` (optimizer, schedule), `budget` (a schedule fitted to a time
-budget), `step` (the jitted training step), `initial` (initial state, imported weights), `stage`
-(a resumable run of steps with checkpoints), `alternating` (the paper's 4-step scheme),
+budget), `step` (the jitted training step), `initial` (initial state, imported weights), `phase`
+(a resumable run of optimizer steps with one objective, with checkpoints), `alternating` (the
+paper's 4-step scheme, as four phases),
 `evaluation`, `metrics` (JSONL, TensorBoard, progress lines) and `loop` (the whole run).
 """
 
@@ -14,11 +15,21 @@ from frcnn_jax.training import (
     initial,
     metrics,
     optim,
-    stage,
+    phase,
     step,
 )
 from frcnn_jax.training.evaluation import evaluate_checkpoint
 from frcnn_jax.training.loop import train_and_evaluate
 
-__all__ = ["alternating", "budget", "evaluate_checkpoint", "evaluation", "initial", "metrics",
-           "optim", "stage", "step", "train_and_evaluate"]  # fmt: skip
+__all__ = [
+    "alternating",
+    "budget",
+    "evaluate_checkpoint",
+    "evaluation",
+    "initial",
+    "metrics",
+    "optim",
+    "phase",
+    "step",
+    "train_and_evaluate",
+]

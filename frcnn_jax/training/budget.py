@@ -39,15 +39,19 @@ def measure_steps_per_second(config, *, steps=30, warmup=3):
     state, tx = init_state(config, model)
     state = jax.device_put(state, sharding.replicated(mesh))
     step_fn = jit_train_step(model, tx, mesh)
-    batches, _ = make_batches(config.data, config.data.train_split,
-                              batch_size=sharding.local_batch_size(config.train.batch_size, mesh),
-                              train=True, seed=config.train.seed)  # fmt: skip
+    batches, _ = make_batches(
+        config.data,
+        config.data.train_split,
+        batch_size=sharding.local_batch_size(config.train.batch_size, mesh),
+        train=True,
+        seed=config.train.seed,
+    )
     key = jax.random.key(config.train.seed)
 
     def step():
         nonlocal state
-        batch = {k: v for k, v in next(batches).items() if k != "image_id"}
-        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), key, None)
+        inputs = sharding.shard_batch(next(batches).inputs, mesh)
+        state, metrics = step_fn(state, inputs, key, None)
         return metrics["loss"]
 
     return time_steps(step, steps=steps, warmup=warmup, block=jax.block_until_ready)
@@ -59,15 +63,16 @@ def fit_to_budget(train, seconds, steps_per_second):
     fractions of the run as in `train` (a decay at 3000 of 4000 steps moves to 75% of the
     fitted run; a cosine ends at `num_steps` by definition). The warm-up keeps its length (it
     is about the first updates, not the run's length) unless that is over half the run.
-    The four-stage alternating scheme has its own per-stage fields and is not fitted."""
+    The four-phase alternating scheme has its own per-phase fields and is not fitted."""
     if train.scheme == "alternating":
         raise ValueError(
-            "fit_to_budget: config.train.scheme='alternating' has per-stage step counts "
-            "(alternating_stage_steps); fit a joint scheme or set the stages by hand"
+            "fit_to_budget: config.train.scheme='alternating' has per-phase step counts "
+            "(alternating_phase_steps); fit a joint scheme or set the phases by hand"
         )
     if seconds <= 0 or steps_per_second <= 0:
-        raise ValueError(f"need a positive budget and speed, got {seconds} s at "
-                         f"{steps_per_second} steps/s")  # fmt: skip
+        raise ValueError(
+            f"need a positive budget and speed, got {seconds} s at {steps_per_second} steps/s"
+        )
     num_steps = max(int(seconds * steps_per_second), 1)
     fraction = num_steps / train.num_steps
     return {

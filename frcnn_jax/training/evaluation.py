@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax import checkpointing, postprocess, rundir, sharding
-from frcnn_jax.data import make_batches, pipeline
+from frcnn_jax import checkpointing, rundir, sharding
+from frcnn_jax.data import make_batches, sources
 from frcnn_jax.evaluation.runner import evaluate_detections
-from frcnn_jax.models import FasterRCNN, build_model
+from frcnn_jax.models import FasterRCNN, build_model, roi_heads
 from frcnn_jax.training.initial import initial_variables
 
 
@@ -26,10 +26,9 @@ def make_detect_fn(model, mesh, *, proposals=False):
         )
 
     def detect_fn(variables, batch):
-        local = batch.get("_local", batch)  # multi-host: each host feeds its own examples
-        keys = ("image", "image_size", "scale")
-        inputs = sharding.shard_batch({k: local[k] for k in keys}, mesh)
-        out = detect(variables, inputs["image"], inputs["image_size"], inputs["scale"])
+        local = (batch.local or batch).inputs  # multi-host: each host feeds its own examples
+        inputs = sharding.shard_batch((local.image, local.image_size, local.scale), mesh)
+        out = detect(variables, *inputs)
         detections, boxes = jax.tree.map(np.asarray, sharding.gather(out))
         return detections, (boxes if proposals else None)
 
@@ -39,12 +38,12 @@ def make_detect_fn(model, mesh, *, proposals=False):
 def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=None):
     """Evaluate on `split` (default `config.eval.split`); every host takes part, process 0
     writes the report. With `config.eval.scales`, each image is detected at every scale (its
-    short side resized to each) and the detections merged (`postprocess.merge_detections`):
+    short side resized to each) and the detections merged (`roi_heads.merge_detections`):
     the paper's image-pyramid testing; proposal recall then counts the first scale's."""
     split = split or config.eval.split
-    data = pipeline.with_name(config.data, eval_data_name(config))
+    data = sources.with_name(config.data, eval_data_name(config))
     scales = tuple(config.eval.get("scales") or ())
-    streams = [_batches(pipeline.at_scale(data, s), split, config, mesh) for s in scales]
+    streams = [_batches(sources.at_scale(data, s), split, config, mesh) for s in scales]
     batches, info = streams[0] if streams else _batches(data, split, config, mesh)
     detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
     if len(streams) > 1:
@@ -81,15 +80,20 @@ def _batches(data, split, config, mesh):
 def _pyramid(detect_fn, others, head):
     """`detect_fn` over the first scale's batch and the same images at the other scales (the
     `others` iterators, in step with the first), detections merged per image."""
-    merge = jax.jit(jax.vmap(lambda *found: postprocess.merge_detections(
-        found, nms_threshold=head.nms_threshold, max_detections=head.max_detections)))  # fmt: skip
+    merge = jax.jit(
+        jax.vmap(
+            lambda *found: roi_heads.merge_detections(
+                found, nms_threshold=head.nms_threshold, max_detections=head.max_detections
+            )
+        )
+    )
 
     def pyramid_fn(variables, batch):
         detections, proposals = detect_fn(variables, batch)
         found = [detections]
         for stream in others:
             other = next(stream)
-            if not np.array_equal(other["image_id"], batch["image_id"]):
+            if not np.array_equal(other.image_id, batch.image_id):
                 raise RuntimeError("eval.scales: the scales' batches went out of step")
             found.append(detect_fn(variables, other)[0])
         return jax.tree.map(np.asarray, merge(*found)), proposals

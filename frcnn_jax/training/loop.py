@@ -10,13 +10,13 @@ import pathlib
 import jax
 
 from frcnn_jax import checkpointing, rundir, sharding
-from frcnn_jax.data import pipeline
+from frcnn_jax.data import sources
 from frcnn_jax.models import build_model
 from frcnn_jax.training.alternating import final_step, train_alternating
 from frcnn_jax.training.evaluation import evaluate, print_result
 from frcnn_jax.training.initial import init_state
 from frcnn_jax.training.metrics import MetricWriter, flat_scalars
-from frcnn_jax.training.stage import train_stage
+from frcnn_jax.training.phase import train_phase
 
 log = logging.getLogger("frcnn_jax.training")
 
@@ -48,7 +48,7 @@ def train_and_evaluate(config, workdir, *, allow_model_change=False):
 
 def _has_checkpoints(workdir):
     return any(p.name.isdigit() for p in workdir.glob("checkpoints/*")) or any(
-        p.name.isdigit() for p in workdir.glob("alternating/step*/checkpoints/*")
+        p.name.isdigit() for p in workdir.glob("alternating/phase*/checkpoints/*")
     )
 
 
@@ -60,16 +60,22 @@ def _train_and_evaluate(config, workdir, checkpoints, final_report, last_step):
         model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
     _prepare_once(config.data)
     if jax.process_index() == 0:  # the config and class names: a workdir rebuilds its model
-        rundir.write(workdir, config, pipeline.open_split(config.data, config.data.train_split)[1])
+        rundir.write(workdir, config, sources.open_split(config.data, config.data.train_split)[1])
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if train.scheme == "alternating":
         state = train_alternating(config, workdir, model, mesh, writer)
     else:
         state, tx = init_state(config, model)
-        state = train_stage(
-            config, model, mesh, jax.device_put(state, sharding.replicated(mesh)), tx,
-            checkpoints, writer, num_steps=train.num_steps,
-        )  # fmt: skip
+        state = train_phase(
+            config,
+            model,
+            mesh,
+            jax.device_put(state, sharding.replicated(mesh)),
+            tx,
+            checkpoints,
+            writer,
+            num_steps=train.num_steps,
+        )
     if state is None:
         writer.close()
         return None
@@ -88,5 +94,5 @@ def _prepare_once(data):
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0:
-        pipeline.prepare_all(data)
+        sources.prepare_all(data)
     multihost_utils.sync_global_devices("frcnn_jax: dataset prepared")

@@ -72,9 +72,17 @@ def log_progress(step, num_steps, train, pending, start, start_step, writer, nam
     terms = " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k in LOSS_NAMES)
     log.info(
         "%sstep %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",
-        name, step, num_steps, 100 * step / num_steps, rate, rate * train.batch_size,
-        duration(eta), mean["loss"], terms, lr,
-    )  # fmt: skip
+        name,
+        step,
+        num_steps,
+        100 * step / num_steps,
+        rate,
+        rate * train.batch_size,
+        duration(eta),
+        mean["loss"],
+        terms,
+        lr,
+    )
 
 
 def duration(seconds):

@@ -44,8 +44,13 @@ def make_optimizer(train, trainable):
     def rule(rate, decay=None):
         """The update of one group; `decay`: its weight decay (None: none)."""
         if train.optimizer == "adamw":
-            return optax.adamw(rate, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
-                               weight_decay=decay or 0.0)  # fmt: skip
+            return optax.adamw(
+                rate,
+                b1=train.adam_b1,
+                b2=train.adam_b2,
+                eps=train.adam_eps,
+                weight_decay=decay or 0.0,
+            )
         sgd = optax.sgd(rate, momentum=train.momentum)
         return sgd if decay is None else optax.chain(optax.add_decayed_weights(decay), sgd)
 

@@ -34,25 +34,31 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
     """
     step_key = jax.random.fold_in(key, state.step)
     sample_key, dropout_key = jax.random.split(step_key)
-    inputs = (batch["image"], batch["image_size"])
-    gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+    inputs = (batch.image, batch.image_size)
+    gt = (batch.gt_boxes, batch.gt_classes, batch.gt_valid)
     if objective == "head":
         source = proposer if proposer is not None else {"params": state.params, **state.frozen}
-        proposals = model.apply(
-            source, *inputs, batch.get("scale"), method=FasterRCNN.training_proposals
-        )
+        proposals = model.apply(source, *inputs, batch.scale, method=FasterRCNN.training_proposals)
     method = {"joint": FasterRCNN.losses, "rpn": FasterRCNN.rpn_losses}.get(objective)
-    scales = (batch.get("scale"),) if objective == "joint" else ()  # rpn_losses: no proposals
+    scales = (batch.scale,) if objective == "joint" else ()  # rpn_losses: no proposals
 
     def loss_fn(params):
         variables = {"params": params, **state.frozen}
         rngs = {"dropout": dropout_key}
         if objective == "head":
-            terms = model.apply(variables, *inputs, *proposals, *gt, sample_key,
-                                method=FasterRCNN.head_losses, rngs=rngs)  # fmt: skip
+            terms = model.apply(
+                variables,
+                *inputs,
+                *proposals,
+                *gt,
+                sample_key,
+                method=FasterRCNN.head_losses,
+                rngs=rngs,
+            )
         else:
-            terms = model.apply(variables, *inputs, *gt, sample_key, *scales, method=method,
-                                rngs=rngs)  # fmt: skip
+            terms = model.apply(
+                variables, *inputs, *gt, sample_key, *scales, method=method, rngs=rngs
+            )
         return sum(terms.values()), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

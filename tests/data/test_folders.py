@@ -102,8 +102,19 @@ def voc_root(tmp_path):
     (ann / "bomb.xml").write_text(_xml("bomb.png", [("cat", (1, 1, 9, 9), False)]))
     (ann / "laughs.xml").write_text(BILLION_LAUGHS)
     (ann / "broken.xml").write_text("<annotation><filename>good1.jpg</filename>")
-    ids = ["good1", "good2", "gray", "cmyk", "rgba", "truncated", "missing", "bomb", "laughs",
-           "broken", "noxml"]  # fmt: skip
+    ids = [
+        "good1",
+        "good2",
+        "gray",
+        "cmyk",
+        "rgba",
+        "truncated",
+        "missing",
+        "bomb",
+        "laughs",
+        "broken",
+        "noxml",
+    ]
     (root / "ImageSets/Main/train.txt").write_text("\n".join(ids) + "\n")
     (root / "ImageSets/Main/test.txt").write_text("missing\nbomb\n")
     return root

@@ -88,9 +88,15 @@ def test_normalized_boxes_to_pixels():
 
 def test_empty_image_has_no_valid_boxes():
     out, dropped = preprocess.preprocess(
-        np.zeros((10, 10, 3), np.uint8), np.zeros((0, 4)), np.zeros(0, int), np.zeros(0, bool),
-        min_size=20, max_size=20, canvas=(20, 20), max_boxes=3,
-    )  # fmt: skip
+        np.zeros((10, 10, 3), np.uint8),
+        np.zeros((0, 4)),
+        np.zeros(0, int),
+        np.zeros(0, bool),
+        min_size=20,
+        max_size=20,
+        canvas=(20, 20),
+        max_boxes=3,
+    )
     assert dropped == 0 and not out["gt_valid"].any() and out["gt_boxes"].shape == (3, 4)
 
 

@@ -6,10 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from frcnn_jax.config import model_config
 from frcnn_jax.data import data_config, make_batches
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model
-from frcnn_jax.postprocess import Detections
+from frcnn_jax.models.roi_heads import Detections
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,15 @@ def test_split(tmp_path_factory):
 
 def _perfect(batch):
     """Ground truth back in original pixels as detections; proposals = ground truth."""
-    scale = np.where(batch["valid"], batch["scale"], 1.0)[:, None, None]  # padding: scale 0
-    valid = batch["gt_valid"] & ~batch["gt_difficult"]
+    scale = np.where(batch.inputs.valid, batch.inputs.scale, 1.0)[:, None, None]  # padding: scale 0
+    valid = batch.inputs.gt_valid & ~batch.inputs.gt_difficult
     detections = Detections(
-        boxes=batch["gt_boxes"] / scale,
+        boxes=batch.inputs.gt_boxes / scale,
         scores=valid.astype(np.float32),
-        classes=np.where(valid, batch["gt_classes"], 1),
+        classes=np.where(valid, batch.inputs.gt_classes, 1),
         valid=valid,
     )
-    return detections, (batch["gt_boxes"], batch["gt_valid"])
+    return detections, (batch.inputs.gt_boxes, batch.inputs.gt_valid)
 
 
 def test_perfect_detector_scores_one_and_writes_the_report(test_split, tmp_path):
@@ -62,10 +63,13 @@ def test_perfect_detector_scores_one_and_writes_the_report(test_split, tmp_path)
 
 
 def test_runs_the_real_model(test_split):
-    config = ml_collections.ConfigDict(
-        {"model": {"backbone": "tiny", "num_classes": 8, "head": {"widths": (32, 32)},
-                   "rpn": {"channels": 32, "test_pre_nms_top_n": 200, "test_post_nms_top_n": 50}}}
-    )  # fmt: skip
+    model = model_config(
+        backbone="tiny",
+        num_classes=8,
+        head=dict(widths=(32, 32)),
+        rpn=dict(channels=32, test_pre_nms_top_n=200, test_post_nms_top_n=50),
+    )
+    config = ml_collections.ConfigDict({"model": model})
     model = build_model(config)
     batches, info = make_batches(test_split, "test", batch_size=4, train=False)
     images = jnp.zeros((4, 160, 160, 3))
@@ -79,7 +83,7 @@ def test_runs_the_real_model(test_split):
     )
 
     def detect_fn(batch):
-        return detect(batch["image"], batch["image_size"], batch["scale"]), None
+        return detect(batch.inputs.image, batch.inputs.image_size, batch.inputs.scale), None
 
     metrics = evaluate_detections(detect_fn, batches, info, coco=False)
     assert metrics["num_images"] == 7
@@ -88,6 +92,9 @@ def test_runs_the_real_model(test_split):
 
 def test_a_split_without_any_ground_truth_is_an_error_naming_it(test_split):
     batches, info = make_batches(test_split, "test", batch_size=3, train=False)
-    unlabelled = ({**b, "gt_valid": np.zeros_like(b["gt_valid"])} for b in batches)
+    unlabelled = (
+        b._replace(inputs=b.inputs._replace(gt_valid=np.zeros_like(b.inputs.gt_valid)))
+        for b in batches
+    )
     with pytest.raises(ValueError, match="voc/2012 test, step 5: no ground-truth box in 7 images"):
         evaluate_detections(_perfect, unlabelled, info, coco=False, title="voc/2012 test, step 5")

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import ops, targets
+from frcnn_jax import ops
 from frcnn_jax.config import base_config, check_config
-from frcnn_jax.models import FasterRCNN, build_model
-from tests.models.test_faster_rcnn import BOXES, CLASSES, one_image, tiny_config
+from frcnn_jax.models import FasterRCNN, build_model, rpn
+from tests import paper_settings
+from tests.tiny import BOXES, CLASSES, one_image, tiny_model_config
 
 # ---------------------------------------------------------------- proposals without NMS
 
@@ -30,7 +31,7 @@ def test_without_nms_the_best_scored_boxes_are_kept_overlaps_included(jit):
         jnp.float32,
     )  # the 4th is smaller than min_size
     scores = jnp.array([0.9, 0.8, 0.7, 0.95, 0.7])  # a tie between the 3rd and the 5th
-    fn = targets.generate_proposals
+    fn = paper_settings.generate_proposals
     if jit:
         fn = jax.jit(fn, static_argnames=("pre_nms_top_n", "post_nms_top_n", "nms_threshold"))
     kwargs = dict(image_height=100, image_width=100, pre_nms_top_n=5, min_size=1.0)
@@ -39,8 +40,7 @@ def test_without_nms_the_best_scored_boxes_are_kept_overlaps_included(jit):
     np.testing.assert_array_equal(got.boxes, anchors[jnp.array([0, 1, 2])])
     np.testing.assert_array_equal(got.valid, [True, True, True])
     np.testing.assert_allclose(got.scores, [0.9, 0.8, 0.7])
-    with_nms = fn(scores, jnp.zeros((5, 4)), anchors, post_nms_top_n=3, nms_threshold=0.7,
-                  **kwargs)  # fmt: skip
+    with_nms = fn(scores, jnp.zeros((5, 4)), anchors, post_nms_top_n=3, nms_threshold=0.7, **kwargs)
     np.testing.assert_array_equal(with_nms.boxes, anchors[jnp.array([0, 2, 4])])  # 1 suppressed
     # more slots than candidates: padding after the valid ones
     padded = fn(scores, jnp.zeros((5, 4)), anchors, post_nms_top_n=7, nms_threshold=None, **kwargs)
@@ -51,21 +51,36 @@ def test_without_nms_the_best_scored_boxes_are_kept_overlaps_included(jit):
 
 def test_without_nms_all_padding_gives_no_proposals():
     anchors = jnp.zeros((4, 4), jnp.float32)  # zero-area: all below min_size
-    got = targets.generate_proposals(
-        jnp.zeros(4), jnp.zeros((4, 4)), anchors, image_height=10, image_width=10,
-        pre_nms_top_n=4, post_nms_top_n=2, nms_threshold=None, min_size=1.0,
-    )  # fmt: skip
+    got = paper_settings.generate_proposals(
+        jnp.zeros(4),
+        jnp.zeros((4, 4)),
+        anchors,
+        image_height=10,
+        image_width=10,
+        pre_nms_top_n=4,
+        post_nms_top_n=2,
+        nms_threshold=None,
+        min_size=1.0,
+    )
     assert not np.any(got.valid)
 
 
 def test_multilevel_without_nms_ranks_across_levels():
-    levels = [jnp.array([[0, 0, 10, 10], [1, 1, 11, 11]], jnp.float32),
-              jnp.array([[0, 0, 10, 10], [40, 40, 80, 80]], jnp.float32)]  # fmt: skip
+    levels = [
+        jnp.array([[0, 0, 10, 10], [1, 1, 11, 11]], jnp.float32),
+        jnp.array([[0, 0, 10, 10], [40, 40, 80, 80]], jnp.float32),
+    ]
     scores = [jnp.array([0.1, 0.9]), jnp.array([0.5, 0.2])]
-    got = targets.generate_multilevel_proposals(
-        scores, [jnp.zeros((2, 4))] * 2, levels, image_height=100, image_width=100,
-        pre_nms_top_n=2, post_nms_top_n=3, nms_threshold=None,
-    )  # fmt: skip
+    got = paper_settings.generate_proposals(
+        scores,
+        [jnp.zeros((2, 4))] * 2,
+        levels,
+        image_height=100,
+        image_width=100,
+        pre_nms_top_n=2,
+        post_nms_top_n=3,
+        nms_threshold=None,
+    )
     np.testing.assert_allclose(got.scores, [0.9, 0.5, 0.2])
     np.testing.assert_array_equal(got.boxes[1], [0, 0, 10, 10])
 
@@ -76,7 +91,7 @@ def test_multilevel_without_nms_ranks_across_levels():
 @pytest.fixture(scope="module")
 def tiny():
     """(config, variables, images, sizes) of the tiny model, randomly initialised."""
-    config = tiny_config()
+    config = tiny_model_config()
     images, sizes = one_image()
     model = build_model(config)
     variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
@@ -97,11 +112,11 @@ def _proposals(model, variables, images, sizes):
 
 
 def _anchors(model, images):
-    grid = model.apply(
-        {"params": {}}, images.shape[1:3], method=lambda m, canvas: m._anchors(
-            [jnp.zeros((1, canvas[0] // s, canvas[1] // s, 1)) for s in m._strides()], canvas)
-    )  # fmt: skip
-    return np.asarray(jnp.concatenate(grid))
+    canvas = images.shape[1:3]
+    maps = [jnp.zeros((1, canvas[0] // s, canvas[1] // s, 1)) for s in model.strides]
+    return np.asarray(
+        jnp.concatenate(rpn.anchors_per_level(model.rpn, maps, model.strides, canvas))
+    )
 
 
 def test_test_time_switches_leave_training_unchanged(tiny):
@@ -156,8 +171,9 @@ def test_unknown_ranking_is_named(tiny):
         )
 
 
+@pytest.mark.slow
 def test_unshared_features_train_the_rpn_and_the_detector_apart():
-    config = tiny_config()
+    config = tiny_model_config()
     config.model.rpn.shared_features = False
     model = build_model(config)
     images, sizes = one_image()
@@ -168,8 +184,9 @@ def test_unshared_features_train_the_rpn_and_the_detector_apart():
 
     def grads(names):
         def loss(p):
-            terms = model.apply({"params": p}, images, sizes, *gt, jax.random.key(1),
-                                method=FasterRCNN.losses)  # fmt: skip
+            terms = model.apply(
+                {"params": p}, images, sizes, *gt, jax.random.key(1), method=FasterRCNN.losses
+            )
             return sum(terms[n] for n in names)
 
         g = jax.grad(loss)(params)
@@ -183,8 +200,9 @@ def test_unshared_features_train_the_rpn_and_the_detector_apart():
     other = {**params, "backbone": jax.tree.map(lambda x: x * 0.5, params["backbone"])}
 
     def proposals(p):
-        out = model.apply({"params": p}, images, sizes, return_proposals=True,
-                          method=FasterRCNN.detect)  # fmt: skip
+        out = model.apply(
+            {"params": p}, images, sizes, return_proposals=True, method=FasterRCNN.detect
+        )
         return out[1][0]
 
     np.testing.assert_array_equal(proposals(params), proposals(other))
@@ -194,8 +212,9 @@ def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_one_stage_classifies_every_anchor_without_an_rpn():
-    config = tiny_config(rois="anchors")
+    config = tiny_model_config(rois="anchors")
     model = build_model(config)
     images, sizes = one_image()
     variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
@@ -206,8 +225,11 @@ def test_one_stage_classifies_every_anchor_without_an_rpn():
     assert float(terms["fast_rcnn_class"]) > 0 and float(terms["fast_rcnn_box"]) > 0
 
     def total(p):
-        return sum(model.apply({"params": p}, images, sizes, *gt, jax.random.key(1),
-                               method=FasterRCNN.losses).values())  # fmt: skip
+        return sum(
+            model.apply(
+                {"params": p}, images, sizes, *gt, jax.random.key(1), method=FasterRCNN.losses
+            ).values()
+        )
 
     grads = jax.grad(total)(variables["params"])
     assert float(optax_norm(grads["backbone"])) > 0
@@ -231,14 +253,19 @@ def test_variant_combinations_that_cannot_work_are_named():
             node[last] = value
         return c
 
-    check_config(config(train__scheme="alternating", train__alternating_steps=2,
-                        model__rpn__shared_features=False))  # fmt: skip
+    check_config(
+        config(
+            train__scheme="alternating",
+            train__alternating_phases=2,
+            model__rpn__shared_features=False,
+        )
+    )
     check_config(config(model__rpn__shared_features=False))  # joint training, two backbones
     check_config(config(model__head__rois="anchors"))
     cases = [
-        (dict(train__scheme="alternating", train__alternating_steps=2), "alternating_steps=2"),
+        (dict(train__scheme="alternating", train__alternating_phases=2), "alternating_phases=2"),
         (dict(train__scheme="alternating", model__rpn__shared_features=False), "shared_features"),
-        (dict(train__alternating_steps=3), "alternating_steps must be 4 or 2"),
+        (dict(train__alternating_phases=3), "alternating_phases must be 4 or 2"),
         (dict(model__head__rois="anchors", train__scheme="alternating"), "rois='anchors'"),
         (dict(model__head__rois="anchors", model__rpn__shared_features=False), "one-stage"),
     ]
@@ -247,17 +274,21 @@ def test_variant_combinations_that_cannot_work_are_named():
             check_config(config(**fields))
 
 
+@pytest.mark.slow
 def test_unshared_features_start_both_backbones_from_imported_weights(tmp_path):
     from frcnn_jax import weights
     from frcnn_jax.training.initial import initial_variables
 
     config = base_config()
-    config.model.update(tiny_config().model)
+    config.model = tiny_model_config().model
     config.data.canvas = (128, 128)
-    imported = build_model(config).init(jax.random.key(7), *one_image(),
-                                        method=FasterRCNN.detect)["params"]["backbone"]  # fmt: skip
-    flat = {f"params/backbone/{k}": np.asarray(v) for k, v in
-            flax.traverse_util.flatten_dict(imported, sep="/").items()}  # fmt: skip
+    imported = build_model(config).init(jax.random.key(7), *one_image(), method=FasterRCNN.detect)[
+        "params"
+    ]["backbone"]
+    flat = {
+        f"params/backbone/{k}": np.asarray(v)
+        for k, v in flax.traverse_util.flatten_dict(imported, sep="/").items()
+    }
     weights.save(tmp_path / "backbone.npz", flat, ["params/backbone"])
     config.model.rpn.shared_features = False
     config.model.init_checkpoint = str(tmp_path / "backbone.npz")

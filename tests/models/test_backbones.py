@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +7,10 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frcnn_jax.models import VGG16, FrozenBatchNorm, Res5Head, ResNet, TinyBackbone, get_backbone
-from frcnn_jax.models.backbones import max_pool_2x2
-from frcnn_jax.models.resnet import stem_max_pool
+
+
+def backbone_named(name, frozen_stages=None):
+    return get_backbone(name, dtype=jnp.float32, frozen_stages=frozen_stages, kernels="auto")
 
 
 def count(params):
@@ -29,7 +30,7 @@ def test_vgg16_matches_torchvision_features_parameter_count_and_stride():
 
 @pytest.mark.parametrize("name", ["tiny", "vgg16", "zf", "resnet50_c4"])
 def test_backbones_give_stride_16_maps(name):
-    backbone = get_backbone(name)
+    backbone = backbone_named(name)
     images = jnp.zeros((2, 96, 160, 3))
     params = jax.eval_shape(backbone.init, jax.random.key(0), images)
     out = jax.eval_shape(backbone.apply, params, images)
@@ -46,7 +47,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
-        get_backbone("resnet9000")
+        backbone_named("resnet9000")
 
 
 @pytest.mark.parametrize("depth", [50, 101])
@@ -99,7 +100,7 @@ def test_zf_parameter_count_matches_the_prototxt():
         o * i * k * k + o
         for o, i, k in ((96, 3, 7), (256, 96, 5), (384, 256, 3), (384, 384, 3), (256, 384, 3))
     )
-    params = jax.eval_shape(get_backbone("zf").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    params = jax.eval_shape(backbone_named("zf").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     assert count(params) == want == 3_726_464
 
 
@@ -119,7 +120,7 @@ def test_zf_parameter_count_matches_the_prototxt():
 def test_declared_frozen_parameters_are_exactly_those_without_gradient(name, frozen, zero):
     """`frozen_prefixes()` (what the optimizer masks, `models.trainable_mask`) names exactly the
     parameters that get a zero gradient through the backbone's `freeze_if` cuts."""
-    backbone = get_backbone(name, frozen_stages=frozen)
+    backbone = backbone_named(name, frozen)
     images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
     variables = backbone.init(jax.random.key(1), images)
 
@@ -134,51 +135,3 @@ def test_declared_frozen_parameters_are_exactly_those_without_gradient(name, fro
     for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
         name_ = "/".join(k.key for k in path) + "/"
         assert name_.startswith(prefixes) == (not np.asarray(grad).any()), name_
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 7, 9, 4), (1, 3, 2, 2)])
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("jit", [False, True])
-def test_max_pool_2x2_equals_torch_values_and_gradient(shape, ties, jit):
-    # Odd sizes drop the last row/column (floor mode); after a ReLU and rounding most windows
-    # hold tied maxima, and torch gives the gradient to the first one in row-major order.
-    rng = np.random.default_rng(sum(shape))
-    x = rng.normal(size=shape).astype(np.float32)
-    if ties:
-        x = np.maximum(np.round(x), 0)
-    pool = jax.jit(max_pool_2x2) if jit else max_pool_2x2
-    out, vjp = jax.vjp(pool, jnp.asarray(x))
-    grad = rng.normal(size=out.shape).astype(np.float32)
-    (got_grad,) = vjp(jnp.asarray(grad))
-
-    nchw = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
-    want = torch.nn.functional.max_pool2d(nchw, 2, 2)
-    want.backward(torch.from_numpy(grad).permute(0, 3, 1, 2))
-    np.testing.assert_array_equal(out, want.detach().permute(0, 2, 3, 1).numpy())
-    np.testing.assert_array_equal(got_grad, nchw.grad.permute(0, 2, 3, 1).numpy())
-    assert got_grad.shape == x.shape and got_grad.dtype == x.dtype
-
-
-def test_max_pool_2x2_keeps_bfloat16():
-    x = jnp.arange(32, dtype=jnp.bfloat16).reshape(1, 4, 4, 2)
-    out, vjp = jax.vjp(max_pool_2x2, x)
-    assert out.dtype == jnp.bfloat16 and vjp(jnp.ones_like(out))[0].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(out[0, :, :, 0], [[10, 14], [26, 30]])
-
-
-@pytest.mark.parametrize("shape", [(1, 8, 10, 3), (2, 7, 9, 4), (1, 1, 2, 2)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_stem_max_pool_equals_flax_values_and_gradient(shape, dtype):
-    # Odd and even sizes, a single row; rounded values make ties.
-    rng = np.random.default_rng(sum(shape))
-    x = jnp.asarray(np.round(rng.normal(size=shape) * 2), dtype)
-
-    def reference(x):
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-    out, vjp = jax.vjp(jax.jit(stem_max_pool), x)
-    want, want_vjp = jax.vjp(reference, x)
-    assert out.dtype == dtype and out.shape == want.shape
-    np.testing.assert_array_equal(out, want)
-    grad = jnp.asarray(rng.normal(size=out.shape), dtype)
-    np.testing.assert_array_equal(vjp(grad)[0], want_vjp(grad)[0])

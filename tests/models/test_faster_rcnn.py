@@ -7,52 +7,9 @@ import optax
 import pytest
 
 from frcnn_jax import ops
+from frcnn_jax.config import model_config, torchvision_heads
 from frcnn_jax.models import FasterRCNN, build_model
-
-HEIGHT, WIDTH = 128, 128
-BOXES = np.array([[12, 14, 52, 60], [64, 20, 116, 52], [30, 72, 100, 118]], np.float32)
-CLASSES = np.array([1, 2, 3], np.int32)
-
-
-def tiny_config(**head):
-    return ml_collections.ConfigDict(
-        {
-            "model": {
-                "backbone": "tiny",
-                "num_classes": 3,
-                "rpn": {
-                    "anchor_sizes": (32, 64, 128),
-                    "channels": 64,
-                    "objectness": "sigmoid",
-                    "train_pre_nms_top_n": 500,
-                    "train_post_nms_top_n": 100,
-                    "test_pre_nms_top_n": 500,
-                    "test_post_nms_top_n": 50,
-                    "min_size": 1.0,
-                    "box_normalizer": None,
-                    "box_weight": 1.0,
-                    "allowed_border": None,
-                },
-                "head": {
-                    "pooler": "align",
-                    "widths": (128, 128),
-                    "dropout": 0.0,
-                    "batch_size": 32,
-                    "nms_threshold": 0.5,
-                    **head,
-                },
-            }
-        }
-    )
-
-
-def one_image():
-    """A flat grey image with three coloured rectangles of three classes."""
-    image = np.full((1, HEIGHT, WIDTH, 3), 40.0, np.float32)
-    colours = {1: (220, 40, 40), 2: (40, 220, 40), 3: (40, 40, 220)}
-    for (x1, y1, x2, y2), c in zip(BOXES.astype(int), CLASSES, strict=True):
-        image[0, y1:y2, x1:x2] = colours[c]
-    return jnp.asarray(image), jnp.array([[HEIGHT, WIDTH]], jnp.int32)
+from tests.tiny import BOXES, CLASSES, HEIGHT, one_image, tiny_model_config
 
 
 def batch_of(model_config, *, gt_boxes, gt_valid):
@@ -63,9 +20,10 @@ def batch_of(model_config, *, gt_boxes, gt_valid):
     return model, params, (images, sizes, jnp.asarray(gt_boxes), gt_classes, jnp.asarray(gt_valid))
 
 
+@pytest.mark.slow
 def test_overfits_one_image_and_detects_every_object():
     model, params, batch = batch_of(
-        tiny_config(), gt_boxes=BOXES[None], gt_valid=np.ones((1, 3), bool)
+        tiny_model_config(), gt_boxes=BOXES[None], gt_valid=np.ones((1, 3), bool)
     )
     schedule = optax.warmup_cosine_decay_schedule(1e-4, 2e-3, 30, 300, 1e-5)
     optimizer = optax.adam(schedule)
@@ -114,7 +72,7 @@ def test_degenerate_batches_give_finite_losses_and_gradients(head):
     gt_boxes = np.zeros((2, 4, 4), np.float32)
     gt_boxes[1, :3] = [[0, 0, 128, 128], [100, 0, 128, 30], [50, 50, 50, 70]]
     gt_valid = np.array([[False] * 4, [True, True, True, False]])
-    config = tiny_config(**head)
+    config = tiny_model_config(**head)
     config.model.rpn.objectness = "softmax"
     model, params, batch = batch_of(config, gt_boxes=gt_boxes, gt_valid=gt_valid)
     images = jnp.concatenate([batch[0], batch[0]])
@@ -131,9 +89,10 @@ def test_degenerate_batches_give_finite_losses_and_gradients(head):
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_proposal_gradients_reach_the_rpn_regressor():
     def rpn_box_grad(proposal_gradients):
-        config = tiny_config(proposal_gradients=proposal_gradients)
+        config = tiny_model_config(proposal_gradients=proposal_gradients)
         model, params, batch = batch_of(
             config, gt_boxes=BOXES[None], gt_valid=np.ones((1, 3), bool)
         )
@@ -151,7 +110,7 @@ def test_proposal_gradients_reach_the_rpn_regressor():
 
 def test_detect_and_losses_trace_once_per_shape():
     model, params, batch = batch_of(
-        tiny_config(), gt_boxes=BOXES[None], gt_valid=np.ones((1, 3), bool)
+        tiny_model_config(), gt_boxes=BOXES[None], gt_valid=np.ones((1, 3), bool)
     )
 
     @jax.jit
@@ -172,18 +131,19 @@ def test_detect_and_losses_trace_once_per_shape():
     chex.assert_shape(dets.boxes, (1, 100, 4))
 
 
-def test_build_model_rejects_unknown_fields():
-    config = tiny_config()
+def test_build_model_rejects_unknown_fields_and_values_that_cannot_work():
+    config = tiny_model_config()
     config.model.head.no_such_field = 1
     with pytest.raises(
         ValueError, match=r"config.model.head has unknown fields \['no_such_field'\]"
     ):
         build_model(config)
-    config = tiny_config(pooler="pool", proposal_gradients=True)
-    model = build_model(config)
-    images, sizes = one_image()
-    with pytest.raises(ValueError, match="proposal_gradients needs"):
-        model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    with pytest.raises(ValueError, match=r"config.model.head has no field 'no_such_field'"):
+        tiny_model_config(no_such_field=1)
+    with pytest.raises(ValueError, match=r"config.model.head.proposal_gradients needs"):
+        build_model(tiny_model_config(pooler="pool", proposal_gradients=True))
+    with pytest.raises(ValueError, match=r"config.model.kernels must be one of"):
+        build_model(ml_collections.ConfigDict({"model": model_config(kernels="fast")}))
 
 
 @pytest.mark.parametrize(
@@ -196,7 +156,7 @@ def test_build_model_rejects_unknown_fields():
     ],
 )
 def test_every_backbone_composes_with_static_output_shapes(backbone, head):
-    config = tiny_config(**head)
+    config = tiny_model_config(**head)
     config.model.backbone = backbone
     config.model.rpn.channels = 32
     if backbone.endswith("fpn"):  # one anchor size per pyramid level, 3 ratios
@@ -225,20 +185,14 @@ def test_every_backbone_composes_with_static_output_shapes(backbone, head):
 
 def torchvision_r50_fpn_config(num_classes=90):
     """frcnn_jax's equivalent of torchvision's `fasterrcnn_resnet50_fpn` (91 = 90 + background)."""
-    return ml_collections.ConfigDict(
-        {
-            "model": {
-                "backbone": "resnet50_fpn",
-                "num_classes": num_classes,
-                "rpn": {
-                    "anchor_sizes": ((32,), (64,), (128,), (256,), (512,)),
-                    "channels": 256,
-                    "objectness": "sigmoid",
-                },
-                "head": {"pooler": "align", "widths": (1024, 1024), "dropout": 0.0},
-            }
-        }
+    model = model_config(
+        backbone="resnet50_fpn",
+        num_classes=num_classes,
+        rpn=dict(anchor_sizes=((32,), (64,), (128,), (256,), (512,)), channels=256),
+        head=dict(widths=(1024, 1024)),
     )
+    torchvision_heads(model)
+    return ml_collections.ConfigDict({"model": model})
 
 
 def test_r50_fpn_matches_torchvision_fasterrcnn_resnet50_fpn_parameter_count():

@@ -33,6 +33,8 @@ from parity_references import (
     training_proposals,
 )
 
+pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
+
 
 def flat_params(tree):
     return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
@@ -65,8 +67,8 @@ def parity(request, tmp_path_factory):
 
     def losses(params):  # the joint training objective
         variables = {"params": params, **state.frozen}
-        inputs = [ours_batch[k] for k in names]
-        key, scale = jax.random.key(0), ours_batch["scale"]
+        inputs = [getattr(ours_batch, k) for k in names]
+        key, scale = jax.random.key(0), ours_batch.scale
         terms = model.apply(variables, *inputs, key, scale, method=type(model).losses)
         return sum(terms.values()), terms
 

@@ -360,6 +360,7 @@ def test_bad_input_is_named():
         )
 
 
+@pytest.mark.slow
 def test_roi_pool_vmap_bfloat16_and_gradient_under_vmap():
     rng = np.random.default_rng(10)
     features = rng.normal(size=(2, 20, 30, 4)).astype(np.float32)

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from frcnn_jax.models.conv import Conv, conv_general_dilated, tapwise_conv, winograd_conv3x3
+from frcnn_jax.kernels import conv_layer
+from frcnn_jax.kernels.conv import conv_general_dilated, tapwise_conv, winograd_conv3x3
+
+Conv = conv_layer("auto")
 
 
 def numpy_conv3x3(x, kernel):
@@ -184,3 +187,31 @@ def test_conv_layer_keeps_flax_parameters_and_results():
     np.testing.assert_array_equal(
         exact.apply(params, x), nn.Conv(128, (3, 3), precision="highest").apply(params, x)
     )
+
+
+def test_two_models_with_different_kernels_live_in_one_process():
+    """`model.kernels` is a setting of the model, not of the process: a model with frcnn_jax's
+    CPU kernels and one with XLA's, jitted side by side, trace different programs (the CPU
+    kernels pin layouts) that compute the same detections."""
+    from frcnn_jax.models import FasterRCNN, build_model, with_kernels
+    from tests.tiny import one_image, tiny_model_config
+
+    auto = build_model(tiny_model_config())
+    xla = with_kernels(auto, "xla")
+    assert (auto.kernels, auto.backbone.kernels, xla.kernels, xla.backbone.kernels) == (
+        "auto",
+        "auto",
+        "xla",
+        "xla",
+    )
+    images, sizes = one_image()
+    variables = auto.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+
+    def detect(model):
+        return jax.jit(lambda v, x, s: model.apply(v, x, s, method=FasterRCNN.detect))
+
+    programs = [detect(m).lower(variables, images, sizes).as_text() for m in (auto, xla)]
+    assert programs[0] != programs[1]
+    got, want = (detect(m)(variables, images, sizes) for m in (auto, xla))
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+    np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3)

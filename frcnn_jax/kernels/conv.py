@@ -1,46 +1,35 @@
-"""Convolutions for the models: `Conv` is `flax.linen.Conv` with the CPU speed-ups below.
+"""CPU convolution kernels: `conv_general_dilated`, a drop-in for `jax.lax.conv_general_dilated`
+that the models' `Conv` layers call when `model.kernels="auto"` (see `frcnn_jax.kernels`).
 
-XLA's CPU backend leaves a detector's training step slow in three places, and
-`conv_general_dilated` (a drop-in for `jax.lax.conv_general_dilated`, which `Conv` calls) fixes
-them while keeping parameters, shapes and semantics (figures: ResNet-50-FPN's training step at
-800x1344, batch 2 unless said, on a 2-core CPU with `frcnn_jax.runtime`'s settings of the time):
+What each part computes, and when it is chosen (float32 NHWC convolutions traced for the CPU
+backend only; everything else is XLA's convolution, untouched):
 
-- Layout. A weight gradient needs its input activation channel-major; XLA gets it by making
-  the fusion that produced the activation (frozen BatchNorm, ReLU, residual adds, re-computed)
-  write it transposed, with an untiled loop that costs 5-15x a plain transpose. Pinning every
-  convolution input to the row-major NHWC layout (`with_layout_constraint`) makes that a
-  separate, tiled transpose (about 17% off the step). The backward passes below pin the output
-  gradient and the strided windows they contract the same way (about 6% more).
-  Nothing is computed differently.
-- Weight gradients of 1x1 and of 3x3 stride-2 layers (`tapwise_conv`): one matrix product per
-  kernel tap instead of XLA's convolution, whose weight gradients run 1.5-3x slower than its
-  forward pass; and the input gradients of narrow 3x3 stride-2 layers by parity phases (one
-  matrix product for all taps, then shifted sums), 1.3-3x faster than XLA's transposed
-  convolution. Same float32 arithmetic, summed in another order.
-- Algorithm. Large 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) (Lavin & Gray, "Fast
-  Algorithms for Convolutional Neural Networks", 2016): 6x6 input tiles, 36 batched matrix
-  products, 4x4 output tiles, 4x fewer multiplications than a direct convolution, for forward,
-  input gradient and weight gradient alike (the weight gradient is a matrix product in the
-  Winograd domain). At 200x336 and 256 channels (FPN's P2 output layer) the forward
-  takes about 0.6x, the input and weight gradients about 0.5x and 0.45x of XLA's
-  convolution's time (`experiments/bench_convs.py`). Results differ from a direct
-  convolution by rounding only, about 1e-5 of the output's magnitude (a direct float32
-  convolution differs from float64 by about 1e-6): the trade cuDNN makes with its own
-  Winograd kernels.
-  `precision=jax.lax.Precision.HIGHEST` on a layer, or `jax.default_matmul_precision("highest")`
-  around tracing, keeps the direct convolution.
+- Layout pins. Every convolution input is pinned to the row-major NHWC layout
+  (`with_layout_constraint`), and so are the output gradients and strided windows of the
+  backward passes below. XLA's CPU backend otherwise makes the fusion that produced an
+  activation write it channel-major for the weight gradient, in an untiled loop; pinned, that
+  becomes a separate tiled transpose. Nothing is computed differently.
+- `tapwise_conv`, for 1x1 layers and 3x3 stride-2 layers up to `_MAX_TAPWISE_3X3` input x
+  output channels: XLA's forward and input gradient, and the weight gradient as one matrix
+  product per kernel tap (the tap's strided input window contracted with the output
+  gradient). For narrow 3x3 stride-2 layers (up to `_MAX_PHASES_3X3`) the input gradient is
+  computed by parity phases (one matrix product for all taps, then shifted sums). The same
+  float32 products, summed in another order.
+- `winograd_conv3x3`, for 3x3 stride-1 padding-1 layers with at least `_MIN_TILES` 4x4 output
+  tiles, `_MIN_CHANNEL_PRODUCT` input x output channels and maps of 8x8 or more, unless the
+  layer or `jax.default_matmul_precision` asks for HIGHEST precision: Winograd F(4x4, 3x3)
+  (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) for the forward
+  pass, the input gradient and the weight gradient (a matrix product in the Winograd domain):
+  6x6 input tiles, 36 batched matrix products, 4x4 output tiles, 4x fewer multiplications
+  than a direct convolution. Results differ from a direct convolution by rounding, about 1e-5
+  of the output's magnitude (cuDNN's Winograd kernels make the same trade).
 
-All three apply to float32 on the CPU backend only (GPUs/TPUs get XLA's convolution untouched;
-`cpu_tuning(False)` or FRCNN_JAX_CPU_TUNING=0 turns them off), and Winograd only where it
-measured faster: at least `_MIN_TILES` 4x4 output tiles, at least
-`_MIN_CHANNEL_PRODUCT` input x output channels, maps of 8x8 or more.
+The thresholds are where each kernel measured faster than XLA's on a 2-core x86 CPU;
+`experiments/bench_convs.py` measures them again (results in `experiments/benchmarks.md`).
 """
 
-import contextlib
 import functools
-import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,49 +69,21 @@ _SPAN = _TILE + 2  # input tile side
 # (the same products as the default precision on the CPU).
 _FLOAT32 = jax.lax.Precision.HIGHEST
 
-# Where Winograd pays on a 2-core x86 CPU (forward and forward + the backward's VJP, as ratios
-# to XLA's convolution): 200x336 at 256 channels 0.61 / 0.42; 100x168 at 128: 0.85 / 0.44;
-# 75x125 at 512: 0.72 / 0.54; 50x84 at 256 (273 tiles) 1.17 / 0.74, taken because a training
-# step's forward + backward is 0.85 (inference loses a little); not 38x63 at 512 (160
-# tiles) 1.66 / 1.11, 25x42 at 256 3.1 / 1.6, or 600x1000 at 64 channels (1.22 forward).
+# Where each kernel is chosen (see the module docstring).
 _MIN_TILES = 256
 _MIN_CHANNEL_PRODUCT = 128 * 128
 _MIN_SIDE = 8
-# 3x3 stride-2 weight gradients by taps, as ratios to XLA's: 0.67 at 128 channels (200x336
-# input), 0.83 at 256 (100x168), but 1.2 at 512 (50x84).
 _MAX_TAPWISE_3X3 = 256 * 256
-# ... and their input gradients by parity phases (`_stride2_input_gradient`), as ratios to
-# XLA's (batch 4): 0.32 at 3 -> 16 channels (512x512 input), 0.36 at 16 -> 32 (256x256), 0.62
-# at 32 -> 64 (128x128), 0.79 at 64 -> 128 (64x64), but 1.4 at 128 -> 256 (32x32).
 _MAX_PHASES_3X3 = 64 * 128
 
 
-# Whether the speed-ups above apply (on the CPU backend): `cpu_tuning(False)` or the
-# environment variable FRCNN_JAX_CPU_TUNING=0 gives XLA's own convolutions everywhere.
-_TUNING = [os.environ.get("FRCNN_JAX_CPU_TUNING", "1") != "0"]
-
-
-@contextlib.contextmanager
-def cpu_tuning(enabled):
-    """Within this block, functions traced use (True) or skip (False) this module's CPU
-    speed-ups. Off: plain `jax.lax.conv_general_dilated`, no layout pins; what
-    `frcnn_jax.export` traces under, since the pins are CPU-only custom calls that a portable
-    (serialized) model cannot carry; also for A/B timings."""
-    previous = _TUNING[0]
-    _TUNING[0] = bool(enabled)
-    try:
-        yield
-    finally:
-        _TUNING[0] = previous
-
-
-def _cpu_tuned():
-    return _TUNING[0] and jax.default_backend() == "cpu"
+def _on_cpu():
+    return jax.default_backend() == "cpu"
 
 
 def _row_major(x):
-    """x pinned to the row-major layout on the CPU (the docstring's "Layout"); x elsewhere."""
-    if not _cpu_tuned():
+    """x pinned to the row-major layout on the CPU (the docstring's "Layout pins"); x elsewhere."""
+    if not _on_cpu():
         return x
     return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
@@ -355,10 +316,20 @@ def _full_precision_requested(precision):
     return default is not None and str(default).lower() in ("highest", "float32")
 
 
-def _route(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-           feature_group_count, precision, extra):  # fmt: skip
+def _route(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    precision,
+    extra,
+):
     """How to run this convolution: ("winograd" | "tapwise" | None for XLA's, padding)."""
-    if not _cpu_tuned() or extra or feature_group_count != 1 or lhs.ndim != 4:
+    if not _on_cpu() or extra or feature_group_count != 1 or lhs.ndim != 4:
         return None, None
     if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return None, None
@@ -389,15 +360,33 @@ def _route(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimens
     return None, None
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **extra):  # fmt: skip
-    """`jax.lax.conv_general_dilated` with the CPU speed-ups of this module's docstring.
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **extra,
+):
+    """`jax.lax.conv_general_dilated` with this module's CPU kernels where they apply.
 
-    Same arguments and result; on other backends and dtypes it is that function."""
-    route, explicit_padding = _route(lhs, rhs, window_strides, padding, lhs_dilation,
-                                     rhs_dilation, dimension_numbers, feature_group_count,
-                                     precision, extra)  # fmt: skip
+    Same arguments and result; on other backends, dtypes and layer shapes it is that function."""
+    route, explicit_padding = _route(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision,
+        extra,
+    )
     if lhs.dtype == jnp.float32:
         lhs = _row_major(lhs)
     if route == "winograd":
@@ -416,7 +405,3 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         precision=precision,
         **extra,
     )
-
-
-# The models' convolution layer: flax's, with the function above.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from frcnn_jax import postprocess
+from frcnn_jax.models import roi_heads
+from tests import paper_settings
 from tests.ops.helpers import random_boxes
 
 
@@ -24,7 +25,9 @@ def test_detect_equals_torchvision_postprocess_detections():
         [(420, 500)],
     )
     got = jax.jit(
-        functools.partial(postprocess.detect, image_height=420, image_width=500, nms_threshold=0.5)
+        functools.partial(
+            paper_settings.detect, image_height=420, image_width=500, nms_threshold=0.5
+        )
     )(logits, deltas, proposals, np.ones(num, bool))
     count = int(np.asarray(got.valid).sum())
     assert count == len(scores) == 100  # enough candidates to fill every slot
@@ -37,7 +40,7 @@ def test_detect_scales_to_original_pixels_and_pads():
     proposals = np.array([[10, 10, 50, 50], [0, 0, 0, 0]], np.float32)
     logits = np.array([[0.0, 9.0, 0.0], [0.0, 9.0, 0.0]], np.float32)
     deltas = np.zeros((2, 2, 4), np.float32)  # classes 1..K layout
-    got = postprocess.detect(
+    got = paper_settings.detect(
         logits,
         deltas,
         proposals,
@@ -63,15 +66,16 @@ def _detections(rows, size):
     )
     for i, (x1, y1, x2, y2, score, cls) in enumerate(rows):
         boxes[i], scores[i], classes[i], valid[i] = (x1, y1, x2, y2), score, cls, True
-    return postprocess.Detections(boxes, scores, classes, valid)
+    return roi_heads.Detections(boxes, scores, classes, valid)
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_merging_scales_suppresses_repeats_of_one_class_only(jit):
     small = _detections([(10, 10, 50, 50, 0.9, 1), (60, 60, 90, 90, 0.4, 2)], 3)
-    large = _detections([(11, 10, 51, 50, 0.7, 1), (12, 12, 50, 50, 0.8, 2),
-                         (200, 200, 220, 220, 0.3, 1)], 4)  # fmt: skip
-    merge = functools.partial(postprocess.merge_detections, nms_threshold=0.5, max_detections=4)
+    large = _detections(
+        [(11, 10, 51, 50, 0.7, 1), (12, 12, 50, 50, 0.8, 2), (200, 200, 220, 220, 0.3, 1)], 4
+    )
+    merge = functools.partial(roi_heads.merge_detections, nms_threshold=0.5, max_detections=4)
     if jit:
         merge = jax.jit(merge)
     got = merge([small, large])
@@ -79,14 +83,15 @@ def test_merging_scales_suppresses_repeats_of_one_class_only(jit):
     np.testing.assert_allclose(got.scores, [0.9, 0.8, 0.4, 0.3])
     np.testing.assert_array_equal(got.classes, [1, 2, 2, 1])
     np.testing.assert_array_equal(got.boxes[3], [200, 200, 220, 220])
-    fewer = postprocess.merge_detections([small, large], nms_threshold=0.5, max_detections=2)
+    fewer = roi_heads.merge_detections([small, large], nms_threshold=0.5, max_detections=2)
     np.testing.assert_allclose(fewer.scores, [0.9, 0.8])  # the best D
-    same = postprocess.merge_detections([small, small], nms_threshold=0.5, max_detections=3)
+    same = roi_heads.merge_detections([small, small], nms_threshold=0.5, max_detections=3)
     np.testing.assert_array_equal(same.boxes, small.boxes)  # a scale twice changes nothing
     np.testing.assert_array_equal(same.valid, small.valid)
 
 
 def test_merging_only_padding_gives_no_detections():
-    got = postprocess.merge_detections([_detections([], 2), _detections([], 3)],
-                                       nms_threshold=0.5, max_detections=4)  # fmt: skip
+    got = roi_heads.merge_detections(
+        [_detections([], 2), _detections([], 3)], nms_threshold=0.5, max_detections=4
+    )
     assert not got.valid.any() and not got.boxes.any() and not got.classes.any()

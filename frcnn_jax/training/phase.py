@@ -1,6 +1,6 @@
-"""One training stage: steps from the latest checkpoint to `num_steps`, with periodic
+"""One training phase: steps from the latest checkpoint to `num_steps`, with periodic
 checkpoints (and the loader's position), progress, optional evaluation, and a clean stop on
-SIGTERM / Ctrl-C. Joint training is one stage; alternating training four."""
+SIGTERM / Ctrl-C. Joint training is one phase; alternating training four."""
 
 import logging
 import signal
@@ -18,12 +18,25 @@ from frcnn_jax.training.step import LOSS_NAMES, jit_train_step
 log = logging.getLogger("frcnn_jax.training")
 
 
-def train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_steps,
-                 objective="joint", proposer=None, seed_offset=0, name="",
-                 lr_fn=None):  # fmt: skip
+def train_phase(
+    config,
+    model,
+    mesh,
+    state,
+    tx,
+    checkpoints,
+    writer,
+    *,
+    num_steps,
+    objective="joint",
+    proposer=None,
+    seed_offset=0,
+    name="",
+    lr_fn=None,
+):
     """Run steps until `num_steps` from the latest checkpoint in `checkpoints` (or `state`),
     saving periodically; returns the final state, or None when stopped by a signal.
-    `lr_fn` is the stage's learning-rate schedule, for the logs."""
+    `lr_fn` is the phase's learning-rate schedule, for the logs."""
     train = config.train
     batches, info = make_batches(
         config.data,
@@ -47,9 +60,8 @@ def train_stage(config, model, mesh, state, tx, checkpoints, writer, *, num_step
     pending, start, start_step = [], time.perf_counter(), step
     with _Stop() as stop:
         while step < num_steps:
-            batch = next(batches)
-            batch = sharding.shard_batch({k: v for k, v in batch.items() if k != "image_id"}, mesh)
-            state, metrics = step_fn(state, batch, key, proposer)
+            inputs = sharding.shard_batch(next(batches).inputs, mesh)
+            state, metrics = step_fn(state, inputs, key, proposer)
             pending.append(metrics)
             step += 1
             last = step == num_steps

@@ -9,8 +9,9 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from frcnn_jax import ops, targets
-from tests import py_faster_rcnn
+from frcnn_jax import ops
+from frcnn_jax.models import roi_heads
+from tests import paper_settings, py_faster_rcnn
 from tests.ops.helpers import random_boxes
 
 
@@ -46,7 +47,7 @@ def test_generate_proposals_equals_torchvision_filter_proposals():
     height, width = 190, 310
     got = jax.jit(
         functools.partial(
-            targets.generate_proposals,
+            paper_settings.generate_proposals,
             image_height=height,
             image_width=width,
             pre_nms_top_n=1000,
@@ -73,7 +74,7 @@ def test_generate_multilevel_proposals_equals_torchvision():
     levels = [np.array(paper_anchors((16, 24), 8)), np.array(paper_anchors((8, 12), 16))]
     logits = [rng.normal(size=len(a)).astype(np.float32) for a in levels]
     deltas = [rng.normal(0, 0.2, (len(a), 4)).astype(np.float32) for a in levels]
-    got = targets.generate_multilevel_proposals(
+    got = paper_settings.generate_proposals(
         logits,
         deltas,
         levels,
@@ -98,7 +99,7 @@ def test_generate_multilevel_proposals_equals_torchvision():
 
 def test_small_proposals_are_masked_not_kept():
     anchors = np.array([[0, 0, 10, 10], [20, 20, 60, 60]], np.float32)
-    proposals = targets.generate_proposals(
+    proposals = paper_settings.generate_proposals(
         np.array([5.0, 1.0], np.float32),
         np.zeros((2, 4), np.float32),
         anchors,
@@ -119,7 +120,7 @@ def test_rpn_labels_and_targets_equal_torchvision_before_sampling():
     gt_padded = np.concatenate([gt, np.zeros((4, 4), np.float32)])
     gt_valid = np.arange(10) < 6
     # With room for every candidate, sampling keeps them all: the labels are the matcher's.
-    result = targets.rpn_targets(
+    result = paper_settings.rpn_targets(
         jax.random.key(0),
         anchors,
         gt_padded,
@@ -150,7 +151,9 @@ class RpnTargetsTest(chex.TestCase):
         anchors = np.array(paper_anchors())
         gt = np.array([[40, 40, 120, 100], [0, 0, 0, 0]], np.float32)
         fn = self.variant(
-            functools.partial(targets.rpn_targets, image_height=192, image_width=320, batch_size=64)
+            functools.partial(
+                paper_settings.rpn_targets, image_height=192, image_width=320, batch_size=64
+            )
         )
         result = fn(jax.random.key(1), anchors, gt, np.array([True, True]))
         labels = np.asarray(result.labels)
@@ -168,16 +171,23 @@ class RpnTargetsTest(chex.TestCase):
 
 def vgg_anchors(height, width):
     base = ops.base_anchors(sizes=(128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0))
-    return np.asarray(ops.anchor_grid(base, feature_height=height // 16,
-                                      feature_width=width // 16, stride=16))  # fmt: skip
+    return np.asarray(
+        ops.anchor_grid(base, feature_height=height // 16, feature_width=width // 16, stride=16)
+    )
 
 
 def all_labels(anchors, gt, height, width):
     """`rpn_targets` labels with a sample as large as the anchor set (nothing dropped)."""
-    result = targets.rpn_targets(
-        jax.random.key(0), anchors, gt, np.ones(len(gt), bool), image_height=height,
-        image_width=width, batch_size=len(anchors), positive_fraction=1.0,
-    )  # fmt: skip
+    result = paper_settings.rpn_targets(
+        jax.random.key(0),
+        anchors,
+        gt,
+        np.ones(len(gt), bool),
+        image_height=height,
+        image_width=width,
+        batch_size=len(anchors),
+        positive_fraction=1.0,
+    )
     return np.asarray(result.labels)
 
 
@@ -221,7 +231,7 @@ class SampleProposalsTest(chex.TestCase):
         gt_classes = np.array([3, 7, 0], np.int32)
         gt_valid = np.array([True, True, False])
         proposals = random_boxes(rng, 400, size=300, min_side=10, max_side=150)
-        fn = self.variant(functools.partial(targets.sample_proposals, batch_size=64))
+        fn = self.variant(functools.partial(paper_settings.sample_proposals, batch_size=64))
         result = fn(jax.random.key(2), proposals, np.ones(400, bool), gt, gt_classes, gt_valid)
         valid = np.asarray(result.valid)
         classes = np.asarray(result.classes)
@@ -235,14 +245,14 @@ class SampleProposalsTest(chex.TestCase):
         # Targets decode back to the matched ground truth.
         matched = gt[np.argmax(np.asarray(ops.pairwise_iou(result.rois, gt[:2])), axis=1)]
         decoded = ops.decode_boxes(
-            result.box_targets, result.rois, weights=targets.HEAD_BOX_WEIGHTS
+            result.box_targets, result.rois, weights=roi_heads.HEAD_BOX_WEIGHTS
         )
         np.testing.assert_allclose(np.asarray(decoded)[fg], matched[fg], atol=1e-3)
 
     def test_ground_truth_is_appended_and_empty_images_give_background(self):
         gt = np.array([[10, 10, 50, 50]], np.float32)
         proposals = np.zeros((5, 4), np.float32)
-        result = targets.sample_proposals(
+        result = paper_settings.sample_proposals(
             jax.random.key(0),
             proposals,
             np.zeros(5, bool),
@@ -256,7 +266,7 @@ class SampleProposalsTest(chex.TestCase):
         np.testing.assert_array_equal(result.valid, [True] + [False] * 7)
         np.testing.assert_array_equal(result.rois[0], gt[0])
         proposals = random_boxes(np.random.default_rng(4), 20, size=100)
-        empty = targets.sample_proposals(
+        empty = paper_settings.sample_proposals(
             jax.random.key(0),
             proposals,
             np.ones(20, bool),
@@ -278,28 +288,50 @@ def test_batch_size_none_takes_every_labelled_candidate_deterministically():
     gt = np.array([[0, 30, 120, 150], [140, 20, 250, 190], [0, 0, 0, 0]], np.float32)
     gt_valid = np.array([True, True, False])
     every = [
-        targets.rpn_targets(key, anchors, gt, gt_valid, image_height=height, image_width=width,
-                            batch_size=None, allowed_border=None)
+        paper_settings.rpn_targets(
+            key,
+            anchors,
+            gt,
+            gt_valid,
+            image_height=height,
+            image_width=width,
+            batch_size=None,
+            allowed_border=None,
+        )
         for key in (jax.random.key(0), jax.random.key(1))
-    ]  # fmt: skip
+    ]
     np.testing.assert_array_equal(every[0].labels, every[1].labels)
-    match = ops.match_boxes(ops.pairwise_iou(anchors, gt), gt_valid, high_threshold=0.7,
-                            low_threshold=0.3, allow_low_quality=True)  # fmt: skip
+    match = ops.match_boxes(
+        ops.pairwise_iou(anchors, gt),
+        gt_valid,
+        high_threshold=0.7,
+        low_threshold=0.3,
+        allow_low_quality=True,
+    )
     np.testing.assert_array_equal(every[0].labels, match.labels)  # -1 only between thresholds
     assert (np.asarray(every[0].labels) == 0).sum() > 256  # more than a sample would take
 
     proposals = random_boxes(rng, 300, size=256, min_side=8, max_side=160)
     proposal_valid = np.arange(300) < 280  # 20 padded rows
     result = [
-        targets.sample_proposals(key, proposals, proposal_valid, gt, np.array([4, 9, 0]),
-                                 gt_valid, batch_size=None, background_iou=(0.0, 0.5))
+        paper_settings.sample_proposals(
+            key,
+            proposals,
+            proposal_valid,
+            gt,
+            np.array([4, 9, 0]),
+            gt_valid,
+            batch_size=None,
+            background_iou=(0.0, 0.5),
+        )
         for key in (jax.random.key(0), jax.random.key(1))
-    ]  # fmt: skip
+    ]
     for field in ("rois", "classes", "valid", "box_targets"):
         np.testing.assert_array_equal(getattr(result[0], field), getattr(result[1], field))
     valid = np.asarray(result[0].valid)
     assert valid.shape == (303,)  # R = P + G
     np.testing.assert_array_equal(valid, np.concatenate([proposal_valid, gt_valid]))
-    np.testing.assert_array_equal(np.asarray(result[0].rois)[:300][proposal_valid],
-                                  proposals[proposal_valid])  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(result[0].rois)[:300][proposal_valid], proposals[proposal_valid]
+    )
     np.testing.assert_array_equal(np.asarray(result[0].classes)[300:], [4, 9, 0])

@@ -1,0 +1,51 @@
+"""grain's worker processes: they end with the loader's process (`exit_with_owner`), and they
+need absl's flags parsed (`grain_flags_ready`)."""
+
+import os
+import threading
+import time
+
+from absl import flags
+
+_watching = False  # this process runs the watch thread (at most one per worker process)
+
+
+def exit_with_owner(owner):
+    """Start (once per process) a thread that ends this worker process within a second of the
+    loader's process `owner` ending, however it ended: grain's workers otherwise outlive a
+    trainer killed with SIGKILL, holding their memory."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+
+    def watch():
+        while alive(owner) and os.getppid() != 1:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="frcnn_jax-owner-watch", daemon=True).start()
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def grain_flags_ready():
+    """Mark absl's flags parsed (with their defaults) when nothing has parsed them, as in a
+    notebook or a test: grain reads its settings from absl's process-wide flags whenever it
+    starts or restarts worker processes, and fails on unparsed flags. The entry points parse
+    flags themselves (absl.app), so for them this does nothing."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
