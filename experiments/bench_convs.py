@@ -5,7 +5,7 @@
 For each distinct convolution of layer2-layer4 and the FPN (batch 1, float32): the forward, the
 input gradient (where the detector needs it: not into the frozen layer1) and the weight
 gradient, in ms, for XLA's own convolution (`jax.lax.conv_general_dilated` and its VJP),
-frcnn_jax's (`frcnn_jax.models.conv.conv_general_dilated`: Winograd for the large 3x3 stride-1
+frcnn_jax's (`frcnn_jax.kernels.conv.conv_general_dilated`: Winograd for the large 3x3 stride-1
 layers) and torch's (`conv2d` and `aten::convolution_backward`), plus totals weighted by how
 often each occurs. One convolution at a time, so the layout pin of frcnn_jax's convolutions
 (which matters inside a whole training step) does not show here.
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch_timing import median_s  # noqa: E402
 
-from frcnn_jax.models import conv as conv_lib  # noqa: E402
+from frcnn_jax.kernels import conv as conv_lib  # noqa: E402
 
 # (name, kernel, stride, in channels, out channels, input height, input width, count, dx?)
 CONVS = (

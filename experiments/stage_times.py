@@ -68,7 +68,7 @@ def stage_times(config, repeats):
         return jax.jit(lambda v, *args: model.apply(v, *args, method=method))
 
     convs = stage(lambda m, x, s: m._features(x, s, train=False))
-    proposals = stage(lambda m, f, s: m._proposals(m._rpn(f, (height, width)), s, train=False))
+    proposals = stage(lambda m, f, s: m._proposals(f, f, (height, width), s, None, train=False)[0])
     region = stage(lambda m, f, boxes: m._box_predictions(f, boxes, train=False))
     head = model.head
 
@@ -81,6 +81,8 @@ def stage_times(config, repeats):
             score_threshold=head.score_threshold,
             nms_threshold=head.nms_threshold,
             max_detections=head.max_detections,
+            scale=1.0,
+            pre_nms_top_n=None,
         )
         return jax.vmap(detect)(logits, deltas, boxes, valid)
 

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from frcnn_jax import checkpointing, sharding, training, weights
 from frcnn_jax.config import check_config, config_from_file
+from frcnn_jax.data.loader import Inputs
 from frcnn_jax.models import FasterRCNN, build_model
 from tests.tiny import ROOT, run_train, tiny_config, write_config_file
 
@@ -87,13 +88,16 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
     config = tiny_config(data_dir)
     model = build_model(config)
     state, tx = training.initial.init_state(config, model)
-    batch = {
-        "image": jnp.full((2, 128, 128, 3), jnp.nan),
-        "image_size": jnp.full((2, 2), 128),
-        "gt_boxes": jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
-        "gt_classes": jnp.ones((2, 16), jnp.int32),
-        "gt_valid": jnp.ones((2, 16), bool),
-    }
+    batch = Inputs(
+        image=jnp.full((2, 128, 128, 3), jnp.nan),
+        image_size=jnp.full((2, 2), 128),
+        scale=jnp.ones(2),
+        gt_boxes=jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
+        gt_classes=jnp.ones((2, 16), jnp.int32),
+        gt_valid=jnp.ones((2, 16), bool),
+        gt_difficult=jnp.zeros((2, 16), bool),
+        valid=jnp.ones(2, bool),
+    )
     before = jax.device_get(state.params)  # the jitted step donates `state`
     step = training.step.jit_train_step(model, tx, sharding.data_mesh(jax.devices()[:1]))
     new, metrics = step(state, batch, jax.random.key(0), None)  # jitted: op by op takes minutes
@@ -311,7 +315,7 @@ def test_alternating_stopped_after_phase2_keeps_two_networks(data_dir, tmp_path)
     result = training.train_and_evaluate(config, tmp_path)
     assert result["num_images"] == 6
     runs = tmp_path / "alternating"
-    assert sorted(p.name for p in runs.iterdir()) == ["phase1", "step2"]
+    assert sorted(p.name for p in runs.iterdir()) == ["phase1", "phase2"]
     p1 = checkpointing.Checkpoints(runs / "phase1").restore_variables(4)["params"]
     p2 = checkpointing.Checkpoints(runs / "phase2").restore_variables(2)["params"]
     final = checkpointing.Checkpoints(tmp_path).restore_variables(6)["params"]  # 4 + 2 steps

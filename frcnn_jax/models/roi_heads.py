@@ -264,7 +264,7 @@ def pool(head, features, rois, strides, roi_levels):
     return jax.vmap(one_image)(features[0], rois)
 
 
-def fast_rcnn_loss(class_logits, box_deltas, targets, *, beta, box_weight=1.0):
+def fast_rcnn_loss(class_logits, box_deltas, targets, *, beta):
     """Fast R-CNN's multi-task loss over a batch: softmax cross-entropy over K + 1 classes and
     smooth L1 on the deltas of each foreground RoI's own class, both normalised by the number
     of sampled RoIs of all images together (torchvision's `fastrcnn_loss`).
@@ -275,11 +275,11 @@ def fast_rcnn_loss(class_logits, box_deltas, targets, *, beta, box_weight=1.0):
         layout, with a background slot that is never used); weights 10, 10, 5, 5.
       targets: `RoITargets` with classes / valid [..., R].
       beta: smooth-L1 beta (`HeadSettings.beta`: 1 in the paper, 1/9 in torchvision).
-      box_weight: weight of the box term (1 in the paper and torchvision).
 
     Returns:
       {"fast_rcnn_class": mean cross-entropy over valid RoIs,
-       "fast_rcnn_box": box_weight * sum of foreground smooth-L1 / number of valid RoIs}.
+       "fast_rcnn_box": sum of foreground smooth-L1 / number of valid RoIs} (both terms
+       weighted 1, as in the paper and torchvision).
     """
     num_classes = class_logits.shape[-1]
     class_logits = class_logits.reshape(-1, num_classes)  # [N, K + 1] over the batch
@@ -294,7 +294,7 @@ def fast_rcnn_loss(class_logits, box_deltas, targets, *, beta, box_weight=1.0):
     own = jnp.take_along_axis(box_deltas, slot[:, None, None], axis=1)[:, 0]  # [N, 4]
     foreground = valid & (classes > 0)
     box = jnp.sum(jnp.where(foreground[:, None], ops.smooth_l1(own - box_targets, beta=beta), 0.0))
-    return {"fast_rcnn_class": cls, "fast_rcnn_box": box_weight * box / count}
+    return {"fast_rcnn_class": cls, "fast_rcnn_box": box / count}
 
 
 # -- detection --------------------------------------------------------------------------------
