@@ -159,7 +159,8 @@ def table_rows(table, config):
             ),
             Row("4-step alternating", (("train.scheme", "alternating"),)),
             Row(
-                "4-step alternating, phase 2 from phase 1",
+                # the paper's steps 1-4 are phases 1-4 in frcnn_jax (the name keys saved rows)
+                "4-step alternating, step 2 from step 1",
                 (("train.scheme", "alternating"), ("train.alternating_phase2_init", "phase1")),
             ),
         ]
