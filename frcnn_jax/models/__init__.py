@@ -1,4 +1,9 @@
-"""Flax modules of the detector and the config-driven factory."""
+"""The detector's Flax modules and the config-driven factory (`build_model`).
+
+One module per concept, as torchvision's detection package: `backbones` / `resnet` / `fpn`,
+`rpn` (RPN settings, head, anchors, proposals, its targets and loss), `roi_heads` (Fast R-CNN
+settings, sampling, pooling, box head, its loss, detection), `transform` (input normalization)
+and `faster_rcnn` (the composition)."""
 
 import dataclasses
 import numbers
@@ -8,12 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from frcnn_jax import kernels as kernels_lib
-from frcnn_jax.models.backbones import (
-    VGG16,
-    ZF,
-    TinyBackbone,
-    get_backbone,
-)
+from frcnn_jax.models.backbones import VGG16, ZF, TinyBackbone, get_backbone
 from frcnn_jax.models.faster_rcnn import FasterRCNN
 from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
