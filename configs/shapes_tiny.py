@@ -12,6 +12,7 @@ def get_config(arg=None):
     del arg
     c = base_config()
     c.data.name = "shapes/320"
+    c.data.train_split = "train"  # validation: periodic evaluations (eval.periodic_split)
     c.data.shapes_num_examples = {"train": 3000, "validation": 200, "test": 500}
     c.data.min_size = 320
     c.data.max_size = 320
