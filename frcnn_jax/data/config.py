@@ -6,15 +6,17 @@ from frcnn_jax.overrides import override
 
 
 def data_config(**overrides):
-    """`config.data` with defaults (the paper's VOC 2007 trainval); keyword arguments override
-    fields (an unknown one fails, naming it)."""
+    """`config.data` with defaults (the paper's VOC 2007 at its scale); keyword arguments
+    override fields (an unknown one fails, naming it)."""
     c = ml_collections.ConfigDict()
     # TFDS name (voc/2007, coco/2017), shapes/<512|320> (offline synthetic), voc_folder,
     # coco_folder
     c.name = "voc/2007"
     # TFDS data_dir; None: TFDS's default
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
-    c.train_split = "train+validation"  # a split expression; paper: VOC 2007 trainval
+    # a split expression every source has by default; the paper's VOC 2007 trainval is
+    # "train+validation" (configs/voc07_vgg16.py)
+    c.train_split = "train"
     # voc_folder: the VOC-layout root
     c.path = ml_collections.FieldReference(None, field_type=str)
     # coco_folder: {split: (annotation json, image folder)}
