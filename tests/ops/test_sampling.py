@@ -65,6 +65,20 @@ class SampleBalancedTest(chex.TestCase):
         np.testing.assert_array_equal(first.indices, again.indices)
         assert not np.array_equal(first.indices, other.indices)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_no_sample_size_takes_every_candidate_in_order_whatever_the_key(self):
+        positive = np.array([0, 1, 0, 0, 1, 0], bool)
+        negative = np.array([1, 1, 0, 1, 0, 0], bool)  # index 1 is both: a positive
+        sample = self.variant(
+            functools.partial(ops.sample_balanced, num_samples=None, positive_fraction=0.25)
+        )
+        for key in (jax.random.key(0), jax.random.key(9)):
+            result = sample(key, positive, negative)
+            np.testing.assert_array_equal(result.indices, np.arange(6))
+            np.testing.assert_array_equal(result.valid, [1, 1, 0, 1, 1, 0])
+        empty = sample(jax.random.key(0), np.zeros(3, bool), np.zeros(3, bool))
+        assert not np.asarray(empty.valid).any()
+
     def test_candidates_marked_both_count_as_positive(self):
         positive, negative = masks(10, range(0, 3), range(0, 10))
         result = ops.sample_balanced(
