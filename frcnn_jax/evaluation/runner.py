@@ -32,9 +32,9 @@ def evaluate_detections(
     """Streams `batches` through `detect_fn` and the evaluators; optionally writes a report.
 
     Args:
-      detect_fn: batch dict -> (`Detections` with a leading batch axis, boxes in original-image
+      detect_fn: `Batch` -> (`Detections` with a leading batch axis, boxes in original-image
         pixels; proposals float [B, P, 4] in the resized frame with valid [B, P], or None).
-      batches: iterable of batch dicts from `frcnn_jax.data.make_batches(train=False)`.
+      batches: iterable of `frcnn_jax.data.loader.Batch`es from `make_batches(train=False)`.
       info: the split's `DatasetInfo` (class names, COCO category ids, size).
       use_07_metric, iou_threshold: VOC metric settings.
       coco: also compute pycocotools' 12 numbers (ground truth streamed from the batches).

@@ -26,7 +26,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"):
-    """One SGD step on a (global) batch; returns (state, metrics of this step).
+    """One SGD step on a (global) batch, the `Inputs` of a `frcnn_jax.data.loader.Batch` as
+    global arrays; returns (state, metrics of this step).
 
     objective: "joint" (all four terms, `FasterRCNN.losses`), "rpn" (the RPN's terms) or
     "head" (Fast R-CNN's terms on fixed proposals from `proposer`, a variables dict, or from the
