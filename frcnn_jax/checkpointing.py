@@ -4,37 +4,58 @@ Layout: `<workdir>/checkpoints/<step>/{state, loader, meta}`. `state` holds the 
 params, frozen statistics, optimizer state), `loader` the grain loader state (JSON) so a resumed
 run sees exactly the examples an uninterrupted one would, `meta` the seed and config summary.
 Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint intact. A save that fails
-because the disk is full stops the run with `DiskFull`; a damaged checkpoint found when
-resuming (`restore_latest`) is moved to `<workdir>/checkpoints_damaged/` and the next older one
-used; a checkpoint whose tensors do not fit the model is a `TensorMismatch` naming the tensor.
+complete, so a run killed mid-save leaves the previous checkpoint intact. Just before that
+rename, `<step>/checksums.json` is written: the SHA-256 of every file of the step (Orbax's own
+`_CHECKPOINT_METADATA` timestamps and `commit_success.txt` marker, written at the rename and
+never read by a restore, excepted). Every restore verifies them first, so a flipped byte, a
+truncated or a missing file anywhere (parameters, optimizer state, loader position, metadata)
+is found before any value is used: `DamagedFile` naming the file. A save that fails because
+the disk is full stops the run with `DiskFull`; a damaged checkpoint found when resuming
+(`restore_latest`) is moved to `<workdir>/checkpoints_damaged/` and the next older one used; a
+checkpoint whose tensors do not fit the model is a `TensorMismatch` naming the tensor.
 """
 
+import concurrent.futures
 import errno
+import hashlib
+import json
 import logging
+import os
 import pathlib
 import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
+from frcnn_jax.errors import DamagedFile, MissingFile, UserError
+
 log = logging.getLogger(__name__)
 
+CHECKSUMS = "checksums.json"
+# Orbax writes these at the rename, after the checksums; a restore never reads them
+UNCHECKED = ("_CHECKPOINT_METADATA", "commit_success.txt")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary directory: <step>.orbax-checkpoint-tmp
 
-class DiskFull(OSError):
+
+class DiskFull(UserError, OSError):
     """A checkpoint could not be written: no space left on the device."""
 
 
-class TensorMismatch(ValueError):
+class TensorMismatch(UserError, ValueError):
     """A checkpoint's tensors do not fit the model it is restored into."""
 
 
 class Checkpoints:
     def __init__(self, workdir, *, max_to_keep=3):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._saving = None  # the step whose save is in flight
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                create=True,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+            ),
             item_names=("state", "loader", "meta"),
         )
 
@@ -46,6 +67,8 @@ class Checkpoints:
 
     def save(self, step, state, loader_state, meta):
         try:
+            self.manager.wait_until_finished()  # the previous save is sealed before this one
+            self._saving = int(step)
             self.manager.save(
                 int(step),
                 args=ocp.args.Composite(
@@ -60,9 +83,39 @@ class Checkpoints:
                 raise
             raise full from e
 
+    def _seal(self):
+        """Orbax's last step before it renames the step's temporary directory: write the
+        checksums of every file in it (process 0; Orbax has synchronised the hosts)."""
+        if jax.process_index() != 0:
+            return
+        temporary = self.directory / f"{self._saving}{_TMP_SUFFIX}"
+        if not temporary.is_dir():
+            raise FileNotFoundError(f"checksums: no temporary checkpoint directory {temporary}")
+        sums = file_checksums(temporary)
+        (temporary / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=0))
+
+    def verify(self, step):
+        """Raise `DamagedFile` naming the first file of checkpoint `step` that is missing or
+        whose SHA-256 differs from its `checksums.json` (or when that file is missing or
+        unreadable)."""
+        directory = self.directory / str(int(step))
+        listing = directory / CHECKSUMS
+        try:
+            expected = json.loads(listing.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DamagedFile(
+                f"checkpoint step {step}: {listing} is missing or unreadable ({type(e).__name__}"
+                f": {e}); it holds the checksums every checkpoint is verified with"
+            ) from None
+        found = file_checksums(directory, only=expected)
+        for name, digest in sorted(expected.items()):
+            if found.get(name) != digest:
+                what = "missing" if name not in found else "its SHA-256 differs from checksums.json"
+                raise DamagedFile(f"checkpoint step {step}: {directory / name} is {what}")
+
     def _check_step(self, step):
         if step not in self.manager.all_steps():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"no checkpoint for step {step} in {self.directory} "
                 f"(available: {self.all_steps() or 'none'})"
             )
@@ -71,6 +124,7 @@ class Checkpoints:
         """(state, loader_state, meta) at `step`; `abstract_state` gives shapes and shardings
         (the current devices': a checkpoint written on other devices is resharded)."""
         self._check_step(step)
+        self.verify(step)
         self.check_tensors(step, abstract_state)
         restored = self.manager.restore(
             int(step),
@@ -84,8 +138,10 @@ class Checkpoints:
 
     def restore_variables(self, step):
         """The model's variables at `step` ({"params", ...frozen collections}, what
-        `model.apply` takes), on the first device: the optimizer state is not read."""
+        `model.apply` takes), on the first device: the optimizer state is not read (the
+        checksums of every file are verified all the same)."""
         self._check_step(step)
+        self.verify(step)
         saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
         tree = getattr(saved, "item_metadata", saved)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -178,6 +234,7 @@ class Checkpoints:
         """Raise `TensorMismatch` naming the first tensor of `params` / `frozen` whose shape
         differs between checkpoint `step` and `abstract_state` (a TrainState, or model
         variables {"params", ...}), or that only one of them has."""
+        self._check_step(step)
         saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
         saved = getattr(saved, "item_metadata", saved)
         if not isinstance(abstract_state, dict):  # a TrainState
@@ -201,6 +258,29 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def file_checksums(directory, only=None):
+    """{relative path: SHA-256 hex} of the files under `directory` (those named in `only`, when
+    given), but for Orbax's `UNCHECKED` files at its top and the checksums file itself; files
+    are hashed in parallel threads."""
+    directory = pathlib.Path(directory)
+    if only is None:
+        skip = {CHECKSUMS, *UNCHECKED}
+        names = [
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and str(p.relative_to(directory)) not in skip
+        ]
+    else:
+        names = [n for n in only if (directory / n).is_file()]
+
+    def digest(name):
+        with open(directory / name, "rb") as f:
+            return name, hashlib.file_digest(f, "sha256").hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(digest, sorted(names)))
 
 
 def abstract_like(tree):

@@ -4,10 +4,13 @@ Entry points define their flags under `if __name__ == "__main__"` and call `star
 `main()`: importing one (from a notebook, a test or another program) defines no flag and
 changes nothing in the process."""
 
-import contextlib
 import logging
+import pathlib
+import re
+import signal
 
 from absl import flags
+from absl.app import UsageError
 from ml_collections import config_flags
 
 
@@ -28,21 +31,76 @@ def define_allow_model_change():
     )
 
 
-@contextlib.contextmanager
-def clear_errors():
-    """The faults a user can fix (another run in the workdir, a changed model, a full disk, a
-    checkpoint that does not fit) end the command with their message, not a traceback."""
-    from frcnn_jax import checkpointing, rundir
+def run(main):
+    """`absl.app.run(main)` for a command: a user error (`frcnn_jax.errors.UserError`, a bad
+    flag, a usage error) ends it with one line, `error: ...`, on stderr and exit status 1; any
+    other exception is a programming error and keeps its traceback. SIGTERM exits cleanly."""
+    from absl import app
 
-    try:
-        yield
-    except (
-        rundir.WorkdirInUse,
-        rundir.ModelChanged,
-        checkpointing.DiskFull,
-        checkpointing.TensorMismatch,
-    ) as e:
-        raise SystemExit(f"error: {e}") from None
+    from frcnn_jax import errors
+
+    def parse(argv):
+        _check_config_file(argv)
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            raise SystemExit(f"error: {_one_line(e)}") from None
+        except (AttributeError, KeyError) as e:  # ml_collections: an override's unknown field
+            unknown = _unknown_override(e, argv)
+            if unknown is None:
+                raise  # an error in the config file's own code: its traceback helps
+            raise SystemExit(f"error: {unknown}") from None
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (errors.UserError, app.UsageError) as e:
+            raise SystemExit(f"error: {_one_line(e)}") from None
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    app.run(guarded, flags_parser=parse)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM outside training's own handler (which saves a checkpoint first): exit as
+    Ctrl-C would, through Python's cleanup (open loaders closed, their shared memory freed),
+    with the shell's status for it, 128 + 15."""
+    del frame
+    logging.getLogger("frcnn_jax").warning("received signal %d: stopping", signum)
+    raise SystemExit(128 + signum)
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
+def _check_config_file(argv):
+    """--config names a file that exists (ml_collections would report a missing one later, in
+    a traceback)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = value if pathlib.Path(value).is_file() else value.split(":", 1)[0]  # FILE:ARG
+        if not pathlib.Path(path).is_file():
+            raise SystemExit(f"error: --config: no such file {path}")
+
+
+def _unknown_override(error, argv):
+    """The message for `error` (a KeyError / AttributeError from ml_collections) when it names
+    a field of a --config.a.b=value override; None otherwise."""
+    message = str(error)
+    for override in (a.split("=", 1)[0] for a in argv if a.startswith("--config.")):
+        for field in reversed(override.split(".")[1:]):
+            if re.search(rf"\b{re.escape(field)}\b", message.split("Did you mean")[0]):
+                hint = re.search(r'Did you mean "(\w+)"', message)
+                return f"{override}: the config has no field {field!r}" + (
+                    f" (did you mean {hint.group(1)!r}?)" if hint else ""
+                )
+    return None
 
 
 def start():
@@ -64,5 +122,5 @@ def canvas(values):
     if not values:
         return None
     if len(values) != 2 or not all(v.strip().isdigit() and int(v) > 0 for v in values):
-        raise ValueError(f"--canvas must be H,W (two positive integers), got {','.join(values)}")
+        raise UsageError(f"--canvas must be H,W (two positive integers), got {','.join(values)}")
     return int(values[0]), int(values[1])

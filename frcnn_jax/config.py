@@ -9,8 +9,9 @@ import types
 
 import ml_collections
 
-from frcnn_jax import kernels
+from frcnn_jax import fields, kernels
 from frcnn_jax.data.config import check_data_config, data_config
+from frcnn_jax.errors import ConfigError, MissingFile
 from frcnn_jax.models import build_model
 from frcnn_jax.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from frcnn_jax.models.roi_heads import HeadSettings
@@ -166,64 +167,85 @@ def torchvision_heads(model):
     )
 
 
+TRAIN_RULES = {
+    "scheme": fields.choice(*SCHEMES),
+    "alternating_phase2_init": fields.choice("initial", "phase1"),
+    "alternating_phase_steps": fields.sequence(fields.count()),
+    "alternating_phase_lr_steps": fields.sequence(fields.count(low=0)),
+    "alternating_phase_batch_sizes": fields.sequence(fields.count()),
+    "alternating_phases": fields.choice(2, 4),
+    "batch_size": fields.count(),
+    "num_steps": fields.count(),
+    "learning_rate": fields.number(above=0),
+    "lr_steps": fields.sequence(fields.count()),
+    "lr_decay": fields.number(above=0),
+    "warmup_steps": fields.count(low=0),
+    "warmup_factor": fields.number(above=0, high=1),
+    "optimizer": fields.choice(*OPTIMIZERS),
+    "momentum": fields.number(low=0, below=1),
+    "adam_b1": fields.number(low=0, below=1),
+    "adam_b2": fields.number(low=0, below=1),
+    "adam_eps": fields.number(above=0),
+    "lr_schedule": fields.choice(*LR_SCHEDULES),
+    "cosine_final_factor": fields.fraction(),
+    "weight_decay": fields.number(low=0),
+    "weight_decay_on": fields.choice(*WEIGHT_DECAY_ON),
+    "bias_lr_factor": fields.number(above=0),
+    "grad_clip_norm": fields.optional(fields.number(above=0)),
+    "seed": fields.count(low=0),
+    "log_every": fields.count(),
+    "checkpoint_every": fields.count(),
+    "keep_checkpoints": fields.count(),
+    "eval_every": fields.count(low=0),
+}
+EVAL_RULES = {
+    "split": fields.text(),
+    "data_name": fields.optional(fields.text()),
+    "periodic_split": fields.text(),
+    "batch_size": fields.count(),
+    "metric": fields.choice(*METRICS),
+    "iou_threshold": fields.number(above=0, high=1),
+    "coco": fields.flag(),
+    "proposal_recall": fields.flag(),
+    "scales": fields.sequence(fields.count()),
+}
+SECTIONS = {name: fields.mapping() for name in ("data", "model", "train", "eval")}
+
+
 def check_config(c):
-    """Raise ValueError naming the field for values that cannot work (the model's fields are
-    checked by building it: `build_model`)."""
+    """Raise `ConfigError` naming the field for any value that cannot work, before anything is
+    read or compiled: every field's type and range (`TRAIN_RULES`, `EVAL_RULES`,
+    `frcnn_jax.data.config.RULES`, `frcnn_jax.models.MODEL_RULES` and the RPN / head settings'
+    `RULES`; a field a section does not have is an error too), then the combinations (the
+    model's by building it)."""
+    fields.check_section(c, SECTIONS, "config")
     check_data_config(c.data)
-    build_model(c)
-    if c.train.scheme not in SCHEMES:
-        raise ValueError(f"config.train.scheme must be one of {SCHEMES}, got {c.train.scheme!r}")
-    if c.train.alternating_phase2_init not in ("initial", "phase1"):
-        raise ValueError(
-            "config.train.alternating_phase2_init must be 'initial' or 'phase1', got "
-            f"{c.train.alternating_phase2_init!r}"
+    fields.check_section(c.train, TRAIN_RULES, "config.train")
+    fields.check_section(c.eval, EVAL_RULES, "config.eval")
+    model = build_model(c)
+    coarsest = max(model.strides)
+    if min(c.data.canvas) < coarsest:
+        raise ConfigError(
+            f"config.data.canvas {tuple(c.data.canvas)} is smaller than the backbone's coarsest "
+            f"stride ({coarsest} pixels): its feature maps would be empty"
         )
     phases, decays = c.train.alternating_phase_steps, c.train.alternating_phase_lr_steps
-    if phases and (len(phases) != 4 or min(phases) <= 0):
-        raise ValueError(
+    if phases and len(phases) != 4:
+        raise ConfigError(
             f"config.train.alternating_phase_steps: need 4 positive step counts, got {phases}"
         )
     if decays and (not phases or len(decays) != 4):
-        raise ValueError(
+        raise ConfigError(
             "config.train.alternating_phase_lr_steps: need 4 decay steps, one per phase, and "
             f"alternating_phase_steps set; got {decays} with phase steps {phases}"
         )
     sizes = c.train.alternating_phase_batch_sizes
-    if sizes and (len(sizes) != 4 or min(sizes) <= 0):
-        raise ValueError(
+    if sizes and len(sizes) != 4:
+        raise ConfigError(
             f"config.train.alternating_phase_batch_sizes: need 4 positive sizes, got {sizes}"
         )
-    choices = (
-        ("optimizer", OPTIMIZERS),
-        ("lr_schedule", LR_SCHEDULES),
-        ("weight_decay_on", WEIGHT_DECAY_ON),
-    )
-    for field, allowed in choices:
-        if c.train[field] not in allowed:
-            raise ValueError(
-                f"config.train.{field} must be one of {allowed}, got {c.train[field]!r}"
-            )
-    if not 0 <= c.train.cosine_final_factor <= 1:
-        raise ValueError(
-            f"config.train.cosine_final_factor must be in [0, 1], got {c.train.cosine_final_factor}"
-        )
-    if c.train.bias_lr_factor <= 0:
-        raise ValueError(f"config.train.bias_lr_factor must be > 0, got {c.train.bias_lr_factor}")
-    if c.eval.metric not in METRICS:
-        raise ValueError(f"config.eval.metric must be one of {METRICS}, got {c.eval.metric!r}")
-    for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if c.train[field] <= 0:
-            raise ValueError(f"config.train.{field} must be > 0, got {c.train[field]}")
-    if c.train.learning_rate <= 0:
-        raise ValueError(f"config.train.learning_rate must be > 0, got {c.train.learning_rate}")
-    if any(int(s) != s or s <= 0 for s in c.eval.scales):
-        raise ValueError(
-            f"config.eval.scales: need positive whole short sides, got {c.eval.scales}"
-        )
-    if c.eval.batch_size <= 0:
-        raise ValueError(f"config.eval.batch_size must be > 0, got {c.eval.batch_size}")
-    if c.train.scheme == "non_approximate_joint" and c.model.head.get("pooler") != "align":
-        raise ValueError(
+    if c.train.scheme == "non_approximate_joint" and c.model.head.pooler != "align":
+        raise ConfigError(
             "config.train.scheme='non_approximate_joint' needs config.model.head.pooler='align'"
         )
     _check_variants(c)
@@ -233,19 +255,15 @@ def _check_variants(c):
     """The paper's ablation switches: combinations that cannot work."""
     alternating = c.train.scheme == "alternating"
     shared = c.model.rpn.shared_features
-    if c.train.alternating_phases not in (2, 4):
-        raise ValueError(
-            f"config.train.alternating_phases must be 4 or 2, got {c.train.alternating_phases}"
-        )
     if alternating and (c.train.alternating_phases == 2) == shared:
-        raise ValueError(
+        raise ConfigError(
             "config.train.alternating_phases=2 (stop after phase 2) goes with "
             "config.model.rpn.shared_features=False and 4 with True: phases 3 and 4 share the "
             f"features; got alternating_phases={c.train.alternating_phases}, "
             f"shared_features={shared}"
         )
     if c.model.head.rois == "anchors" and (alternating or not shared):
-        raise ValueError(
+        raise ConfigError(
             "config.model.head.rois='anchors' (one-stage, no RPN) needs a joint scheme and "
             f"shared features; got scheme={c.train.scheme!r}, shared_features={shared}"
         )
@@ -259,7 +277,7 @@ def config_from_file(path, arg=None):
 
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFile(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

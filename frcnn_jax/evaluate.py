@@ -5,7 +5,7 @@ writes DIR/eval/step_<STEP>/: metrics.json, table.md (mAP and per-class AP), pr/
 recall.png (with --config.eval.proposal_recall=True), detections_coco.json.
 """
 
-from absl import app, flags
+from absl import flags
 
 from frcnn_jax import cli
 
@@ -25,15 +25,11 @@ def main(argv):
     from frcnn_jax.config import check_config
 
     check_config(FLAGS.config)
-    with cli.clear_errors():
-        training.evaluate_checkpoint(
-            FLAGS.config,
-            FLAGS.workdir,
-            FLAGS.checkpoint,
-            allow_model_change=FLAGS.allow_model_change,
-        )
+    training.evaluate_checkpoint(
+        FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, allow_model_change=FLAGS.allow_model_change
+    )
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -14,6 +14,8 @@ import json
 import numpy as np
 from absl import app, flags
 
+from frcnn_jax import cli, npz
+
 FLAGS = flags.FLAGS
 EXPORT_KERNELS = "xla"  # portable: see the module docstring
 
@@ -68,7 +70,7 @@ def export_detector(detector, path, *, batch_size=1, platforms=("cpu",)):
         "kernels": EXPORT_KERNELS,
     }
     with open(path, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), **blobs)
+        npz.save(f, {"meta": np.array(json.dumps(meta)), **blobs})
     return meta
 
 
@@ -76,7 +78,6 @@ def main(argv):
     del argv
     if not FLAGS.workdir or not FLAGS.output:
         raise app.UsageError("need --workdir and --output")
-    from frcnn_jax import cli
     from frcnn_jax.inference import Detector
 
     cli.start()  # CPU tuning before JAX starts, logging
@@ -95,4 +96,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

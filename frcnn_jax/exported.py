@@ -6,11 +6,13 @@
 
 The file holds, per canvas (landscape and portrait), the detector's inference function with its
 weights serialized with `jax.export` (StableHLO, for the platforms it was exported for: CPU,
-and CUDA/TPU where requested), plus the class names and the resize rule. Nothing of flax,
-TFDS, TensorFlow or PIL is imported: this module and `frcnn_jax.canvas` are all it needs, so
-the two files can be copied into another project. Images are resized with
-`jax.image.resize` (bilinear, antialiased), which differs from training's PIL resize by
-rounding; `detect_canvas` runs the model on an already prepared canvas exactly.
+and CUDA/TPU where requested), plus the class names and the resize rule, and the checksum that
+`load` verifies (`frcnn_jax.npz`: a damaged file is a `DamagedFile` error naming it). Nothing of
+flax, TFDS, TensorFlow or PIL is imported: this module, `frcnn_jax.canvas`, `frcnn_jax.npz` and
+`frcnn_jax.errors` are all it needs, so the four files can be copied into another project.
+Images are resized with `jax.image.resize` (bilinear, antialiased), which differs from
+training's PIL resize by rounding; `detect_canvas` runs the model on an already prepared
+canvas exactly.
 """
 
 import json
@@ -20,21 +22,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export
 
+from frcnn_jax import npz
 from frcnn_jax.canvas import canvas_for, resize_scale, resized_size
+from frcnn_jax.errors import DamagedFile
 
-FORMAT = "frcnn_jax exported detector 1"
+FORMAT = "frcnn_jax exported detector 2"  # 2: with a checksum (frcnn_jax.npz)
 
 
 class ExportedDetector:
     def __init__(self, path):
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a {FORMAT!r} file")
-            self.functions = {
-                tuple(canvas): export.deserialize(bytearray(npz[f"canvas_{i}"].tobytes()))
-                for i, canvas in enumerate(meta["canvases"])
-            }
+        arrays = npz.load(path, "exported detector")
+        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+        if meta.get("format") != FORMAT:
+            raise DamagedFile(f"exported detector {path}: not a {FORMAT!r} file")
+        self.functions = {
+            tuple(canvas): export.deserialize(bytearray(arrays[f"canvas_{i}"].tobytes()))
+            for i, canvas in enumerate(meta["canvases"])
+        }
         self.meta = meta
         self.class_names = tuple(meta["class_names"])
         self.batch_size = int(meta["batch_size"])

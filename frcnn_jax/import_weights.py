@@ -14,7 +14,8 @@ import time
 
 from absl import app, flags
 
-from frcnn_jax import weights
+from frcnn_jax import cli, weights
+from frcnn_jax.errors import MissingFile, UserError
 
 FLAGS = flags.FLAGS
 
@@ -32,22 +33,22 @@ def read_state_dict(path):
     try:
         import torch
     except ImportError:
-        raise SystemExit("import_weights needs torch: pip install torch") from None
+        raise UserError("import_weights needs torch: pip install torch") from None
     import pickle
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"--input: no such file {path}") from None
+        raise MissingFile(f"--input: no such file {path}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(
+        raise UserError(
             f"--input {path}: not a plain weight file, refused (weights_only=True): {first}"
         ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints that wrap the state dict
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise SystemExit(f"--input {path}: expected a state dict (name -> tensor)")
+        raise UserError(f"--input {path}: expected a state dict (name -> tensor)")
     return state
 
 
@@ -64,7 +65,7 @@ def main(argv):
             state, arch=FLAGS.arch, body=FLAGS.body, coco80=FLAGS.coco80, report=report
         )
     except (KeyError, ValueError) as e:
-        raise SystemExit(f"--input {FLAGS.input} as --arch {FLAGS.arch}: {e}") from None
+        raise UserError(f"--input {FLAGS.input} as --arch {FLAGS.arch}: {e}") from None
     weights.save(FLAGS.output, flat, covers)
     width = max(len(name) for name, *_ in report)
     for name, shape, path, new_shape in report:
@@ -78,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from frcnn_jax import checkpointing, rundir
 from frcnn_jax.data import preprocess
+from frcnn_jax.errors import MissingFile
 from frcnn_jax.models import FasterRCNN, build_model
 
 
@@ -71,7 +72,7 @@ class Detector:
         checkpoints = checkpointing.Checkpoints(workdir)
         step = checkpoints.latest_step() if checkpoint is None else checkpoint
         if step is None:
-            raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
+            raise MissingFile(f"no checkpoints in {checkpoints.directory}")
         detector = cls.from_config(
             config,
             checkpoints.restore_variables(step),

@@ -11,6 +11,8 @@ import pathlib
 
 import ml_collections
 
+from frcnn_jax.errors import MissingFile, UserError
+
 RUN_FILE = "run.json"
 
 
@@ -34,7 +36,7 @@ def read(workdir):
     """(config ConfigDict, class names tuple, category ids tuple) of a run directory."""
     path = pathlib.Path(workdir) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{path} not found: {workdir} is not a frcnn_jax training directory (training "
             "writes run.json when it starts)"
         )
@@ -89,7 +91,7 @@ MODEL_FIELDS = (
 )
 
 
-class ModelChanged(ValueError):
+class ModelChanged(UserError, ValueError):
     """The config's model is not the one a workdir's checkpoints were trained with."""
 
 
@@ -137,7 +139,7 @@ def _normal(value):
     return value
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(UserError, RuntimeError):
     """Another live process is training in the workdir."""
 
 

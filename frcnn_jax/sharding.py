@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from frcnn_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -25,13 +27,13 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size, mesh):
-    """Examples this host loads per step; the global batch must split evenly over devices."""
+def local_batch_size(global_batch_size, mesh, field="config.train.batch_size"):
+    """Examples this host loads per step; the global batch (the config's `field`) must split
+    evenly over devices."""
     devices = mesh.devices.size
     if global_batch_size % devices:
-        raise ValueError(
-            f"config.train.batch_size={global_batch_size} must be a multiple of the number of "
-            f"devices ({devices})"
+        raise ConfigError(
+            f"{field}={global_batch_size} must be a multiple of the number of devices ({devices})"
         )
     return global_batch_size // jax.process_count()
 

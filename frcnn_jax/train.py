@@ -5,7 +5,7 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id, or --m
 `jax.distributed.initialize()` finds the cluster in the environment (TPU pods, SLURM, ...).
 """
 
-from absl import app, flags
+from absl import flags
 
 from frcnn_jax import cli
 
@@ -39,12 +39,11 @@ def main(argv):
     elif FLAGS.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster from the environment
         jax.distributed.initialize()
     check_config(FLAGS.config)
-    with cli.clear_errors():
-        training.train_and_evaluate(
-            FLAGS.config, FLAGS.workdir, allow_model_change=FLAGS.allow_model_change
-        )
+    training.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir, allow_model_change=FLAGS.allow_model_change
+    )
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -38,6 +38,9 @@ import pathlib
 import flax
 import numpy as np
 
+from frcnn_jax import npz
+from frcnn_jax.errors import DamagedFile, MissingFile
+
 log = logging.getLogger(__name__)
 
 ARCHS = ("vgg16", "resnet50", "resnet101", "fasterrcnn_resnet50_fpn")
@@ -252,26 +255,27 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
 
 
 def save(path, flat, covers):
-    """Write `from_torchvision`'s output as an .npz (`covers` under the key '__covers__')."""
+    """Write `from_torchvision`'s output as an .npz (`covers` under the key '__covers__') with
+    its checksum (`frcnn_jax.npz`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, __covers__=np.array(covers), **flat)
+    npz.save(path, {"__covers__": np.array(covers), **flat})
 
 
 def load(path):
-    """(flat, covers) from an .npz written by `save` (no pickles are read)."""
+    """(flat, covers) from an .npz written by `save`, its checksum verified (no pickles are
+    read): `MissingFile` / `DamagedFile` naming the file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config.model.init_checkpoint: no such file {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        flat = {k: npz[k] for k in npz.files if k != "__covers__"}
-        covers = [str(c) for c in npz["__covers__"]] if "__covers__" in npz.files else None
+        raise MissingFile(f"config.model.init_checkpoint: no such file {path}")
+    flat = npz.load(path, "config.model.init_checkpoint")
+    covers = flat.pop("__covers__", None)
     if covers is None:
-        raise ValueError(
+        raise DamagedFile(
             f"config.model.init_checkpoint {path}: not a frcnn_jax weight file (no __covers__"
             " entry); write one with `python -m frcnn_jax.import_weights`"
         )
-    return flat, covers
+    return flat, [str(c) for c in covers]
 
 
 def restore_into(variables, flat, covers, *, source="weights"):

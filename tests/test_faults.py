@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from frcnn_jax import checkpointing, rundir, training
+from frcnn_jax import checkpointing, errors, rundir, training
 from frcnn_jax.data.workers import alive
 from frcnn_jax.models import build_model
 from tests.tiny import ROOT, run_train, tiny_config, write_config_file
@@ -54,12 +54,24 @@ def four_steps(data_dir, tmp_path_factory):
     return workdir
 
 
+def flip(path, count=64):
+    """Invert `count` bytes in the middle of `path` (a failing disk's or a bad copy's damage)."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - count // 2)
+    for i in range(start, min(len(data), start + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def damage(workdir, how):
-    """Truncate or remove the largest data file of the step-4 checkpoint's arrays."""
+    """Damage the largest data file of the step-4 checkpoint's arrays: "flipped" (64 bytes in
+    its middle inverted), "truncated" (to half) or "removed"."""
     files = [p for p in (workdir / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
     largest = max(files, key=lambda p: p.stat().st_size)
     if how == "removed":
         largest.unlink()
+    elif how == "flipped":
+        flip(largest)
     else:
         largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
@@ -69,22 +81,58 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
 ):
     workdir = tmp_path / "run"
     shutil.copytree(four_steps, workdir)
-    damage(workdir, "truncated")
+    damage(workdir, "flipped")
     training.train_and_evaluate(config(data_dir, num_steps=6), workdir)
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "frcnn_jax.checkpointing"]
     assert "checkpoint step 4" in warning and "checkpoints_damaged" in warning
+    assert "SHA-256 differs" in warning
     assert (workdir / "checkpoints_damaged" / "4" / "state").is_dir()  # kept, not deleted
     assert checkpointing.Checkpoints(workdir).all_steps() == [2, 4, 6]  # 4 trained again
     assert_same(final_params(workdir), final_params(straight))
 
 
-def test_a_removed_file_is_damage_too(data_dir, four_steps, tmp_path):
+@pytest.mark.parametrize("how", ["truncated", "removed"])
+def test_a_truncated_or_removed_file_is_damage_too(data_dir, four_steps, tmp_path, how):
     workdir = tmp_path / "run"
     shutil.copytree(four_steps, workdir)
-    damage(workdir, "removed")
+    damage(workdir, how)
     state, _ = training.initial.init_state(config(data_dir), build_model(config(data_dir)))
     step, *_ = checkpointing.Checkpoints(workdir).restore_latest(checkpointing.abstract_like(state))
     assert step == 2 and (workdir / "checkpoints_damaged" / "4").is_dir()
+
+
+def test_a_flipped_byte_in_any_file_of_a_checkpoint_is_found(data_dir, four_steps, tmp_path):
+    """Each file of the step-4 checkpoint in turn, 64 bytes in its middle inverted: restoring
+    sets the step aside (naming the file) and takes step 2. The only exceptions are Orbax's
+    `UNCHECKED` files, which a restore never reads: it then gives exactly the intact state."""
+    source = four_steps / "checkpoints" / "4"
+    names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+    assert checkpointing.CHECKSUMS in names and len(names) > 10
+    state, _ = training.initial.init_state(config(data_dir), build_model(config(data_dir)))
+    abstract = checkpointing.abstract_like(state)
+    intact = checkpointing.Checkpoints(four_steps).restore(4, abstract)
+    missed = []
+    for name in names:
+        workdir = tmp_path / name.replace("/", "_")
+        shutil.copytree(four_steps / "checkpoints", workdir / "checkpoints")
+        flip(workdir / "checkpoints" / "4" / name, count=min(64, (source / name).stat().st_size))
+        checkpoints = checkpointing.Checkpoints(workdir)
+        step, *restored = checkpoints.restore_latest(abstract)
+        checkpoints.close()
+        if name in checkpointing.UNCHECKED:
+            assert step == 4, name
+            assert_same(jax.tree.leaves(restored), jax.tree.leaves(intact))
+        elif step != 2 or not (workdir / "checkpoints_damaged" / "4").is_dir():
+            missed.append(name)
+    assert not missed, f"damage not found in {missed}"
+
+
+def test_a_restored_checkpoint_is_verified_and_the_error_names_the_file(four_steps, tmp_path):
+    shutil.copytree(four_steps, tmp_path / "run")
+    damage(tmp_path / "run", "flipped")
+    with pytest.raises(errors.DamagedFile, match=r"checkpoint step 4: .*/state/.* SHA-256"):
+        checkpointing.Checkpoints(tmp_path / "run").restore_variables(4)
+    checkpointing.Checkpoints(tmp_path / "run").restore_variables(2)  # the others are intact
 
 
 def test_a_full_disk_stops_the_run_with_a_message_and_a_rerun_resumes(

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from frcnn_jax.data import checks, folders, shapes
+from frcnn_jax.errors import ConfigError, MissingFile, UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _features(class_names):
 def _log_problems(name, split, kept, problems):
     log.info("%s %s: %d examples; problems: %s", name, split, kept, problems.summary())
     if kept == 0:
-        raise ValueError(
+        raise UserError(
             f"{name}: split {split!r} has no valid examples (problems: {problems.summary()})"
         )
 
@@ -158,13 +159,13 @@ def voc_folder(root, class_names=None, data_dir=None):
     """The builder for a VOC-layout folder; class names read from its annotations if None."""
     root = pathlib.Path(root).expanduser().resolve()
     if not (root / "Annotations").is_dir() or not folders.voc_splits(root):
-        raise FileNotFoundError(
-            f"{root} is not a VOC-layout folder: it needs Annotations/, JPEGImages/ and "
-            "ImageSets/Main/<split>.txt"
+        raise MissingFile(
+            f"config.data.path: {root} is not a VOC-layout folder: it needs Annotations/, "
+            "JPEGImages/ and ImageSets/Main/<split>.txt"
         )
     names = tuple(class_names) if class_names else tuple(folders.voc_class_names(root))
     if not names:
-        raise ValueError(f"VOC folder {root}: no class names in its annotations")
+        raise UserError(f"VOC folder {root}: no class names in its annotations")
     config = VocFolderConfig(name=_folder_key(str(root), names), root=str(root), class_names=names)
     return VocFolder(config=config, data_dir=data_dir)
 
@@ -213,7 +214,9 @@ def coco_folder(splits, data_dir=None):
         for name, (a, i) in splits.items()
     }
     if not splits:
-        raise ValueError("coco_folder needs at least one split: {name: (json, image_dir)}")
+        raise ConfigError(
+            "config.data.coco_splits: coco_folder needs a split: {name: (json, image_dir)}"
+        )
     ids, names = folders.coco_categories(next(iter(splits.values()))[0])
     config = CocoFolderConfig(
         name=_folder_key(splits, ids),

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from frcnn_jax import fields
+from frcnn_jax.errors import ConfigError
 from frcnn_jax.overrides import override
 
 
@@ -47,23 +49,37 @@ def data_config(**overrides):
     return c
 
 
+RULES = {
+    "name": fields.text(),
+    "data_dir": fields.optional(fields.text()),
+    "train_split": fields.text(),
+    "path": fields.optional(fields.text()),
+    "coco_splits": fields.mapping(),
+    "class_names": fields.optional(fields.sequence(fields.text(), min_length=1)),
+    "shapes_num_examples": fields.mapping(),
+    "min_size": fields.number(above=0),
+    "max_size": fields.number(above=0),
+    "canvas": fields.sequence(fields.count(), length=2),
+    "orient_canvas": fields.flag(),
+    "train_scales": fields.sequence(fields.count()),
+    "max_boxes": fields.count(),
+    "class_subset": fields.sequence(fields.text()),
+    "flip": fields.flag(),
+    "exclude_difficult": fields.flag(),
+    "workers": fields.count(low=0),
+}
+
+
 def check_data_config(c):
-    """Raise ValueError naming the field for values that cannot work."""
-    if c.min_size <= 0 or c.max_size < c.min_size:
-        raise ValueError(
-            "config.data.min_size/max_size: need 0 < min_size <= max_size, "
+    """Raise `ConfigError` naming the field for values that cannot work (each field's type and
+    range: `RULES`)."""
+    fields.check_section(c, RULES, "config.data")
+    if c.max_size < c.min_size:
+        raise ConfigError(
+            "config.data.min_size/max_size: need min_size <= max_size, "
             f"got {c.min_size}/{c.max_size}"
         )
-    scales = c.get("train_scales", ())  # absent from run.json files of older versions
-    if any(int(s) != s or s <= 0 for s in scales):
-        raise ValueError(f"config.data.train_scales: need positive whole short sides, got {scales}")
-    if len(c.canvas) != 2 or min(c.canvas) <= 0:
-        raise ValueError(f"config.data.canvas: need (height, width) > 0, got {c.canvas}")
-    if c.max_boxes <= 0:
-        raise ValueError(f"config.data.max_boxes: need > 0, got {c.max_boxes}")
-    if c.workers < 0:
-        raise ValueError(f"config.data.workers: need >= 0, got {c.workers}")
     if c.name == "voc_folder" and not c.path:
-        raise ValueError("config.data.path: voc_folder needs the folder's path")
+        raise ConfigError("config.data.path: voc_folder needs the folder's path")
     if c.name == "coco_folder" and not c.coco_splits:
-        raise ValueError("config.data.coco_splits: coco_folder needs {split: (json, image_dir)}")
+        raise ConfigError("config.data.coco_splits: coco_folder needs {split: (json, image_dir)}")

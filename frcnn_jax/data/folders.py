@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from frcnn_jax.data import checks
+from frcnn_jax.errors import DamagedFile, MissingFile
 
 VOC_SPLIT_FILES = {"train": "train", "validation": "val", "trainval": "trainval", "test": "test"}
 
@@ -87,7 +88,7 @@ def voc_ids(root, split):
     files = VOC_SPLIT_FILES
     path = pathlib.Path(root) / "ImageSets" / "Main" / f"{files.get(split, split)}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"VOC folder {root}: no split file {path}")
+        raise MissingFile(f"VOC folder {root}: no split file {path}")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -139,12 +140,12 @@ def read_coco_json(path):
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"COCO annotation file not found: {path}") from None
+        raise MissingFile(f"COCO annotation file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"COCO annotation file {path} is not valid JSON: {e}") from None
+        raise DamagedFile(f"COCO annotation file {path} is not valid JSON: {e}") from None
     for field in ("images", "annotations", "categories"):
         if field not in data:
-            raise ValueError(f"COCO annotation file {path} has no {field!r} field")
+            raise DamagedFile(f"COCO annotation file {path} has no {field!r} field")
     return data
 
 

@@ -14,7 +14,9 @@ counted) without changing the batch shape; a one-line summary of input problems 
 per epoch.
 """
 
+import atexit
 import logging
+import weakref
 from typing import NamedTuple
 
 import grain.python as grain
@@ -135,6 +137,7 @@ class Batches:
             shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=train),
         )
         self._iter = iter(self._loader)
+        _open.add(self)
         self.consumed = 0  # records taken from the loader, valid or not
         self.name = name
         self.canvases = canvas_lib.canvases(
@@ -149,6 +152,21 @@ class Batches:
 
     def __iter__(self):
         return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Stop the worker processes and free the shared memory of the examples they made
+        that were not taken yet. Loaders still open when the process exits (an error, a
+        signal turned into an exit by `frcnn_jax.cli`) are closed then (`close_all`)."""
+        _open.discard(self)
+        iterator = getattr(self._iter, "_iterator", None)  # grain's DataLoaderIterator
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
 
     def __next__(self):
         while True:
@@ -240,6 +258,17 @@ class Batches:
                 *self._source[index], flip=flip, min_size=(min_size or [0])[0] or None
             )
             self._buckets[example["image"].shape[:2]].append(example)
+
+
+_open = weakref.WeakSet()  # Batches not closed yet
+
+
+@atexit.register
+def close_all():
+    """Close every open `Batches` (at exit: their workers' pending shared memory would
+    otherwise outlive the process, and Python's resource tracker warn about it)."""
+    for batches in list(_open):
+        batches.close()
 
 
 def _padding(canvas, max_boxes):

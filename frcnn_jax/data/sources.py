@@ -10,6 +10,7 @@ import numpy as np
 
 from frcnn_jax import canvas as canvas_lib
 from frcnn_jax.data.config import check_data_config
+from frcnn_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ def get_builder(data):
     try:
         return tfds.builder(data.name, data_dir=data.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"config.data.name: unknown dataset {data.name!r}: {e}") from None
+        raise ConfigError(f"config.data.name: unknown dataset {data.name!r}: {e}") from None
 
 
 def _shapes_config(name, num_examples):
@@ -46,7 +47,7 @@ def _shapes_config(name, num_examples):
 
     configs = {c.name: c for c in builders.Shapes.BUILDER_CONFIGS}
     if name not in configs:
-        raise ValueError(f"config.data.name: shapes has configs {sorted(configs)}, not {name!r}")
+        raise ConfigError(f"config.data.name: shapes has configs {sorted(configs)}, not {name!r}")
     config = configs[name]
     if num_examples:
         counts = {k: int(v) for k, v in dict(num_examples).items()}
@@ -107,7 +108,7 @@ def _check_labelled(builder, split):
     used = set(re.findall(r"[A-Za-z_]\w*", split))
     missing = sorted(used & unlabelled_splits(builder))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"split {split!r} of {builder.name}/{builder.builder_config.name} has no ground truth "
             f"({', '.join(missing)}): it cannot be trained or evaluated on (set config.eval.split"
             " or config.eval.data_name to a labelled split, e.g. voc/2007 test)"
@@ -160,7 +161,7 @@ def class_subset(info, names):
     0 for classes left out)."""
     unknown = [n for n in names if n not in info.class_names]
     if unknown or len(set(names)) != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"config.data.class_subset: {unknown or names} (need distinct names of "
             f"{list(info.class_names)})"
         )
@@ -169,6 +170,23 @@ def class_subset(info, names):
         label_map[info.class_names.index(name) + 1] = new
     ids = tuple(info.category_ids[info.class_names.index(n)] for n in names)
     return dataclasses.replace(info, class_names=names, category_ids=ids), label_map
+
+
+def check_class_count(num_classes, info, data):
+    """`ConfigError` naming both numbers when the model's class count (`config.model.
+    num_classes`) is not the dataset's (`info`, after `data.class_subset`)."""
+    found = len(info.class_names)
+    if num_classes != found:
+        where = (
+            f"config.data.class_subset {tuple(data.class_subset)}"
+            if data.class_subset
+            else (f"the dataset {data.name}")
+        )
+        raise ConfigError(
+            f"config.model.num_classes is {num_classes} but {where} has {found} classes "
+            f"({', '.join(info.class_names[:8])}{' ...' if found > 8 else ''}): set "
+            f"config.model.num_classes={found}"
+        )
 
 
 def open_split(data, split):
@@ -181,11 +199,11 @@ def open_split(data, split):
         _check_labelled(builder, split)
         source = data_source(builder, split)
         if len(source) == 0:
-            raise ValueError(f"config.data: split {split!r} of {builder.name} has no examples")
+            raise ConfigError(f"config.data: split {split!r} of {builder.name} has no examples")
         sources.append(VocOneBased(source) if builder.name == "voc" else source)
     infos = [dataset_info(b, len(s)) for b, s in zip(builders, sources, strict=True)]
     if any(i.class_names != infos[0].class_names for i in infos):
-        raise ValueError(f"config.data.name: the datasets of {data.name!r} have different classes")
+        raise ConfigError(f"config.data.name: the datasets of {data.name!r} have different classes")
     source = sources[0] if len(sources) == 1 else _Concat(sources)
     info = dataclasses.replace(infos[0], num_examples=len(source))
     label_map = None

@@ -17,6 +17,7 @@ import functools
 
 import flax.linen as nn
 
+from frcnn_jax.errors import ConfigError
 from frcnn_jax.kernels import conv, pooling
 
 KERNELS = ("auto", "xla")
@@ -24,9 +25,9 @@ DEFAULT = "auto"
 
 
 def check(kernels):
-    """ValueError naming the setting when `kernels` is not one of `KERNELS`."""
+    """`ConfigError` naming the setting when `kernels` is not one of `KERNELS`."""
     if kernels not in KERNELS:
-        raise ValueError(f"config.model.kernels must be one of {KERNELS}, got {kernels!r}")
+        raise ConfigError(f"config.model.kernels must be one of {KERNELS}, got {kernels!r}")
 
 
 def conv_layer(kernels):

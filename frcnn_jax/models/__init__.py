@@ -5,15 +5,13 @@ One module per concept, as torchvision's detection package: `backbones` / `resne
 settings, sampling, pooling, box head, its loss, detection), `transform` (input normalization)
 and `faster_rcnn` (the composition)."""
 
-import dataclasses
-import numbers
-import types
-
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax import fields
 from frcnn_jax import kernels as kernels_lib
-from frcnn_jax.models.backbones import VGG16, ZF, TinyBackbone, get_backbone
+from frcnn_jax.models import transform
+from frcnn_jax.models.backbones import BACKBONES, VGG16, ZF, TinyBackbone, get_backbone
 from frcnn_jax.models.faster_rcnn import FasterRCNN
 from frcnn_jax.models.fpn import ResNetFPN
 from frcnn_jax.models.resnet import FrozenBatchNorm, Res5Head, ResNet
@@ -38,35 +36,25 @@ __all__ = [
 ]
 
 
-def _settings(cls, overrides, section):
-    overrides = dict(overrides or {})
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"config.model.{section} has unknown fields {unknown}; known: {sorted(known)}"
-        )
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    for field in dataclasses.fields(cls):
-        if field.name in values:
-            _check_type(f"config.model.{section}.{field.name}", values[field.name], field.type)
+MODEL_RULES = {  # config.model's own fields; rpn / head: RPNSettings.RULES, HeadSettings.RULES
+    "backbone": fields.choice(*BACKBONES),
+    "num_classes": fields.count(),
+    "dtype": fields.choice("float32", "bfloat16"),
+    "kernels": fields.choice(*kernels_lib.KERNELS),
+    "frozen_stages": fields.optional(fields.count(low=0)),
+    "init_checkpoint": fields.optional(fields.text()),
+    "pixel_mean": fields.sequence(fields.number(), length=3),
+    "pixel_std": fields.sequence(fields.number(above=0), length=3),
+    "channel_order": fields.choice(*transform.CHANNEL_ORDERS),
+    "rpn": fields.mapping(),
+    "head": fields.mapping(),
+}
+
+
+def _settings(cls, values, section):
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(values or {}).items()}
+    fields.check_section(values, cls.RULES, f"config.model.{section}")
     return cls(**values)
-
-
-def _check_type(name, value, annotation):
-    """ValueError naming the field when `value` does not fit the settings field's type."""
-    allowed = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return
-        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return
-        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return
-        if kind in (str, bool, tuple) and isinstance(value, kind):
-            return
-    names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
-    raise ValueError(f"{name} must be {names}, got {value!r}")
 
 
 def build_model(config) -> FasterRCNN:
@@ -75,11 +63,11 @@ def build_model(config) -> FasterRCNN:
     conv/matmul compute), kernels (`frcnn_jax.kernels`), frozen_stages (leading backbone stages
     without gradient; None: the backbone's default), pixel_mean / pixel_std / channel_order (the
     input convention of the weights), and the `rpn` / `head` sections whose fields are those of
-    `RPNSettings` / `HeadSettings`. A value that cannot work raises ValueError naming its
-    field."""
+    `RPNSettings` / `HeadSettings`. A value that cannot work raises `ConfigError` naming its
+    field (`MODEL_RULES` and the settings' `RULES`)."""
     model = config.model
+    fields.check_section(model, MODEL_RULES, "config.model")
     dtype = jnp.dtype(model.dtype)
-    kernels_lib.check(model.kernels)
     rpn = _settings(RPNSettings, model.rpn, "rpn")
 
     def backbone():

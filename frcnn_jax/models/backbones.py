@@ -10,12 +10,23 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from frcnn_jax import kernels as kernels_lib
+from frcnn_jax.errors import ConfigError
 from frcnn_jax.models.fpn import ResNetFPN, feature_pyramid
 from frcnn_jax.models.resnet import ResNet, freeze_if
 
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+BACKBONES = (  # the names `get_backbone` knows
+    "tiny",
+    "tiny_fpn",
+    "vgg16",
+    "zf",
+    "resnet50_c4",
+    "resnet101_c4",
+    "resnet50_fpn",
+    "resnet101_fpn",
+)
 
 
 class TinyBackbone(nn.Module):
@@ -175,5 +186,5 @@ def get_backbone(name: str, *, dtype, frozen_stages, kernels) -> nn.Module:
         "resnet101_fpn": lambda: ResNetFPN(depth=101, **common, **frozen),
     }
     if name not in backbones:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(backbones)}")
+        raise ConfigError(f"config.model.backbone must be one of {BACKBONES}, got {name!r}")
     return backbones[name]()

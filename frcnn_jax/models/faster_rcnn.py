@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.errors import ConfigError
 from frcnn_jax.models import roi_heads, transform
 from frcnn_jax.models import rpn as rpn_lib
 from frcnn_jax.models.resnet import Res5Head, ResNet
@@ -43,12 +44,12 @@ class FasterRCNN(nn.Module):
                 "rpn_backbone is given exactly when config.model.rpn.shared_features=False"
             )
         if self.head.rois == "anchors" and own_backbone:
-            raise ValueError(
+            raise ConfigError(
                 "config.model.head.rois='anchors' (one-stage) has no RPN: it cannot be combined "
                 "with config.model.rpn.shared_features=False"
             )
         if self.head.box_head == "res5" and not isinstance(self.backbone, ResNet):
-            raise ValueError("config.model.head.box_head='res5' needs a ResNet C4 backbone")
+            raise ConfigError("config.model.head.box_head='res5' needs a ResNet C4 backbone")
 
     def setup(self):
         if self.head.rois == "proposals":

@@ -14,14 +14,15 @@ pooling, box head, loss and detection, as torchvision's `roi_heads.py`.
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from frcnn_jax import ops
+from frcnn_jax import fields, ops
+from frcnn_jax.errors import ConfigError
 
 HEAD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the paper's target stds 0.1 / 0.2
 POOLERS = ("pool", "align")
@@ -33,7 +34,8 @@ MIN_DETECTION_SIZE = 1e-2  # detections narrower or shorter (resized pixels) are
 @dataclasses.dataclass(frozen=True)
 class HeadSettings:
     """The Fast R-CNN head's hyper-parameters; paper values as defaults. Values that cannot work
-    raise ValueError naming the field (`config.model.head.<field>`)."""
+    raise `ConfigError` naming the field (`config.model.head.<field>`): each field's type and
+    range are in `RULES`."""
 
     pooler: str = "pool"  # the paper's RoIPool; "align" for RoIAlign (torchvision)
     output_size: int = 7  # 14 for the C4 head (res5 halves it)
@@ -59,24 +61,41 @@ class HeadSettings:
     # pairs enter the class-wise NMS
     rois: str = "proposals"
 
+    RULES: ClassVar[dict] = {
+        "pooler": fields.choice(*POOLERS),
+        "output_size": fields.count(),
+        "box_head": fields.choice(*BOX_HEADS),
+        "sampling_ratio": fields.count(low=0),
+        "aligned": fields.flag(),
+        "widths": fields.sequence(fields.count()),
+        "dropout": fields.number(low=0, below=1),
+        "batch_size": fields.optional(fields.count()),
+        "positive_fraction": fields.fraction(),
+        "foreground_iou": fields.fraction(),
+        "background_iou": fields.sequence(fields.fraction(), length=2),
+        "beta": fields.number(low=0),
+        "score_threshold": fields.fraction(),
+        "nms_threshold": fields.fraction(),
+        "max_detections": fields.count(),
+        "proposal_gradients": fields.flag(),
+        "rois": fields.choice(*ROI_SOURCES),
+    }
+
     def __post_init__(self):
-        for field, allowed in (
-            ("pooler", POOLERS),
-            ("box_head", BOX_HEADS),
-            ("rois", ROI_SOURCES),
-        ):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(
-                    f"config.model.head.{field} must be one of {allowed}, got {value!r}"
-                )
+        fields.check_section(self, self.RULES, "config.model.head")
+        low, high = self.background_iou
+        if low > high:
+            raise ConfigError(
+                f"config.model.head.background_iou must be (low, high) with low <= high, got "
+                f"{self.background_iou}"
+            )
         if self.proposal_gradients and self.pooler != "align":
-            raise ValueError(
+            raise ConfigError(
                 "config.model.head.proposal_gradients needs config.model.head.pooler='align' "
                 "(RoIPool rounds)"
             )
         if self.proposal_gradients and self.rois == "anchors":
-            raise ValueError(
+            raise ConfigError(
                 "config.model.head.proposal_gradients: the one-stage variant "
                 "(config.model.head.rois='anchors') has no proposals to differentiate"
             )

@@ -17,15 +17,16 @@ truth never makes a positive.
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from frcnn_jax import fields, ops
 from frcnn_jax import kernels as kernels_lib
-from frcnn_jax import ops
+from frcnn_jax.errors import ConfigError
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ANCHOR_STYLES = ("torchvision", "py-faster-rcnn")
@@ -33,10 +34,19 @@ OBJECTNESS = ("softmax", "sigmoid")
 TEST_RANKINGS = ("objectness", "random")
 
 
+def _anchor_sizes(value):
+    """Positive sizes, or one non-empty tuple of positive sizes per pyramid level."""
+    size = fields.number(above=0)
+    if all(isinstance(v, (tuple, list)) for v in value):
+        return len(value) > 0 and all(fields.sequence(size, min_length=1).test(v) for v in value)
+    return fields.sequence(size, min_length=1).test(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class RPNSettings:
     """The RPN's hyper-parameters; paper values as defaults (torchvision's in comments). Values
-    that cannot work raise ValueError naming the field (`config.model.rpn.<field>`)."""
+    that cannot work raise `ConfigError` naming the field (`config.model.rpn.<field>`): each
+    field's type and range are in `RULES`."""
 
     anchor_sizes: tuple = (128, 256, 512)  # or one tuple per pyramid level: ((32,), (64,), ...)
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
@@ -75,17 +85,42 @@ class RPNSettings:
     test_ranking: str = "objectness"
     test_regression: bool = True  # False: the anchors themselves are the proposals (no reg layer)
 
+    RULES: ClassVar[dict] = {
+        "anchor_sizes": fields.Rule(
+            _anchor_sizes, "positive sizes, or a tuple of positive sizes per level"
+        ),
+        "aspect_ratios": fields.sequence(fields.number(above=0), min_length=1),
+        "anchor_style": fields.choice(*ANCHOR_STYLES),
+        "channels": fields.count(),
+        "objectness": fields.choice(*OBJECTNESS),
+        "positive_iou": fields.fraction(),
+        "negative_iou": fields.fraction(),
+        "batch_size": fields.optional(fields.count()),
+        "positive_fraction": fields.fraction(),
+        "allowed_border": fields.optional(fields.number()),
+        "train_pre_nms_top_n": fields.count(),
+        "train_post_nms_top_n": fields.count(),
+        "test_pre_nms_top_n": fields.count(),
+        "test_post_nms_top_n": fields.count(),
+        "nms_threshold": fields.fraction(),
+        "min_size": fields.number(low=0),
+        "min_size_original": fields.flag(),
+        "box_weight": fields.number(low=0),
+        "box_normalizer": fields.optional(fields.number(above=0)),
+        "beta": fields.number(low=0),
+        "shared_features": fields.flag(),
+        "test_nms": fields.flag(),
+        "test_ranking": fields.choice(*TEST_RANKINGS),
+        "test_regression": fields.flag(),
+    }
+
     def __post_init__(self):
-        for field, allowed in (
-            ("anchor_style", ANCHOR_STYLES),
-            ("objectness", OBJECTNESS),
-            ("test_ranking", TEST_RANKINGS),
-        ):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(
-                    f"config.model.rpn.{field} must be one of {allowed}, got {value!r}"
-                )
+        fields.check_section(self, self.RULES, "config.model.rpn")
+        if self.negative_iou > self.positive_iou:
+            raise ConfigError(
+                "config.model.rpn.negative_iou must be <= positive_iou, got "
+                f"{self.negative_iou} > {self.positive_iou}"
+            )
 
     @property
     def anchors_per_location(self):

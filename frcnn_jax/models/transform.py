@@ -2,18 +2,20 @@
 
 import jax.numpy as jnp
 
+from frcnn_jax.errors import ConfigError
+
 CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 def check(*, pixel_mean, pixel_std, channel_order):
-    """ValueError naming the field for an input convention that cannot work."""
+    """`ConfigError` naming the field for an input convention that cannot work."""
     if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}"
         )
     for name, values in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
         if len(values) != 3 or (name == "pixel_std" and min(values) <= 0):
-            raise ValueError(f"config.model.{name}: need 3 values (std > 0), got {values}")
+            raise ConfigError(f"config.model.{name}: need 3 values (std > 0), got {values}")
 
 
 def normalize(images, image_sizes, *, pixel_mean, pixel_std, channel_order):

@@ -54,7 +54,8 @@ def measure_steps_per_second(config, *, steps=30, warmup=3):
         state, metrics = step_fn(state, inputs, key, None)
         return metrics["loss"]
 
-    return time_steps(step, steps=steps, warmup=warmup, block=jax.block_until_ready)
+    with batches:
+        return time_steps(step, steps=steps, warmup=warmup, block=jax.block_until_ready)
 
 
 def fit_to_budget(train, seconds, steps_per_second):

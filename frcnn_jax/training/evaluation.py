@@ -10,6 +10,7 @@ import numpy as np
 
 from frcnn_jax import checkpointing, rundir, sharding
 from frcnn_jax.data import make_batches, sources
+from frcnn_jax.errors import MissingFile
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model, roi_heads
 from frcnn_jax.training.initial import initial_variables
@@ -45,6 +46,7 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
     scales = tuple(config.eval.get("scales") or ())
     streams = [_batches(sources.at_scale(data, s), split, config, mesh) for s in scales]
     batches, info = streams[0] if streams else _batches(data, split, config, mesh)
+    sources.check_class_count(model.num_classes, info, data)
     detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
     if len(streams) > 1:
         detect_fn = _pyramid(detect_fn, [iter(b) for b, _ in streams[1:]], model.head)
@@ -66,7 +68,9 @@ def _batches(data, split, config, mesh):
     batches, info = make_batches(
         data,
         split,
-        batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
+        batch_size=sharding.local_batch_size(
+            config.eval.batch_size, mesh, "config.eval.batch_size"
+        ),
         train=False,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
@@ -119,7 +123,7 @@ def evaluate_checkpoint(config, workdir, step=None, *, allow_model_change=False)
     if step is None and config.model.get("init_checkpoint"):
         step, variables = 0, initial_variables(config, model)
     elif step is None:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"no checkpoints in {checkpoints.directory}: train first, or set "
             "config.model.init_checkpoint to evaluate imported weights"
         )

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frcnn_jax import checkpointing, weights
+from frcnn_jax.errors import MissingFile
 from frcnn_jax.models import FasterRCNN, trainable_mask
 from frcnn_jax.training.optim import make_optimizer
 from frcnn_jax.training.step import TrainState
@@ -54,7 +55,7 @@ def _init_weights(path):
     checkpoints = checkpointing.Checkpoints(path)
     step = checkpoints.latest_step()
     if step is None:
-        raise FileNotFoundError(f"config.model.init_checkpoint: no checkpoints in {path}")
+        raise MissingFile(f"config.model.init_checkpoint: no checkpoints in {path}")
     tree = checkpoints.restore_variables(step)
     flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
     log.info("config.model.init_checkpoint: step %d of %s", step, checkpoints.directory)

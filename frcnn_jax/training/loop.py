@@ -59,8 +59,10 @@ def _train_and_evaluate(config, workdir, checkpoints, final_report, last_step):
     if train.scheme == "non_approximate_joint":  # gradients through RoIAlign into proposals
         model = model.clone(head=dataclasses.replace(model.head, proposal_gradients=True))
     _prepare_once(config.data)
+    info = sources.open_split(config.data, config.data.train_split)[1]
+    sources.check_class_count(config.model.num_classes, info, config.data)
     if jax.process_index() == 0:  # the config and class names: a workdir rebuilds its model
-        rundir.write(workdir, config, sources.open_split(config.data, config.data.train_split)[1])
+        rundir.write(workdir, config, info)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if train.scheme == "alternating":
         state = train_alternating(config, workdir, model, mesh, writer)

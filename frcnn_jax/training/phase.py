@@ -58,7 +58,7 @@ def train_phase(
     key = jax.random.key(train.seed + seed_offset)
     step = int(state.step)
     pending, start, start_step = [], time.perf_counter(), step
-    with _Stop() as stop:
+    with batches, _Stop() as stop:  # the loader's workers end with the phase
         while step < num_steps:
             inputs = sharding.shard_batch(next(batches).inputs, mesh)
             state, metrics = step_fn(state, inputs, key, proposer)
