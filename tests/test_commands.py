@@ -83,7 +83,7 @@ def test_each_command_prints_a_user_error_as_one_line(paths):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, lines))
     wrong = []
-    for (command, args, said), line, result in zip(CASES, lines, results, strict=True):
+    for (command, args, said), result in zip(CASES, results, strict=True):
         last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
         ok = (
             result.returncode != 0

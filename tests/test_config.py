@@ -9,9 +9,14 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from frcnn_jax import config as config_lib
+from frcnn_jax import fields
 from frcnn_jax.config import base_config, check_config, config_from_file, model_config
+from frcnn_jax.data import config as data_config_lib
+from frcnn_jax.data import sources
 from frcnn_jax.data.config import data_config
-from frcnn_jax.models import HeadSettings, RPNSettings, build_model
+from frcnn_jax.errors import ConfigError
+from frcnn_jax.models import MODEL_RULES, HeadSettings, RPNSettings, build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
@@ -93,7 +98,7 @@ def test_optional_fields_take_none_or_a_number_and_reject_anything_else(monkeypa
         section, field = flag.split("=")[0].split(".")
         assert getattr(getattr(build_model(config), section), field) == want
     config = parse(voc, "--config.model.rpn.allowed_border=wide", monkeypatch=monkeypatch)
-    with pytest.raises(ValueError, match=r"config.model.rpn.allowed_border must be float or None"):
+    with pytest.raises(ConfigError, match=r"config.model.rpn.allowed_border must be None or a"):
         build_model(config)
     with pytest.raises(flags.IllegalFlagValueError, match="nms_threshold"):
         parse(voc, "--config.model.head.nms_threshold=high", monkeypatch=monkeypatch)
@@ -143,7 +148,7 @@ def test_input_convention_fields_reach_the_model_and_bad_values_are_named(monkey
     ):
         check_config(config)
     config = parse(voc, "--config.model.pixel_std=(1.0, 0.0, 1.0)", monkeypatch=monkeypatch)
-    with pytest.raises(ValueError, match=r"config.model.pixel_std: need 3 values"):
+    with pytest.raises(ConfigError, match=r"config.model.pixel_std must be a tuple of 3 values"):
         check_config(config)
 
 
@@ -184,3 +189,85 @@ def test_the_kernels_field_reaches_every_layer(monkeypatch):
     assert model.kernels == model.backbone.kernels == "xla"
     with pytest.raises(ValueError, match=r"config\.model\.kernels must be one of"):
         build_model(parse(CONFIG_FILES[0], "--config.model.kernels=fast", monkeypatch=monkeypatch))
+
+
+def test_every_field_has_a_rule_and_every_default_passes_it():
+    c = base_config()
+    sections = {
+        "config.data": (c.data, data_config_lib.RULES),
+        "config.model": (c.model, MODEL_RULES),
+        "config.model.rpn": (c.model.rpn, RPNSettings.RULES),
+        "config.model.head": (c.model.head, HeadSettings.RULES),
+        "config.train": (c.train, config_lib.TRAIN_RULES),
+        "config.eval": (c.eval, config_lib.EVAL_RULES),
+    }
+    for name, (values, rules) in sections.items():
+        assert set(values.keys()) == set(rules), name
+        fields.check_section(values, rules, name)
+
+
+BAD_VALUES = [  # (field, value, what the message says the field must be)
+    ("model.rpn.nms_threshold", 1.5, "a number >= 0 and <= 1, got 1.5"),
+    ("model.rpn.positive_iou", -0.1, "a number >= 0 and <= 1"),
+    ("model.rpn.negative_iou", 0.8, "<= positive_iou, got 0.8 > 0.7"),
+    ("model.rpn.batch_size", 0, "None or an integer >= 1"),
+    ("model.rpn.aspect_ratios", (), "a tuple of 1 or more values"),
+    ("model.rpn.anchor_sizes", ((12, 24), (), (128,)), "a tuple of positive sizes per level"),
+    ("model.rpn.train_post_nms_top_n", 0, "an integer >= 1"),
+    ("model.head.dropout", 1.0, "a number >= 0 and < 1"),
+    ("model.head.background_iou", (0.5, 0.1), "low <= high"),
+    ("model.head.max_detections", 0, "an integer >= 1"),
+    ("model.num_classes", 0, "an integer >= 1"),
+    ("model.frozen_stages", -1, "None or an integer >= 0"),
+    ("data.canvas", (320, 0), "a tuple of 2 values, each an integer >= 1"),
+    ("data.canvas", (16, 320), "smaller than the backbone's coarsest stride (32 pixels)"),
+    ("data.workers", -1, "an integer >= 0"),
+    ("data.max_boxes", 0, "an integer >= 1"),
+    ("data.min_size", 400, "need min_size <= max_size"),
+    ("train.batch_size", 0, "an integer >= 1"),
+    ("train.learning_rate", 0.0, "a number > 0"),
+    ("train.momentum", 1.0, "a number >= 0 and < 1"),
+    ("train.warmup_steps", -1, "an integer >= 0"),
+    ("train.warmup_factor", 1.5, "a number > 0 and <= 1"),
+    ("train.grad_clip_norm", 0.0, "None or a number > 0"),
+    ("train.alternating_phase_steps", (10, 10), "need 4 positive step counts"),
+    ("eval.iou_threshold", 0.0, "a number > 0 and <= 1"),
+    ("eval.batch_size", 0, "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, said", BAD_VALUES)
+def test_a_value_that_cannot_work_is_named_with_its_field(field, value, said):
+    c = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    *path, name = field.split(".")
+    section = c
+    for part in path:
+        section = section[part]
+    section[name] = value
+    with pytest.raises(ConfigError) as error:
+        check_config(c)
+    message = str(error.value)
+    assert f"config.{field}" in message.replace("/", ".") and said in message, message
+
+
+def test_a_misspelt_field_in_a_config_file_is_named():
+    c = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    c.train.lerning_rate = 0.1  # a config file's typo: ConfigDict adds the field silently
+    with pytest.raises(ConfigError, match=r"config.train has no field 'lerning_rate' \(did you"):
+        check_config(c)
+    c = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    c.trian = {"learning_rate": 0.1}
+    with pytest.raises(ConfigError, match=r"config has no field 'trian' \(did you mean 'train'"):
+        check_config(c)
+
+
+def test_the_model_class_count_must_be_the_datasets():
+    c = config_from_file(ROOT / "configs" / "shapes_tiny.py")
+    info = sources.DatasetInfo(("a", "b", "c"), (1, 2, 3), num_examples=10)
+    sources.check_class_count(3, info, c.data)
+    with pytest.raises(ConfigError, match=r"num_classes is 8 but the dataset shapes/320 has 3"):
+        sources.check_class_count(8, info, c.data)
+    c.data.class_subset = ("a", "c")
+    subset = sources.DatasetInfo(("a", "c"), (1, 3), num_examples=10)
+    with pytest.raises(ConfigError, match=r"3 but config.data.class_subset \('a', 'c'\) has 2"):
+        sources.check_class_count(3, subset, c.data)

@@ -251,3 +251,38 @@ def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
             final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4), strict=True
         ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["error", "sigterm"])
+def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path, how):
+    """A run with grain workers that ends in an error (a non-finite loss, after the workers
+    started) or by SIGTERM mid-training leaves no worker process, no shared memory segment
+    and no "leaked shared_memory" warning."""
+    extra = "c.data.workers = 2\n"
+    if how == "error":
+        extra += "c.train.learning_rate = 1e12\nc.train.warmup_steps = 0\n"
+    else:
+        extra += "c.train.num_steps = 400\n"
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir, extra)
+    shared_before = set(os.listdir("/dev/shm"))
+    process = run_train(config_file, tmp_path / "run", wait=False)
+    if how == "sigterm":
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.is_file() and metrics.stat().st_size) and time.time() < deadline:
+            time.sleep(0.2)
+        workers = descendants(process.pid)
+        assert workers, "the run has no worker processes"
+        process.send_signal(signal.SIGTERM)
+    else:
+        workers = set()
+    output, _ = process.communicate(timeout=300)
+    if how == "error":
+        assert process.returncode == 1
+        assert output.strip().splitlines()[-1].startswith("error: non-finite loss")
+    else:
+        assert process.returncode == 0 and "stopped at step" in output
+    assert "leaked shared_memory" not in output and "Traceback" not in output
+    time.sleep(1.5)  # the workers' owner watch polls every 0.5 s
+    assert not [pid for pid in workers if alive(pid)]
+    assert not {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith("psm_")}

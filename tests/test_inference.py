@@ -9,9 +9,10 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.app import UsageError
 from PIL import Image
 
-from frcnn_jax import cli, rundir, training
+from frcnn_jax import cli, errors, exported, rundir, training
 from frcnn_jax.inference import Detector, draw
 from frcnn_jax.models import FasterRCNN
 from tests.data.test_folders import _bomb_png
@@ -103,7 +104,7 @@ def test_a_given_canvas_replaces_the_configs_for_both_orientations(run):
         canvas, size, _ = detector.prepare(picture(*shape, 0))
         assert canvas.shape[:2] == want and size[0] <= want[0] and size[1] <= want[1]
     assert cli.canvas(["64", "96"]) == (64, 96) and cli.canvas(None) is None
-    with pytest.raises(ValueError, match="--canvas must be H,W"):
+    with pytest.raises(UsageError, match="--canvas must be H,W"):
         cli.canvas(["64"])
 
 
@@ -253,6 +254,12 @@ def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run
     np.testing.assert_allclose(got["boxes"][0][keep], np.asarray(want.boxes[0])[keep], atol=1e-3)
     np.testing.assert_allclose(got["scores"][0][keep], np.asarray(want.scores[0])[keep], atol=1e-5)
     np.testing.assert_array_equal(got["classes"][0][keep], np.asarray(want.classes[0])[keep])
+    data = bytearray(path.read_bytes())  # damaged: 64 bytes in the middle inverted
+    for i in range(len(data) // 2 - 32, len(data) // 2 + 32):
+        data[i] ^= 0xFF
+    (tmp_path / "damaged.jaxexport").write_bytes(bytes(data))
+    with pytest.raises(errors.DamagedFile, match=r"exported detector .*damaged.jaxexport"):
+        exported.load(tmp_path / "damaged.jaxexport")
 
 
 def test_the_readme_detector_example_runs(run, tmp_path, monkeypatch):

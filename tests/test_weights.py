@@ -15,9 +15,10 @@ import pytest
 import torch
 import torchvision
 
-from frcnn_jax import weights
+from frcnn_jax import errors, npz, weights
 from frcnn_jax.models import VGG16, Res5Head, ResNet
 from frcnn_jax.models.roi_heads import MLPHead
+from frcnn_jax.npz import CHECKSUM
 
 torch.manual_seed(0)
 
@@ -277,9 +278,34 @@ def test_loading_is_strict_and_names_the_tensor(tmp_path):
     loaded = weights.restore_into(variables, *weights.load(path))
     np.testing.assert_array_equal(loaded["params"]["backbone"]["body"]["conv1"]["kernel"], 1.0)
     np.testing.assert_array_equal(loaded["params"]["rpn_head"]["conv"]["kernel"], 0.0)
-    np.savez(tmp_path / "plain.npz", **body)
-    with pytest.raises(ValueError, match="not a frcnn_jax weight file"):
+    npz.save(tmp_path / "other.npz", body)  # checksummed, but no __covers__
+    with pytest.raises(errors.DamagedFile, match="not a frcnn_jax weight file"):
+        weights.load(tmp_path / "other.npz")
+
+
+def test_a_damaged_or_unchecksummed_weight_file_is_refused_naming_it(tmp_path):
+    flat = {"params/backbone/conv1/kernel": np.arange(4096, dtype=np.float32).reshape(64, 64)}
+    path = tmp_path / "w.npz"
+    weights.save(path, flat, ["params/backbone"])
+    assert weights.load(path)[1] == ["params/backbone"]
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2 - 32, len(data) // 2 + 32):  # inside the array's bytes
+        data[i] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    with pytest.raises(errors.DamagedFile, match=r"flipped.npz: .*(checksum|unreadable)"):
+        weights.load(tmp_path / "flipped.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(errors.DamagedFile, match=r"cut.npz: unreadable"):
+        weights.load(tmp_path / "cut.npz")
+    altered = {CHECKSUM: np.load(path)[CHECKSUM], "__covers__": np.array(["params/backbone"])}
+    np.savez(tmp_path / "altered.npz", **altered, **{k: v + 1 for k, v in flat.items()})
+    with pytest.raises(errors.DamagedFile, match=r"altered.npz: its contents do not match"):
+        weights.load(tmp_path / "altered.npz")
+    np.savez(tmp_path / "plain.npz", __covers__=np.array(["params/backbone"]), **flat)
+    with pytest.raises(errors.DamagedFile, match=r"plain.npz: no checksum"):
         weights.load(tmp_path / "plain.npz")
+    with pytest.raises(errors.MissingFile, match=r"no such file .*absent.npz"):
+        weights.load(tmp_path / "absent.npz")
 
 
 def run_import(*args):

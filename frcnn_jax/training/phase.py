@@ -11,6 +11,7 @@ import numpy as np
 
 from frcnn_jax import checkpointing, sharding
 from frcnn_jax.data import make_batches
+from frcnn_jax.errors import UserError
 from frcnn_jax.training.evaluation import evaluate
 from frcnn_jax.training.metrics import flat_scalars, log_progress
 from frcnn_jax.training.step import LOSS_NAMES, jit_train_step
@@ -88,6 +89,10 @@ def train_phase(
     return state
 
 
+class NonFinite(UserError, FloatingPointError):
+    """Training met a non-finite loss or gradient (a learning rate too high, bad input)."""
+
+
 class _Stop:
     """SIGTERM / Ctrl-C: finish the current step, save, exit."""
 
@@ -124,7 +129,7 @@ def _check_finite(state, pending, checkpoints):
             terms = {k: float(values[k]) for k in (*LOSS_NAMES, "grad_norm")}
             break
     checkpoints.wait()
-    raise FloatingPointError(
+    raise NonFinite(
         f"non-finite loss or gradient at step {bad} (loss terms: {terms or 'see metrics.jsonl'});"
         f" that update was skipped and training stopped; the last good checkpoint is step "
         f"{checkpoints.latest_step()} in {checkpoints.directory}"

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from frcnn_jax.data import checks, folders
+from frcnn_jax.errors import UserError
 
 BOMB_SIDE = 100_000
 
@@ -171,7 +172,7 @@ def test_voc_builder_prepares_logs_and_refuses_an_empty_split(voc_root, tmp_path
     from frcnn_jax.data import builders
 
     builder = builders.voc_folder(voc_root, ["cat", "dog"], data_dir=tmp_path / "tfds")
-    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match="no valid examples"):
+    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="no valid examples"):
         builder.download_and_prepare(file_format="array_record")
     assert any("5 examples; problems:" in r.message for r in caplog.records)
     with pytest.raises(FileNotFoundError, match="not a VOC-layout folder"):

@@ -265,7 +265,7 @@ def test_variant_combinations_that_cannot_work_are_named():
     cases = [
         (dict(train__scheme="alternating", train__alternating_phases=2), "alternating_phases=2"),
         (dict(train__scheme="alternating", model__rpn__shared_features=False), "shared_features"),
-        (dict(train__alternating_phases=3), "alternating_phases must be 4 or 2"),
+        (dict(train__alternating_phases=3), r"alternating_phases must be one of \(2, 4\)"),
         (dict(model__head__rois="anchors", train__scheme="alternating"), "rois='anchors'"),
         (dict(model__head__rois="anchors", model__rpn__shared_features=False), "one-stage"),
     ]

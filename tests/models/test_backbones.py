@@ -46,7 +46,9 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 
 def test_unknown_backbone_is_named():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
+    with pytest.raises(
+        ValueError, match=r"config.model.backbone must be one of .* got 'resnet9000'"
+    ):
         backbone_named("resnet9000")
 
 

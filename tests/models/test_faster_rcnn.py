@@ -134,9 +134,7 @@ def test_detect_and_losses_trace_once_per_shape():
 def test_build_model_rejects_unknown_fields_and_values_that_cannot_work():
     config = tiny_model_config()
     config.model.head.no_such_field = 1
-    with pytest.raises(
-        ValueError, match=r"config.model.head has unknown fields \['no_such_field'\]"
-    ):
+    with pytest.raises(ValueError, match=r"config.model.head has no field 'no_such_field'"):
         build_model(config)
     with pytest.raises(ValueError, match=r"config.model.head has no field 'no_such_field'"):
         tiny_model_config(no_such_field=1)
