@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
-from tests.tiny import ROOT, run_train, write_config_file
+from frcnn_jax import rundir
+from frcnn_jax.data import sources
+from tests.tiny import ROOT, tiny_config, write_config_file
 
 pytestmark = pytest.mark.slow  # subprocess runs
 
@@ -36,6 +39,7 @@ CASES = [
     ),
     ("export", ["--workdir={empty}", "--output={tmp}/x.jaxexport"], "run.json"),
     ("export", ["--workdir={workdir}", "--checkpoint=7", "--output={tmp}/x.jaxexport"], "step 7"),
+    ("export", ["--workdir={workdir}", "--output={tmp}/x.jaxexport"], "no checkpoints"),
     ("import_weights", ["--arch=vgg16", "--input={tmp}/no.pth", "--output={tmp}/w.npz"], "no.pth"),
     (
         "import_weights",
@@ -66,13 +70,16 @@ def run(line):
 
 @pytest.fixture(scope="module")
 def paths(data_dir, tmp_path_factory):
+    """A config file (its dataset prepared), a workdir that describes itself (run.json) but
+    has no checkpoint, an empty folder, a picture and a file that only looks like a weight
+    file."""
     tmp = tmp_path_factory.mktemp("commands")
     config = write_config_file(tmp / "config.py", data_dir, "c.train.num_steps = 2\n")
     workdir, empty = tmp / "run", tmp / "empty"
     empty.mkdir()
-    assert run_train(config, workdir).returncode == 0
-    from PIL import Image
-
+    config_values = tiny_config(data_dir)
+    _, info, _ = sources.open_split(config_values.data, "train")  # prepared once, not racing
+    rundir.write(workdir, config_values, info)
     Image.new("RGB", (40, 30)).save(tmp / "picture.png")
     (tmp / "damaged.npz").write_bytes(b"PK\x03\x04 not really a zip file")
     return {"config": config, "workdir": workdir, "empty": empty, "tmp": tmp}
