@@ -74,7 +74,7 @@ class HeadSettings:
         "foreground_iou": fields.fraction(),
         "background_iou": fields.sequence(fields.fraction(), length=2),
         "beta": fields.number(low=0),
-        "score_threshold": fields.fraction(),
+        "score_threshold": fields.number(high=1),  # <= 0 keeps every candidate
         "nms_threshold": fields.fraction(),
         "max_detections": fields.count(),
         "proposal_gradients": fields.flag(),
