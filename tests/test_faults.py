@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from frcnn_jax import checkpointing, errors, rundir, training
+from frcnn_jax.data import sources
 from frcnn_jax.data.workers import alive
 from frcnn_jax.models import build_model
 from tests.tiny import ROOT, run_train, tiny_config, write_config_file
@@ -234,55 +235,62 @@ def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
         tmp_path / "cfg.py", data_dir, "c.train.batch_size = 8\nc.eval.batch_size = 8\n"
     )
 
-    def train(workdir, steps, env=None):
-        done = run_train(config_file, workdir, f"--config.train.num_steps={steps}", env=env)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done
+    sources.prepare_all(config(data_dir).data)  # once, before two runs would race to
 
-    train(tmp_path / "one", 4)  # checkpoints at 2 and 4
-    train(tmp_path / "8_to_1", 2, DEVICES_8)
+    def train(*runs):
+        """Run (workdir, steps, env) trainings side by side; their outputs."""
+        started = [
+            run_train(config_file, w, f"--config.train.num_steps={n}", env=env, wait=False)
+            for w, n, env in runs
+        ]
+        outputs = [process.communicate(timeout=600)[0] for process in started]
+        for process, output in zip(started, outputs, strict=True):
+            assert process.returncode == 0, output
+        return outputs
+
+    train((tmp_path / "one", 4, None), (tmp_path / "8_to_1", 2, DEVICES_8))  # one: 2 and 4
     # 1 to 8: the uninterrupted run as if stopped after its step-2 checkpoint
     shutil.copytree(tmp_path / "one", tmp_path / "1_to_8")
     shutil.rmtree(tmp_path / "1_to_8" / "checkpoints" / "4")
-    for name, after in (("8_to_1", None), ("1_to_8", DEVICES_8)):
-        resumed = train(tmp_path / name, 4, after)
-        assert "resumed from" in resumed.stdout + resumed.stderr
+    outputs = train((tmp_path / "8_to_1", 4, None), (tmp_path / "1_to_8", 4, DEVICES_8))
+    for name, output in zip(("8_to_1", "1_to_8"), outputs, strict=True):
+        assert "resumed from" in output
         for a, b in zip(
             final_params(tmp_path / name, 4), final_params(tmp_path / "one", 4), strict=True
         ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["error", "sigterm"])
-def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path, how):
-    """A run with grain workers that ends in an error (a non-finite loss, after the workers
-    started) or by SIGTERM mid-training leaves no worker process, no shared memory segment
-    and no "leaked shared_memory" warning."""
-    extra = "c.data.workers = 2\n"
-    if how == "error":
-        extra += "c.train.learning_rate = 1e12\nc.train.warmup_steps = 0\n"
-    else:
-        extra += "c.train.num_steps = 400\n"
-    config_file = write_config_file(tmp_path / "cfg.py", data_dir, extra)
+def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path):
+    """Two runs with grain workers, side by side: one ends in an error (a non-finite loss,
+    after its workers started), the other by SIGTERM mid-training. Neither leaves a worker
+    process, a shared memory segment or a "leaked shared_memory" warning."""
+    workers = "c.data.workers = 2\n"
+    exploding = workers + "c.train.learning_rate = 1e12\nc.train.warmup_steps = 0\n"
+    sources.prepare_all(config(data_dir).data)  # once, before two runs would race to
     shared_before = set(os.listdir("/dev/shm"))
-    process = run_train(config_file, tmp_path / "run", wait=False)
-    if how == "sigterm":
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 300
-        while not (metrics.is_file() and metrics.stat().st_size) and time.time() < deadline:
-            time.sleep(0.2)
-        workers = descendants(process.pid)
-        assert workers, "the run has no worker processes"
-        process.send_signal(signal.SIGTERM)
-    else:
-        workers = set()
-    output, _ = process.communicate(timeout=300)
-    if how == "error":
-        assert process.returncode == 1
-        assert output.strip().splitlines()[-1].startswith("error: non-finite loss")
-    else:
-        assert process.returncode == 0 and "stopped at step" in output
+    error = run_train(
+        write_config_file(tmp_path / "a.py", data_dir, exploding), tmp_path / "a", wait=False
+    )
+    stopped = run_train(
+        write_config_file(tmp_path / "b.py", data_dir, workers + "c.train.num_steps = 400\n"),
+        tmp_path / "b",
+        wait=False,
+    )
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.2)
+    started = descendants(stopped.pid)
+    assert started, "the run has no worker processes"
+    stopped.send_signal(signal.SIGTERM)
+    output, _ = stopped.communicate(timeout=300)
+    assert stopped.returncode == 0 and "stopped at step" in output
+    assert "leaked shared_memory" not in output and "Traceback" not in output
+    output, _ = error.communicate(timeout=300)
+    assert error.returncode == 1
+    assert output.strip().splitlines()[-1].startswith("error: non-finite loss"), output[-2000:]
     assert "leaked shared_memory" not in output and "Traceback" not in output
     time.sleep(1.5)  # the workers' owner watch polls every 0.5 s
-    assert not [pid for pid in workers if alive(pid)]
+    assert not [pid for pid in started if alive(pid)]
     assert not {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith("psm_")}
