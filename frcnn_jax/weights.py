@@ -39,7 +39,7 @@ import flax
 import numpy as np
 
 from frcnn_jax import npz
-from frcnn_jax.errors import DamagedFile, MissingFile
+from frcnn_jax.errors import ConfigError, DamagedFile, MissingFile
 
 log = logging.getLogger(__name__)
 
@@ -254,21 +254,35 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
 # ---------------------------------------------------------------- files
 
 
-def save(path, flat, covers):
-    """Write `from_torchvision`'s output as an .npz (`covers` under the key '__covers__') with
-    its checksum (`frcnn_jax.npz`)."""
+def save(path, flat, covers, *, backbone=None):
+    """Write `from_torchvision`'s output (or a pretrained backbone's, `frcnn_jax.pretraining`)
+    as an .npz (`covers` under the key '__covers__', the backbone's name under '__backbone__'
+    when given) with its checksum (`frcnn_jax.npz`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    npz.save(path, {"__covers__": np.array(covers), **flat})
+    named = {} if backbone is None else {BACKBONE_KEY: np.array(backbone)}
+    npz.save(path, {"__covers__": np.array(covers), **named, **flat})
 
 
-def load(path):
+BACKBONE_KEY = "__backbone__"
+
+
+def load(path, *, backbone=None):
     """(flat, covers) from an .npz written by `save`, its checksum verified (no pickles are
-    read): `MissingFile` / `DamagedFile` naming the file."""
+    read): `MissingFile` / `DamagedFile` naming the file. With `backbone` (the model's
+    `config.model.backbone`), a file that names another backbone is a `ConfigError` naming
+    both."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingFile(f"config.model.init_checkpoint: no such file {path}")
     flat = npz.load(path, "config.model.init_checkpoint")
+    stored = flat.pop(BACKBONE_KEY, None)
+    if backbone is not None and stored is not None and str(stored) != backbone:
+        raise ConfigError(
+            f"config.model.init_checkpoint {path} holds a {str(stored)!r} backbone but "
+            f"config.model.backbone is {backbone!r}: pretrain that backbone "
+            "(python -m frcnn_jax.pretrain) or set config.model.backbone to the file's"
+        )
     covers = flat.pop("__covers__", None)
     if covers is None:
         raise DamagedFile(

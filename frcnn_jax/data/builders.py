@@ -1,9 +1,10 @@
-"""TFDS builders: the `shapes` synthetic set and user folders (VOC layout, COCO JSON).
+"""TFDS builders: the `shapes` synthetic set and user folders (VOC layout, COCO JSON), and the
+`shapes_classes` classification set for pretraining.
 
-All three store the same features as TFDS's `voc` (image, image/id, image/filename, objects
-with bbox/label/is_difficult), in array_record files, so every source is read the same way
-through `tfds.data_source`. Preparing needs tensorflow(-cpu) (TFDS's writer); reading does not
-decode with TensorFlow.
+The detection builders store the same features as TFDS's `voc` (image, image/id,
+image/filename, objects with bbox/label/is_difficult), in array_record files, so every source is
+read the same way through `tfds.data_source`. Preparing needs tensorflow(-cpu) (TFDS's
+writer); reading does not decode with TensorFlow.
 """
 
 import concurrent.futures
@@ -19,7 +20,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from frcnn_jax.data import checks, folders, shapes
+from frcnn_jax.data import checks, folders, shapes, shapes_classes
 from frcnn_jax.errors import ConfigError, MissingFile, UserError
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,17 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         render = functools.partial(
             _shapes_record, c.seed, split, tuple(c.image_size), c.min_side, c.max_side
         )
-        indices = range(c.num_examples[split])
-        # Rendering is pure NumPy/PIL: spread it over the cores (spawned workers never import
-        # TensorFlow); results come back in order, so the bytes do not depend on the pool.
-        context = multiprocessing.get_context("spawn")
-        workers = min(os.cpu_count() or 1, 8)
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            yield from enumerate(pool.map(render, indices, chunksize=32))
+        yield from _rendered(render, c.num_examples[split])
+
+
+def _rendered(render, num_examples):
+    """(index, record) for index in range(num_examples), `render(index)` run over the cores:
+    rendering is pure NumPy/PIL (spawned workers never import TensorFlow) and results come back
+    in order, so the bytes do not depend on the pool."""
+    context = multiprocessing.get_context("spawn")
+    workers = min(os.cpu_count() or 1, 8)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from enumerate(pool.map(render, range(num_examples), chunksize=32))
 
 
 def _shapes_record(seed, split, image_size, min_side, max_side, index):
@@ -116,6 +121,50 @@ def _shapes_record(seed, split, image_size, min_side, max_side, index):
         ex["labels"],
         ex["difficult"],
     )
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShapesClassesConfig(tfds.core.BuilderConfig):
+    image_size: int = 64
+    seed: int = 0
+    num_examples: dict = dataclasses.field(
+        default_factory=lambda: {"train": 50000, "validation": 5000}
+    )
+
+
+class ShapesClasses(tfds.core.GeneratorBasedBuilder):
+    """Procedural shape crops and scenes for classification (see
+    `frcnn_jax.data.shapes_classes`): features `image` and `label`, like TFDS's ImageNet."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012
+    BUILDER_CONFIGS = [  # noqa: RUF012
+        ShapesClassesConfig(name="64", description="64x64 images, 16 classes."),
+    ]
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=list(shapes_classes.CLASS_NAMES)),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in self.builder_config.num_examples}
+
+    def _generate_examples(self, split):
+        c = self.builder_config
+        render = functools.partial(_shapes_classes_record, c.seed, split, c.image_size)
+        yield from _rendered(render, c.num_examples[split])
+
+
+def _shapes_classes_record(seed, split, size, index):
+    return shapes_classes.render(seed, split, index, size=size)
 
 
 # ---------------------------------------------------------------- user folders

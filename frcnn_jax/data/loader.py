@@ -54,7 +54,7 @@ class Batch(NamedTuple):
     local: "Batch | None" = None
 
 
-class _WithIndex:
+class WithIndex:
     """Source wrapper that passes the record index along (for names and default ids)."""
 
     def __init__(self, source, name):
@@ -79,7 +79,33 @@ def _local_only(counts):
     return np.asarray(counts)[None]
 
 
-class Batches:
+class Closing:
+    """A loader iterator's ending (`Batches`, `frcnn_jax.pretraining.data.ClassBatches`): a
+    context manager whose `close()` stops grain's worker processes (`self._iter`) and frees
+    the shared memory of the examples they made that were not taken yet. Loaders still open
+    when the process exits (an error, a signal turned into an exit by `frcnn_jax.cli`) are
+    closed then (`close_all`)."""
+
+    def _track(self):
+        _open.add(self)
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        _open.discard(self)
+        iterator = getattr(self._iter, "_iterator", None)  # grain's DataLoaderIterator
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
+
+
+class Batches(Closing):
     """Iterator of `Batch`es (NumPy arrays with a leading batch axis) with a saveable
     position: `get_state()` / `set_state()` (JSON-serializable).
 
@@ -127,7 +153,7 @@ class Batches:
         worker_count = data.workers if worker_count is None else worker_count
         if worker_count:
             workers.grain_flags_ready()
-        self._source = _WithIndex(source, name)
+        self._source = WithIndex(source, name)
         self._preprocess = Preprocess(data, train, label_map)
         self._loader = grain.DataLoader(
             data_source=self._source,
@@ -137,7 +163,7 @@ class Batches:
             shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=train),
         )
         self._iter = iter(self._loader)
-        _open.add(self)
+        self._track()
         self.consumed = 0  # records taken from the loader, valid or not
         self.name = name
         self.canvases = canvas_lib.canvases(
@@ -149,24 +175,6 @@ class Batches:
         self._max_boxes = data.max_boxes
         self._since_valid = 0
         self.problems = checks.Problems()
-
-    def __iter__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        """Stop the worker processes and free the shared memory of the examples they made
-        that were not taken yet. Loaders still open when the process exits (an error, a
-        signal turned into an exit by `frcnn_jax.cli`) are closed then (`close_all`)."""
-        _open.discard(self)
-        iterator = getattr(self._iter, "_iterator", None)  # grain's DataLoaderIterator
-        if iterator is not None and hasattr(iterator, "close"):
-            iterator.close()
 
     def __next__(self):
         while True:
@@ -260,12 +268,12 @@ class Batches:
             self._buckets[example["image"].shape[:2]].append(example)
 
 
-_open = weakref.WeakSet()  # Batches not closed yet
+_open = weakref.WeakSet()  # loaders (`Closing`) not closed yet
 
 
 @atexit.register
 def close_all():
-    """Close every open `Batches` (at exit: their workers' pending shared memory would
+    """Close every open loader (at exit: their workers' pending shared memory would
     otherwise outlive the process, and Python's resource tracker warn about it)."""
     for batches in list(_open):
         batches.close()

@@ -40,8 +40,14 @@ def _star(points=5, inner=0.42):
     return list(zip(0.5 + radius * np.cos(angles), 0.5 + radius * np.sin(angles), strict=True))
 
 
-# Outlines in the unit square (x, y), scaled to each object's width and height.
-_POLYGONS = {
+def _regular(sides):
+    angles = 2 * np.pi * np.arange(sides) / sides - np.pi / 2
+    return list(zip(0.5 + 0.5 * np.cos(angles), 0.5 + 0.5 * np.sin(angles), strict=True))
+
+
+# Outlines in the unit square (x, y), scaled to each object's width and height. The last six
+# are not detection classes: only the classification set (`shapes_classes`) draws them.
+POLYGONS = {
     "triangle": [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)],
     "diamond": [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)],
     "cross": [
@@ -60,10 +66,16 @@ _POLYGONS = {
     ],
     "star": _star(),
     "arrow": [(0, 0.32), (0.55, 0.32), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.68), (0, 0.68)],
+    "pentagon": _regular(5),
+    "hexagon": _regular(6),
+    "trapezoid": [(0.25, 0), (0.75, 0), (1, 1), (0, 1)],
+    "chevron": [(0, 0), (0.45, 0), (1, 0.5), (0.45, 1), (0, 1), (0.55, 0.5)],
+    "ell": [(0, 0), (0.4, 0), (0.4, 0.6), (1, 0.6), (1, 1), (0, 1)],
+    "bowtie": [(0, 0), (0.5, 0.35), (1, 0), (1, 1), (0.5, 0.65), (0, 1)],
 }
 
 
-def _object_mask(name, width, height):
+def object_mask(name, width, height):
     """bool [h, w] mask of one object drawn in its own (width x height) box."""
     w, h = max(round(width), 1), max(round(height), 1)
     canvas = Image.new("L", (w, h), 0)
@@ -76,11 +88,11 @@ def _object_mask(name, width, height):
             inset_x, inset_y = 0.25 * w, 0.25 * h
             draw.ellipse([inset_x, inset_y, w - 1 - inset_x, h - 1 - inset_y], fill=0)
     else:
-        draw.polygon([(x * (w - 1), y * (h - 1)) for x, y in _POLYGONS[name]], fill=255)
+        draw.polygon([(x * (w - 1), y * (h - 1)) for x, y in POLYGONS[name]], fill=255)
     return np.asarray(canvas) > 127
 
 
-def _smooth_noise(rng, size, cells, channels):
+def smooth_noise(rng, size, cells, channels):
     """Low-frequency noise in [0, 1]: random cells upsampled bilinearly."""
     small = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
     mode = "RGB" if channels == 3 else "L"
@@ -89,10 +101,10 @@ def _smooth_noise(rng, size, cells, channels):
     return big.reshape(size[0], size[1], channels)
 
 
-def _background(rng, height, width):
+def background(rng, height, width):
     base = rng.uniform(30, 225, 3)
-    texture = _smooth_noise(rng, (height, width), int(rng.integers(3, 12)), 3) - 0.5
-    fine = _smooth_noise(rng, (height, width), int(rng.integers(24, 64)), 1) - 0.5
+    texture = smooth_noise(rng, (height, width), int(rng.integers(3, 12)), 3) - 0.5
+    fine = smooth_noise(rng, (height, width), int(rng.integers(24, 64)), 1) - 0.5
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     slope = rng.normal(0, 40, 2)
     gradient = (slope[0] * yy / height + slope[1] * xx / width)[..., None]
@@ -100,13 +112,13 @@ def _background(rng, height, width):
     return np.clip(image, 0, 255)
 
 
-def _draw_clutter(rng, image, *, num_lines, num_blobs, max_width):
+def draw_clutter(rng, image, *, num_lines, num_blobs, max_width):
     """Lines and irregular blobs (thresholded noise), none of them objects."""
     height, width = image.shape[:2]
     for _ in range(num_blobs):
         side = int(rng.integers(12, max(13, min(height, width) // 3)))
         y, x = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
-        blob = _smooth_noise(rng, (side, side), int(rng.integers(3, 6)), 1)[..., 0]
+        blob = smooth_noise(rng, (side, side), int(rng.integers(3, 6)), 1)[..., 0]
         yy, xx = np.mgrid[0:side, 0:side] / side - 0.5
         blob = blob - 2.0 * (xx**2 + yy**2)  # fade out towards the window's border
         inside = blob > 0.45
@@ -146,8 +158,8 @@ def render(
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     height, width = image_size
-    image = _background(rng, height, width)
-    image = _draw_clutter(
+    image = background(rng, height, width)
+    image = draw_clutter(
         rng,
         image,
         num_lines=int(rng.integers(2, 10)),
@@ -155,7 +167,7 @@ def render(
         max_width=4,
     )
 
-    shading = 40 * (_smooth_noise(rng, (height, width), 4, 1)[..., 0] - 0.5)
+    shading = 40 * (smooth_noise(rng, (height, width), 4, 1)[..., 0] - 0.5)
     objects = []  # (label, mask in the frame, full mask size)
     for _ in range(int(rng.integers(0, max_objects + 1))):
         label = int(rng.integers(len(CLASS_NAMES)))
@@ -163,7 +175,7 @@ def render(
         aspect = np.exp(rng.uniform(-np.log(MAX_ASPECT), np.log(MAX_ASPECT)))  # width / height
         w, h = (longer, longer / aspect) if aspect >= 1 else (longer * aspect, longer)
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        mask = _object_mask(CLASS_NAMES[label], w, h)
+        mask = object_mask(CLASS_NAMES[label], w, h)
         x0, y0 = round(cx - mask.shape[1] / 2), round(cy - mask.shape[0] / 2)
         full = np.zeros((height, width), bool)
         fy0, fx0 = max(y0, 0), max(x0, 0)
@@ -174,7 +186,7 @@ def render(
         objects.append((label, full, mask.sum()))
 
     # A few thin lines over everything; they do not change what counts as visible.
-    image = _draw_clutter(rng, image, num_lines=int(rng.integers(0, 4)), num_blobs=0, max_width=2)
+    image = draw_clutter(rng, image, num_lines=int(rng.integers(0, 4)), num_blobs=0, max_width=2)
     image += rng.normal(0, 6, image.shape)
 
     boxes, visible, difficult = visible_boxes([m for _, m, _ in objects], [t for *_, t in objects])

@@ -32,9 +32,11 @@ def get_builder(data):
         return builders.voc_folder(data.path, data.get("class_names") or None, data.data_dir)
     if data.name == "coco_folder":
         return builders.coco_folder(dict(data.coco_splits), data.data_dir)
-    if data.name.startswith("shapes"):
+    if data.name == "shapes" or data.name.startswith("shapes/"):
         _, _, config_name = data.name.partition("/")
-        config = _shapes_config(config_name or "512", data.get("shapes_num_examples"))
+        config = builder_config(
+            builders.Shapes, config_name or "512", data.get("shapes_num_examples")
+        )
         return builders.Shapes(config=config, data_dir=data.data_dir)
     try:
         return tfds.builder(data.name, data_dir=data.data_dir)
@@ -42,18 +44,20 @@ def get_builder(data):
         raise ConfigError(f"config.data.name: unknown dataset {data.name!r}: {e}") from None
 
 
-def _shapes_config(name, num_examples):
-    from frcnn_jax.data import builders
-
-    configs = {c.name: c for c in builders.Shapes.BUILDER_CONFIGS}
+def builder_config(builder, name, num_examples):
+    """`builder`'s (a synthetic set's TFDS builder class) config `name` (its name as such: a
+    builder rebuilt in a loader's worker must not get a registered config's copy), or with its
+    splits' sizes changed to `num_examples` ({split: count}) a config of its own."""
+    configs = {c.name: c for c in builder.BUILDER_CONFIGS}
     if name not in configs:
-        raise ConfigError(f"config.data.name: shapes has configs {sorted(configs)}, not {name!r}")
-    config = configs[name]
-    if num_examples:
-        counts = {k: int(v) for k, v in dict(num_examples).items()}
-        key = "-".join(f"{k}{v}" for k, v in sorted(counts.items()))
-        config = dataclasses.replace(config, name=f"{name}-{key}", num_examples=counts)
-    return config
+        raise ConfigError(
+            f"config.data.name: {builder.name} has configs {sorted(configs)}, not {name!r}"
+        )
+    if not num_examples:
+        return name
+    counts = {k: int(v) for k, v in dict(num_examples).items()}
+    key = "-".join(f"{k}{v}" for k, v in sorted(counts.items()))
+    return dataclasses.replace(configs[name], name=f"{name}-{key}", num_examples=counts)
 
 
 def prepare(builder):

@@ -61,12 +61,11 @@ class Preprocess(grain.RandomMapTransform):
             orient=data.orient_canvas,
         )
         self.flip = train and data.flip
-        # the loader's process; workers watch it (`workers.exit_with_owner`)
+        # the loader's process; workers watch it (`workers.watch_owner`)
         self.owner = os.getpid()
 
     def random_map(self, element, rng):
-        if os.getpid() != self.owner:  # in a grain worker process
-            workers.exit_with_owner(self.owner)
+        workers.watch_owner(self.owner)
         record, index = element
         flip = bool(self.flip and rng.random() < 0.5)
         min_size = self.scales[rng.integers(len(self.scales))] if self.scales else None

@@ -27,6 +27,13 @@ def exit_with_owner(owner):
     threading.Thread(target=watch, name="frcnn_jax-owner-watch", daemon=True).start()
 
 
+def watch_owner(owner):
+    """Called by a transform in each example: in a grain worker (any process but `owner`, the
+    loader's), make this process end with the owner (`exit_with_owner`)."""
+    if os.getpid() != owner:
+        exit_with_owner(owner)
+
+
 def alive(pid):
     """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
     try:

@@ -17,6 +17,7 @@ from frcnn_jax.models.resnet import ResNet, freeze_if
 # ImageNet statistics in 0-255 pixel units (torchvision's, scaled), for pretrained backbones.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+BN_EPSILON = 1e-5  # pretraining's BatchNorm (`conv_relu`)
 BACKBONES = (  # the names `get_backbone` knows
     "tiny",
     "tiny_fpn",
@@ -29,12 +30,26 @@ BACKBONES = (  # the names `get_backbone` knows
 )
 
 
+def conv_relu(module, conv, x, features, kernel, name, *, train, **kwargs):
+    """relu(conv(x)) inside a compact backbone `module`; with `module.batch_norm` (pretraining
+    only) a BatchNorm `<name>_bn` between the two, which `frcnn_jax.pretraining` folds into the
+    conv's kernel and bias when it writes the weights, so the detector's plain conv computes
+    exactly the trained network."""
+    y = conv(features, kernel, dtype=module.dtype, name=name, **kwargs)(x)
+    if module.batch_norm:
+        y = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, name=f"{name}_bn"
+        )(y)
+    return nn.relu(y)
+
+
 class TinyBackbone(nn.Module):
     """A small stride-16 convnet for tests and CPU experiments."""
 
     widths: Sequence[int] = (16, 32, 64, 128)
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
+    batch_norm: bool = False  # pretraining only (`conv_relu`)
     stride = 16
 
     @property
@@ -44,14 +59,13 @@ class TinyBackbone(nn.Module):
     @nn.compact
     def __call__(self, images, *, train=False, all_stages=False):
         """The last stage's map, or every stage's (strides 2, 4, 8, ...) with `all_stages`."""
-        del train
         x = images.astype(self.dtype)
         conv = kernels_lib.conv_layer(self.kernels)
         stages = []
         for i, width in enumerate(self.widths):
             # Stride-2 stages: 3x3 conv with stride 2, then a 3x3 conv.
-            x = nn.relu(conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"down{i}")(x))
-            x = nn.relu(conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+            x = conv_relu(self, conv, x, width, (3, 3), f"down{i}", train=train, strides=2)
+            x = conv_relu(self, conv, x, width, (3, 3), f"conv{i}", train=train)
             stages.append(x)
         return stages if all_stages else x
 
@@ -64,14 +78,25 @@ class TinyFPN(nn.Module):
     channels: int = 64
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
+    batch_norm: bool = False  # the body's, pretraining only (`conv_relu`)
     strides = (8, 16, 32)
     roi_levels = 3
+    pyramid = True  # `__call__(..., pyramid=False)`: the body's last map alone
 
     @nn.compact
-    def __call__(self, images, *, train=False):
-        del train
-        body = TinyBackbone(self.widths, dtype=self.dtype, kernels=self.kernels, name="body")
-        stages = body(images, all_stages=True)[2:]  # C3-C5
+    def __call__(self, images, *, train=False, pyramid=True):
+        """P3-P5, or with `pyramid=False` the body's C5 alone (classification pretraining
+        trains the body; the FPN layers start fresh in the detector)."""
+        body = TinyBackbone(
+            self.widths,
+            dtype=self.dtype,
+            kernels=self.kernels,
+            batch_norm=self.batch_norm,
+            name="body",
+        )
+        stages = body(images, train=train, all_stages=True)[2:]  # C3-C5
+        if not pyramid:
+            return stages[-1]
         return feature_pyramid(stages, self.channels, self.dtype, self.kernels)
 
 
@@ -89,18 +114,18 @@ class VGG16(nn.Module):
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
     frozen_blocks: int = 2
+    batch_norm: bool = False  # pretraining only (`conv_relu`)
     stride = 16
     channels = 512
 
     @nn.compact
     def __call__(self, images, *, train=False):
-        del train
         x = images.astype(self.dtype)
         conv = kernels_lib.conv_layer(self.kernels)
         for block, widths in enumerate(_VGG16_LAYOUT, start=1):
             for layer, width in enumerate(widths, start=1):
                 name = f"conv{block}_{layer}"
-                x = nn.relu(conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+                x = conv_relu(self, conv, x, width, (3, 3), name, train=train, padding=1)
             if block < len(_VGG16_LAYOUT):  # no pool5: conv5_3 is the shared feature map
                 x = kernels_lib.max_pool(
                     x, window=2, stride=2, padding="VALID", kernels=self.kernels
@@ -133,24 +158,18 @@ class ZF(nn.Module):
 
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
+    batch_norm: bool = False  # pretraining only (`conv_relu`)
     stride = 16
     channels = 256
 
     @nn.compact
     def __call__(self, images, *, train=False):
-        del train
         x = images.astype(self.dtype)
         conv = kernels_lib.conv_layer(self.kernels)
         for name, width, kernel, stride in (("conv1", 96, 7, 2), ("conv2", 256, 5, 2)):
-            x = nn.relu(
-                conv(
-                    width,
-                    (kernel, kernel),
-                    strides=stride,
-                    padding=kernel // 2,
-                    dtype=self.dtype,
-                    name=name,
-                )(x)
+            size, padding = (kernel, kernel), kernel // 2
+            x = conv_relu(
+                self, conv, x, width, size, name, train=train, strides=stride, padding=padding
             )
             x = kernels_lib.max_pool(
                 _local_response_norm(x),
@@ -160,26 +179,35 @@ class ZF(nn.Module):
                 kernels=self.kernels,
             )
         for name, width in (("conv3", 384), ("conv4", 384), ("conv5", 256)):
-            x = nn.relu(conv(width, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+            x = conv_relu(self, conv, x, width, (3, 3), name, train=train, padding=1)
         return x
 
 
-def get_backbone(name: str, *, dtype, frozen_stages, kernels) -> nn.Module:
+def feature_strides(backbone):
+    """The stride of each feature map `backbone` returns (one for single-map backbones)."""
+    strides = getattr(backbone, "strides", None)  # multi-level backbones
+    return tuple(strides) if strides is not None else (backbone.stride,)
+
+
+def get_backbone(name: str, *, dtype, frozen_stages, kernels, batch_norm=False) -> nn.Module:
     """The backbone module called `name`: "tiny", "tiny_fpn", "vgg16", "zf", "resnet50_c4" /
     "resnet101_c4" (stem to res4, stride 16; their res5 is the box head, see
     `HeadSettings.box_head`) or "resnet50_fpn" / "resnet101_fpn" (P2-P6, a list of maps).
 
     dtype: conv/matmul compute dtype. frozen_stages: leading stages that get no gradient (None:
     each backbone's default, the paper's conv1-conv2 for VGG-16 and torchvision's stem +
-    layer1 for ResNets). kernels: `frcnn_jax.kernels.KERNELS`."""
+    layer1 for ResNets). kernels: `frcnn_jax.kernels.KERNELS`. batch_norm: classification
+    pretraining's BatchNorm after each conv of the plain backbones (tiny, tiny_fpn, vgg16, zf;
+    see `conv_relu`); ResNets have their own BatchNorm layers."""
     frozen = {} if frozen_stages is None else {"frozen_stages": frozen_stages}
     vgg_frozen = {} if frozen_stages is None else {"frozen_blocks": frozen_stages}
     common = {"dtype": dtype, "kernels": kernels}
+    plain = {**common, "batch_norm": batch_norm}
     backbones = {
-        "tiny": lambda: TinyBackbone(**common),
-        "tiny_fpn": lambda: TinyFPN(**common),
-        "vgg16": lambda: VGG16(**common, **vgg_frozen),
-        "zf": lambda: ZF(**common),
+        "tiny": lambda: TinyBackbone(**plain),
+        "tiny_fpn": lambda: TinyFPN(**plain),
+        "vgg16": lambda: VGG16(**plain, **vgg_frozen),
+        "zf": lambda: ZF(**plain),
         "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, **common, **frozen),
         "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, **common, **frozen),
         "resnet50_fpn": lambda: ResNetFPN(depth=50, **common, **frozen),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from frcnn_jax.errors import ConfigError
 from frcnn_jax.models import roi_heads, transform
 from frcnn_jax.models import rpn as rpn_lib
+from frcnn_jax.models.backbones import feature_strides
 from frcnn_jax.models.resnet import Res5Head, ResNet
 
 
@@ -66,8 +67,7 @@ class FasterRCNN(nn.Module):
     @property
     def strides(self):
         """Stride of each feature map the backbone returns."""
-        strides = getattr(self.backbone, "strides", None)  # multi-level backbones
-        return tuple(strides) if strides is not None else (self.backbone.stride,)
+        return feature_strides(self.backbone)
 
     def _features(self, images, image_sizes, *, train):
         """(the backbone's maps as a list, finest first (one entry for single-level

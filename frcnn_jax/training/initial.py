@@ -33,7 +33,7 @@ def initial_variables(config, model):
     variables = flax.core.unfreeze(variables)
     path = config.model.get("init_checkpoint")
     if path:
-        flat, covers = _init_weights(path)
+        flat, covers = _init_weights(path, config.model.backbone)
         variables = weights.restore_into(
             variables, flat, covers, source=f"config.model.init_checkpoint {path}"
         )
@@ -47,11 +47,12 @@ def initial_variables(config, model):
     return variables
 
 
-def _init_weights(path):
-    """(flat, covers) of an imported .npz, or of a training run's directory (its latest
+def _init_weights(path, backbone):
+    """(flat, covers) of a weights file (imported or pretrained; one that names another
+    backbone than `backbone` is refused), or of a training run's directory (its latest
     checkpoint's parameters and frozen statistics: fine-tuning a trained detector)."""
     if not pathlib.Path(path).is_dir():
-        return weights.load(path)
+        return weights.load(path, backbone=backbone)
     checkpoints = checkpointing.Checkpoints(path)
     step = checkpoints.latest_step()
     if step is None:

@@ -1,6 +1,7 @@
 """One training phase: steps from the latest checkpoint to `num_steps`, with periodic
 checkpoints (and the loader's position), progress, optional evaluation, and a clean stop on
-SIGTERM / Ctrl-C. Joint training is one phase; alternating training four."""
+SIGTERM / Ctrl-C. Joint training is one phase; alternating training four. `run_steps` is the
+loop itself, which classification pretraining (`frcnn_jax.pretraining`) runs too."""
 
 import logging
 import signal
@@ -14,7 +15,7 @@ from frcnn_jax.data import make_batches
 from frcnn_jax.errors import UserError
 from frcnn_jax.training.evaluation import evaluate
 from frcnn_jax.training.metrics import flat_scalars, log_progress
-from frcnn_jax.training.step import LOSS_NAMES, jit_train_step
+from frcnn_jax.training.step import jit_train_step
 
 log = logging.getLogger("frcnn_jax.training")
 
@@ -35,9 +36,9 @@ def train_phase(
     name="",
     lr_fn=None,
 ):
-    """Run steps until `num_steps` from the latest checkpoint in `checkpoints` (or `state`),
-    saving periodically; returns the final state, or None when stopped by a signal.
-    `lr_fn` is the phase's learning-rate schedule, for the logs."""
+    """Run detector training steps until `num_steps` from the latest checkpoint in
+    `checkpoints` (or `state`), saving periodically; returns the final state, or None when
+    stopped by a signal. `lr_fn` is the phase's learning-rate schedule, for the logs."""
     train = config.train
     batches, info = make_batches(
         config.data,
@@ -49,20 +50,62 @@ def train_phase(
         shard_count=jax.process_count(),
         agree=sharding.hosts_agree(),
     )
-    meta = {"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)}
+    step_fn = jit_train_step(model, tx, mesh, objective=objective)
+    key = jax.random.key(train.seed + seed_offset)
+
+    def step(state, batch):
+        return step_fn(state, sharding.shard_batch(batch.inputs, mesh), key, proposer)
+
+    def periodic_evaluation(state, step):
+        variables = {"params": state.params, **state.frozen}
+        result = evaluate(config, model, variables, mesh, split=config.eval.periodic_split)
+        writer.write(step, flat_scalars(result), prefix=f"eval/{name}")
+
+    return run_steps(
+        train,
+        state,
+        step,
+        batches,
+        checkpoints,
+        writer,
+        num_steps=num_steps,
+        meta={"seed": train.seed, "num_steps": num_steps, "classes": list(info.class_names)},
+        name=name,
+        lr_fn=lr_fn,
+        periodic=periodic_evaluation if train.eval_every else None,
+    )
+
+
+def run_steps(
+    train,
+    state,
+    step_fn,
+    batches,
+    checkpoints,
+    writer,
+    *,
+    num_steps,
+    meta,
+    name="",
+    lr_fn=None,
+    periodic=None,
+):
+    """The training loop every trainer shares (the detector's phases, `frcnn_jax.pretraining`):
+    `state = step_fn(state, next(batches))` until step `num_steps`, from the latest checkpoint
+    in `checkpoints` (parameters, optimizer and the loader's position) or `state`. Progress and
+    metrics every `train.log_every` steps, a checkpoint every `train.checkpoint_every`,
+    `periodic(state, step)` every `train.eval_every`; a non-finite loss stops it naming the
+    step (`NonFinite`); SIGTERM / Ctrl-C save and return None. Closes `batches`."""
     restored = checkpoints.restore_latest(checkpointing.abstract_like(state))
     if restored is not None:
         latest, state, loader_state, _ = restored
         batches.set_state(loader_state)
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
-    step_fn = jit_train_step(model, tx, mesh, objective=objective)
-    key = jax.random.key(train.seed + seed_offset)
     step = int(state.step)
     pending, start, start_step = [], time.perf_counter(), step
-    with batches, _Stop() as stop:  # the loader's workers end with the phase
+    with batches, _Stop() as stop:  # the loader's workers end with the loop
         while step < num_steps:
-            inputs = sharding.shard_batch(next(batches).inputs, mesh)
-            state, metrics = step_fn(state, inputs, key, proposer)
+            state, metrics = step_fn(state, next(batches))
             pending.append(metrics)
             step += 1
             last = step == num_steps
@@ -79,12 +122,9 @@ def train_phase(
                 checkpoints.wait()
                 log.warning("stopped at step %d; rerun the same command to resume", step)
                 return None
-            if train.eval_every and step % train.eval_every == 0 and not last:
-                variables = {"params": state.params, **state.frozen}
-                metrics_eval = evaluate(
-                    config, model, variables, mesh, split=config.eval.periodic_split
-                )
-                writer.write(step, flat_scalars(metrics_eval), prefix=f"eval/{name}")
+            if periodic is not None and train.eval_every and step % train.eval_every == 0:
+                if not last:
+                    periodic(state, step)
     checkpoints.wait()
     return state
 
@@ -126,7 +166,7 @@ def _check_finite(state, pending, checkpoints):
     for metrics in pending:
         values = jax.device_get(metrics)
         if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
-            terms = {k: float(values[k]) for k in (*LOSS_NAMES, "grad_norm")}
+            terms = {k: float(v) for k, v in values.items()}
             break
     checkpoints.wait()
     raise NonFinite(

@@ -63,6 +63,13 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
         return sum(terms.values()), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return apply_gradients(state, tx, loss, grads, terms)
+
+
+def apply_gradients(state, tx, loss, grads, terms):
+    """(`state` one step on, metrics): the update of `tx` applied, unless the loss or the
+    gradient is not finite: then parameters and optimizer stay as they were and the step is
+    recorded in `nonfinite_step`. Metrics: loss, grad_norm and `terms`."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
