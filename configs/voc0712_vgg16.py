@@ -1,5 +1,5 @@
 """VGG-16 on VOC 2007 trainval + VOC 2012 trainval ("07+12"), tested on VOC 2007 test:
-73.2 mAP in the paper (Table 4). Same model as voc07_vgg16.py; more data, longer schedule."""
+73.2 mAP in the paper (Table 3). Same model as voc07_vgg16.py; more data, longer schedule."""
 
 import pathlib
 

@@ -1,8 +1,15 @@
-"""The paper's experiments (Tables 2, 8, 9, 10, Figure 4, the training schemes) on any config.
+"""The paper's experiments (Tables 2, 8, 9, 10, Figure 4, the training schemes) on any config,
+in the paper's setting: from a classification-pretrained backbone.
 
     python experiments/paper_tables.py --table 2|8|9|10|fig4|schemes[,...]|all
-        [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2]
-        [--rows experiments/results_paper.jsonl] [--runs runs/paper_tables]
+        [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2,3,4]
+        [--start pretrained|scratch|config] [--pretrain configs/pretrain_shapes_tiny_fpn.py]
+        [--pretrain-steps N] [--rows experiments/results_paper.jsonl] [--runs runs/paper_tables]
+
+The paper fine-tunes ImageNet-pretrained networks; `--start pretrained` (the default) first
+pretrains the config's backbone with `--pretrain` (`python -m frcnn_jax.pretrain`, resumable, its
+top-1 and minutes recorded as a row) and starts every detector from it; `--start scratch` trains
+from random weights (the earlier tables' setting, kept as their second column).
 
 Each table is a list of rows; a row names a training (the config with some fields changed) and
 test-time settings (more fields changed, weights unchanged), and carries the paper's number
@@ -10,19 +17,32 @@ test-time settings (more fields changed, weights unchanged), and carries the pap
 is serves Table 8's 3x3 anchors, Table 9's lambda = 10, Table 10's two-stage row and Figure
 4) and resumable (`runs/.../<training>/seed<k>`, `frcnn_jax.training.train_and_evaluate`);
 every finished row is a line of `--rows`, and a rerun skips finished rows, so a table can be
-completed over several sittings. The Markdown tables (ours beside the paper's, the spread over
-seeds, the command) are printed and written next to the rows (`.md`).
+completed over several sittings. A training whose weights are gone is trained again as a new
+training record, and the rows computed from it name it: an earlier row keeps its own record.
 
-`--steps` sets every training's length (decay and warm-up scaled alike); the default suits the
-shapes configs on a 2-core CPU (a few minutes per training). On VOC, pass the VOC config and
-its own length (`--steps 40000`) on a GPU/TPU. Table 5 (time per stage) is
-`experiments/stage_times.py`.
+Every row but a table's reference is compared with the reference row of the same seed (paired
+differences, `compare`): the mean difference, its 95% t-interval over the seeds and the
+t-test's p-value. A difference is a finding when the interval excludes zero (wrong at most 1
+time in 20 when there is no effect) and, for a row with a training of its own (its difference
+includes training noise), at least 5 seeds back it; the verdict then says whether its sign is
+the paper's. The Markdown tables (ours beside the paper's, the test, the verdict, training
+minutes, the command) are printed and written next to the rows (`.md`).
+
+`--steps` sets every joint training's length (decay and warm-up scaled alike); 4-step
+alternating training runs the paper's phase lengths relative to it (80k/40k/80k/40k against
+70k joint iterations: 3.43x in all, each phase's rate decayed after 3/4 of it, phases 1 and 2
+from the pretrained weights). The default suits the shapes configs on a 2-core CPU (a few
+minutes per joint training). On VOC, pass the VOC config and its own length (`--steps 70000`)
+on a GPU/TPU, with `--pretrain` an ImageNet pretraining config of the backbone, or `--start
+config` to keep the config's own `model.init_checkpoint` (e.g. imported torchvision weights).
+Table 5 (time per stage) is `experiments/stage_times.py`.
 """
 
 import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 import statistics
 import time
@@ -33,8 +53,9 @@ configure_runtime()
 
 import jax  # noqa: E402
 from result_rows import Rows  # noqa: E402
+from scipy import stats  # noqa: E402
 
-from frcnn_jax import checkpointing, sharding, training  # noqa: E402
+from frcnn_jax import checkpointing, pretraining, sharding, training  # noqa: E402
 from frcnn_jax.cli import setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
@@ -157,14 +178,27 @@ def table_rows(table, config):
                     *((("model.head.pooler", "align"),) if pool else ()),
                 ),
             ),
-            Row("4-step alternating", (("train.scheme", "alternating"),)),
             Row(
-                # the paper's steps 1-4 are phases 1-4 in frcnn_jax (the name keys saved rows)
-                "4-step alternating, step 2 from step 1",
-                (("train.scheme", "alternating"), ("train.alternating_phase2_init", "phase1")),
+                "4-step alternating, the paper's phase lengths (80k/40k/80k/40k per 70k joint)",
+                paper_alternating(config),
             ),
+            # the paper's steps 1-4 are phases 1-4 in frcnn_jax (the names key saved rows)
+            Row("4-step alternating", (("train.scheme", "alternating"),)),  # joint's steps
         ]
     raise ValueError(f"unknown table {table!r}; one of {TABLES}")
+
+
+def paper_alternating(config):
+    """The fields of 4-step alternating training with the paper's phase lengths relative to
+    `config`'s joint training (py-faster-rcnn: 80k, 40k, 80k, 40k iterations against 70k for
+    end-to-end training, each phase's rate x0.1 after 60k / 30k)."""
+    steps = int(config.train.num_steps)
+    phases = tuple(max(1, round(steps * n / 70)) for n in (80, 40, 80, 40))
+    return (
+        ("train.scheme", "alternating"),
+        ("train.alternating_phase_steps", phases),
+        ("train.alternating_phase_lr_steps", tuple(max(1, round(n * 3 / 4)) for n in phases)),
+    )
 
 
 TABLES = ("2", "8", "9", "10", "fig4", "schemes")
@@ -179,7 +213,8 @@ TITLES = {
     "its two-stage RPN has unshared features; it has no two-stage pyramid rows)",
     "fig4": "Figure 4: proposal recall vs IoU (the paper: RPN's recall stays high from 2000 down "
     "to 300 proposals)",
-    "schemes": "Training schemes (section 3.2)",
+    "schemes": "Training schemes (section 3.2; the paper: approximate joint training gives "
+    "results close to 4-step alternating training in 25-50% less training time; no table)",
 }
 # each table's reference row (the start of its label): the config as it is, or the paper's
 # choice; every other row is also shown as its difference from it, seed by seed
@@ -232,26 +267,137 @@ def training_name(pairs):
 
 
 def train(config, workdir):
-    """Train (or resume) `config` in `workdir`; its wall-clock minutes."""
+    """Train (or resume) `config` in `workdir`; the minutes its training took, summed over the
+    sittings that trained it (`<workdir>/paper_minutes.txt`), and whether this call trained."""
+    record = pathlib.Path(workdir) / "paper_minutes.txt"
+    before = float(record.read_text()) if record.is_file() else 0.0
+    done = trained_to_the_end(config, workdir)
     start = time.perf_counter()
-    training.train_and_evaluate(config, workdir)
-    return (time.perf_counter() - start) / 60
+    try:
+        training.train_and_evaluate(config, workdir)
+    finally:
+        if not done:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(f"{before + (time.perf_counter() - start) / 60:.3f}")
+    return float(record.read_text()) if record.is_file() else 0.0, not done
+
+
+def trained_to_the_end(config, workdir):
+    """Whether `workdir` holds `config`'s final checkpoint."""
+    latest = checkpointing.Checkpoints(workdir).latest_step()
+    return latest is not None and latest >= training.alternating.final_step(config.train)
+
+
+def pretrained_backbone(args, rows):
+    """The weights file of `args.pretrain`'s pretraining (run or resumed first, in
+    `<runs>/pretrain/<config>-steps<N>`), recorded in `rows` with its top-1 and minutes."""
+    config = pretraining_config(args)
+    steps = config.train.num_steps
+    name = f"{pathlib.Path(args.pretrain).stem}-steps{steps}"
+    workdir = pathlib.Path(args.runs) / "pretrain" / name
+    minutes, result = timed_pretraining(config, workdir)
+    weights_file = workdir / pretraining.WEIGHTS_FILE
+    if not rows.find(pretrain=args.pretrain, pretrain_steps=steps):
+        rows.add(
+            {
+                "pretrain": args.pretrain,
+                "pretrain_steps": steps,
+                "top1": result["top1"],
+                "top5": result["top5"],
+                "examples": result["examples"],
+                "minutes": round(minutes, 2),
+                "weights": str(weights_file),
+            }
+        )
+    return weights_file
+
+
+def pretraining_config(args):
+    config = config_from_file(args.pretrain)
+    if args.pretrain_steps:
+        config.train.update(
+            num_steps=args.pretrain_steps,
+            warmup_steps=min(config.train.warmup_steps, args.pretrain_steps // 10),
+            checkpoint_every=max(args.pretrain_steps // 4, 1),
+        )
+    return config
+
+
+def timed_pretraining(config, workdir):
+    """(minutes summed over the sittings that trained it, result) of the pretraining of
+    `config` in `workdir` (run or resumed first)."""
+    record = workdir / "paper_minutes.txt"
+    before = float(record.read_text()) if record.is_file() else 0.0
+    report = workdir / "eval" / f"step_{config.train.num_steps}" / "metrics.json"
+    done = report.is_file() and (workdir / pretraining.WEIGHTS_FILE).is_file()
+    start = time.perf_counter()
+    result = pretraining.pretrain_and_evaluate(config, workdir)
+    if not done:
+        record.write_text(f"{before + (time.perf_counter() - start) / 60:.3f}")
+    if result is None:
+        raise SystemExit("pretraining stopped; rerun the same command to resume")
+    return float(record.read_text()), result
+
+
+# ---------------------------------------------------------------- statistics
+
+CONFIDENCE = 0.95
+MIN_SEEDS = {"shared weights": 3, "own training": 5}
+
+
+def compare(differences, shared):
+    """The paired differences (points, one per seed) of a row and its table's reference:
+    {"n", "mean", "low", "high" (the 95% t-interval of the mean), "p" (two-sided one-sample
+    t-test of mean 0), "finding"}. A finding: the interval excludes 0 and at least
+    `MIN_SEEDS` seeds back it (3 when the row tests the reference's own weights, whose
+    difference holds no training noise of its own; 5 when the row has a training of its own)."""
+    n = len(differences)
+    mean = statistics.mean(differences) if n else float("nan")
+    out = {"n": n, "mean": mean, "low": None, "high": None, "p": None, "finding": False}
+    if n < 2:
+        return out
+    spread = statistics.stdev(differences) / math.sqrt(n)
+    if spread == 0:
+        out.update(low=mean, high=mean, p=0.0 if mean else 1.0)
+    else:
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * spread
+        p = 2 * stats.t.sf(abs(mean) / spread, n - 1)
+        out.update(low=mean - half, high=mean + half, p=float(p))
+    needed = MIN_SEEDS["shared weights" if shared else "own training"]
+    out["finding"] = n >= needed and (out["low"] > 0 or out["high"] < 0)
+    return out
+
+
+def verdict(result, paper_difference):
+    """The comparison's verdict against the paper's own difference (None if it has none)."""
+    if result["n"] < 2:
+        return "-"
+    if not result["finding"]:
+        return "no difference found"
+    if paper_difference is None:
+        return "finding (the paper has no figure)"
+    if paper_difference == 0 or (paper_difference > 0) == (result["mean"] > 0):
+        return "agrees in sign"
+    return "disagrees in sign"
 
 
 # ---------------------------------------------------------------- tables
 
 
-def markdown(table, rows, setting, config_file):
+def markdown(table, rows, setting):
     mine = [r for r in rows.all if r.get("table") == table and r["setting"] == setting]
+    first = mine[0] if mine else {}
     seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
-    steps = mine[0]["steps"] if mine else "?"
-    config_file = pathlib.Path(config_file)  # a repo config as the repo names it
-    if config_file.parent.name == "configs":
-        config_file = pathlib.Path("configs", config_file.name)
+    start = first.get("start", "scratch")
     command = (
-        f"python experiments/paper_tables.py --table {table} --config {config_file} "
-        f"--steps {steps} --seeds {seeds}"
+        f"python experiments/paper_tables.py --table {table} --config "
+        f"{repo_name(first.get('config', '?'))} --steps {first.get('steps', '?')} "
+        f"--seeds {seeds} --start {start}"
     )
+    if start == "pretrained":
+        command += (
+            f" --pretrain {repo_name(first['pretrain'])} --pretrain-steps {first['pretrain_steps']}"
+        )
     lines = [f"## {TITLES[table]}", "", f"{setting}: `{command}`", ""]
     if table == "fig4":
         thresholds = ("0.50", "0.60", "0.70", "0.80", "0.90")
@@ -261,11 +407,15 @@ def markdown(table, rows, setting, config_file):
         ]
     else:
         lines += [
-            "| row | seeds | ours mAP@0.5 (%) | spread | vs reference, by seed | "
-            "paper (%) | training min |",
-            "|---|---|---|---|---|---|---|",
+            "| row | seeds | ours mAP@0.5 (%) | range | minus reference, 95% CI (p) | verdict | "
+            "paper (%) | paper minus reference | training min |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
     reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
+    paper_reference = next(
+        (r["paper"] for r in mine if is_reference(table, r["row"]) and r["paper"] is not None),
+        None,
+    )
     for label in dict.fromkeys(r["row"] for r in mine):
         found = [r for r in mine if r["row"] == label]
         seeds = ",".join(str(r["seed"]) for r in found)
@@ -281,27 +431,42 @@ def markdown(table, rows, setting, config_file):
             continue
         values = [100 * r["map"] for r in found]
         spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
-        paper = "-" if found[0]["paper"] is None else f"{found[0]['paper']:.1f}"
+        paper = found[0]["paper"]
+        paper_difference = (
+            None if paper is None or paper_reference is None else paper - paper_reference
+        )
         minutes = statistics.mean(r["train_minutes"] for r in found)
+        if is_reference(table, label):
+            test, said = "reference", "-"
+        else:
+            result = compare(
+                [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference],
+                shared=found[0].get("shares_weights", False),
+            )
+            test, said = described(result), verdict(result, paper_difference)
         lines.append(
-            f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | "
-            f"{versus(table, found, reference)} | {paper} | {minutes:.1f} |"
+            f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | {test} | {said} | "
+            f"{'-' if paper is None else f'{paper:.1f}'} | "
+            f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | {minutes:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def versus(table, found, reference):
-    """The row's mAP minus the reference row's of the same seed: their mean and range (points),
-    "reference" for the reference row itself, "-" where no seed has both."""
-    if is_reference(table, found[0]["row"]):
-        return "reference"
-    differences = [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference]
-    if not differences:
+def repo_name(path):
+    """A repo config file as the repo names it (configs/<name>), another path as it is."""
+    path = pathlib.Path(path)
+    return str(pathlib.Path("configs", path.name)) if path.parent.name == "configs" else str(path)
+
+
+def described(result):
+    """'+2.4 [+0.9, +3.9] (p 0.01)', or the mean alone for one seed, '-' for none."""
+    if not result["n"]:
         return "-"
-    mean = f"{statistics.mean(differences):+.1f}"
-    if len(differences) == 1:
-        return mean
-    return f"{mean} ({min(differences):+.1f} to {max(differences):+.1f})"
+    if result["low"] is None:
+        return f"{result['mean']:+.1f} (1 seed)"
+    return (
+        f"{result['mean']:+.1f} [{result['low']:+.1f}, {result['high']:+.1f}] (p {result['p']:.3f})"
+    )
 
 
 def main():
@@ -309,20 +474,37 @@ def main():
     parser.add_argument("--table", required=True, help=f"one or more of {TABLES} (a,b), or all")
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_tiny.py"))
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--start", choices=STARTS, default="pretrained")
+    parser.add_argument("--pretrain", default=str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"))
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_paper.jsonl"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "paper_tables"))
     args = parser.parse_args()
-    setup_logging()
-    base = scaled(config_from_file(args.config), args.steps)
-    setting = f"{pathlib.Path(args.config).stem}, {args.steps} steps"
-    rows = Rows(args.rows)
     tables = TABLES if args.table == "all" else tuple(args.table.split(","))
     unknown = sorted(set(tables) - set(TABLES))
     if unknown:
         parser.error(f"--table: unknown {unknown}; known: {', '.join(TABLES)} or all")
+    setup_logging()
+    rows = Rows(args.rows)
+    base = scaled(config_from_file(args.config), args.steps)
+    stem = pathlib.Path(args.config).stem
+    setting = f"{stem}, {args.steps} steps"  # from scratch: the earlier rows' setting
+    runs = pathlib.Path(args.runs) / stem / f"steps{args.steps}"
+    start_fields = {"start": args.start}
+    if args.start == "pretrained":
+        weights_file = pretrained_backbone(args, rows)
+        pretrain_steps = pretraining_config(args).train.num_steps
+        base.model.init_checkpoint = str(weights_file)
+        setting += f", pretrained ({pathlib.Path(args.pretrain).stem}, {pretrain_steps} steps)"
+        runs = runs / f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}"
+        start_fields.update(pretrain=args.pretrain, pretrain_steps=pretrain_steps)
+    elif args.start == "scratch":
+        base.model.init_checkpoint = None
+    else:
+        setting += ", the config's init_checkpoint"
+        runs = runs / "config-init"
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = pathlib.Path(args.runs) / pathlib.Path(args.config).stem / f"steps{args.steps}"
     mesh = sharding.data_mesh()
     for table in tables:
         for row in table_rows(table, base):
@@ -332,47 +514,89 @@ def main():
                 config = with_fields(base, (*row.train, ("train.seed", seed)))
                 check_config(config)
                 workdir = runs / training_name(row.train) / f"seed{seed}"
-                trained = rows.find(training=str(workdir))
-                if trained:  # the training of an earlier row (the run returns at once)
-                    training.train_and_evaluate(config, workdir)
-                    minutes = trained[0]["minutes"]
-                else:
-                    minutes = train(config, workdir)
-                    rows.add({"training": str(workdir), "minutes": round(minutes, 2)})
+                record = training_record(rows, config, workdir)
                 config = with_fields(config, row.test)
                 result = training.evaluation.evaluate(
                     config, build_model(config), restore(workdir, mesh), mesh
                 )
-                record = {
+                reference = (
+                    next(r for r in table_rows(table, base) if is_reference(table, r.label))
+                    if table in REFERENCE
+                    else None
+                )
+                out = {
                     "table": table,
                     "row": row.label,
                     "seed": seed,
                     "setting": setting,
                     "config": args.config,
                     "steps": args.steps,
+                    **start_fields,
                     "map": result["voc"]["mAP"],
                     "paper": row.paper,
-                    "train_minutes": round(minutes, 2),
+                    "train_minutes": record["minutes"],
                     "workdir": str(workdir),
+                    "training_id": record["id"],
+                    "shares_weights": reference is not None and row.train == reference.train,
                 }
                 if "recall" in result:
                     count = config.model.rpn.test_post_nms_top_n
-                    record["recall"] = result["recall"][f"recall@{count}"]
-                rows.add(record)
-                print(
-                    f"{table} | {row.label} | seed {seed}: mAP@0.5 {record['map']:.4f}", flush=True
-                )
+                    out["recall"] = result["recall"][f"recall@{count}"]
+                rows.add(out)
+                print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {out['map']:.4f}", flush=True)
     for table in tables:
-        print("\n" + markdown(table, rows, setting, args.config))
+        print("\n" + markdown(table, rows, setting))
     written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]
     pathlib.Path(args.rows).with_suffix(".md").write_text(
-        "\n".join(markdown(t, rows, s, c) for t in written for s, c in settings(rows, t))
+        pretraining_markdown(rows)
+        + "\n".join(markdown(t, rows, s) for t in written for s in settings(rows, t))
     )
 
 
+STARTS = ("pretrained", "scratch", "config")
+
+
+def training_record(rows, config, workdir):
+    """The training record of `workdir` (trained or resumed first). A record whose weights
+    are gone is not reused: the training runs again and gets a new record (its `id` counts the
+    earlier ones), so rows computed before keep theirs."""
+    earlier = rows.find(training=str(workdir))
+    if earlier and trained_to_the_end(config, workdir):
+        training.train_and_evaluate(config, workdir)  # the final evaluation, if it is missing
+        return earlier[-1] if "id" in earlier[-1] else {**earlier[-1], "id": str(workdir)}
+    minutes, _ = train(config, workdir)
+    number = len(earlier)
+    return rows.add(
+        {
+            "training": str(workdir),
+            "id": f"{workdir}#{number}" if number else str(workdir),
+            "minutes": round(minutes, 2),
+            **({"retrained": True} if number else {}),
+        }
+    )
+
+
+def pretraining_markdown(rows):
+    found = [r for r in rows.all if "pretrain" in r and "table" not in r]
+    if not found:
+        return ""
+    lines = [
+        "## Pretraining (the paper's ImageNet step)",
+        "",
+        "| pretraining config | steps | top-1 | top-5 | held-out images | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        lines.append(
+            f"| {repo_name(r['pretrain'])} | {r['pretrain_steps']} | {r['top1']:.4f} | "
+            f"{r['top5']:.4f} | {r['examples']} | {r['minutes']:.1f} |"
+        )
+    return "\n".join(lines) + "\n\n"
+
+
 def settings(rows, table):
-    """(setting, config file) pairs of `table`'s rows, in order."""
-    return dict.fromkeys((r["setting"], r["config"]) for r in rows.all if r.get("table") == table)
+    """The settings of `table`'s rows, in order."""
+    return dict.fromkeys(r["setting"] for r in rows.all if r.get("table") == table)
 
 
 def restore(workdir, mesh):

@@ -46,6 +46,9 @@ CASES = [
         ["--arch=vgg16", "--input={tmp}/picture.png", "--output={tmp}/w.npz"],
         "picture.png",
     ),
+    ("pretrain", ["--config.model.backbone=vgg19"], "config.model.backbone"),
+    ("pretrain", ["--config.data.crop_scale=(0.9,0.1)"], "config.data.crop_scale"),
+    ("pretrain", ["--config.train.lerning_rate=0.1"], "lerning_rate"),
     ("fit_budget", ["--minutes=-1"], "--minutes"),
     ("fit_budget", ["--minutes=5", "--config.train.batch_size=0"], "config.train.batch_size"),
 ]
@@ -56,8 +59,10 @@ def command_line(command, args, paths):
     line = [sys.executable, "-m", f"frcnn_jax.{command}"]
     if command in NEEDS_CONFIG and not any(a.startswith("--config=") for a in args):
         line.append(f"--config={paths['config']}")
-    if command == "train":  # a fresh workdir per case
-        line.append(f"--workdir={paths['tmp'] / ('train_' + str(abs(hash(tuple(args)))))}")
+    if command == "pretrain":
+        line.append(f"--config={ROOT / 'configs' / 'pretrain_shapes_tiny_fpn.py'}")
+    if command in ("train", "pretrain"):  # a fresh workdir per case
+        line.append(f"--workdir={paths['tmp'] / (command + str(abs(hash(tuple(args)))))}")
     if command == "evaluate" and not any(a.startswith("--workdir") for a in args):
         line.append(f"--workdir={paths['workdir']}")
     return line + [a.format(**paths) for a in args]

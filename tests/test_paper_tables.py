@@ -29,11 +29,31 @@ c.model.head.widths = (32, 32)
 pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 
+PRETRAIN = """
+import pathlib
+from frcnn_jax.config import config_from_file
+
+def get_config():
+    c = config_from_file(pathlib.Path({root!r}) / "configs" / "pretrain_shapes_tiny_fpn.py")
+    c.data.shapes_num_examples = {{"train": 16, "validation": 8}}
+    c.data.data_dir = {data_dir!r}
+    c.data.image_size = 32
+    c.data.workers = 0
+    c.model.backbone = "tiny"
+    c.train.batch_size = 4
+    c.eval.batch_size = 4
+    return c
+"""
+
+
 def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
-    """Tables 10 and Figure 4 (three trainings, eight evaluations: the one-stage model, the image
-    pyramid, multi-scale training, proposal recall); the other tables' rows are the same
-    machinery with other fields (checked below without training)."""
+    """Tables 10 and Figure 4 from a pretrained backbone (the pretraining, three trainings,
+    eight evaluations: the one-stage model, the image pyramid, multi-scale training, proposal
+    recall); the other tables' rows are the same machinery with other fields (checked below
+    without training)."""
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
+    pretrain_file = tmp_path / "pretrain.py"
+    pretrain_file.write_text(PRETRAIN.format(root=str(ROOT), data_dir=str(tmp_path / "tfds")))
     rows = tmp_path / "rows.jsonl"
     command = [
         sys.executable,
@@ -41,6 +61,9 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
         "--table=10,fig4",
         f"--config={config_file}",
         "--steps=2",
+        "--seeds=0",
+        f"--pretrain={pretrain_file}",
+        "--pretrain-steps=2",
         f"--rows={rows}",
         f"--runs={tmp_path / 'runs'}",
     ]
@@ -52,6 +75,14 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert [r["table"] for r in results] == ["10"] * 5 + ["fig4"] * 3
     for r in results:
         assert 0.0 <= r["map"] <= 1.0 and r["seed"] == 0
+        assert r["start"] == "pretrained" and r["setting"].endswith(
+            "pretrained (pretrain, 2 steps)"
+        )
+    (pretrained,) = [r for r in written if "pretrain" in r and "table" not in r]
+    assert 0 <= pretrained["top1"] <= 1 and pretrained["examples"] == 8
+    assert pretrained["minutes"] > 0 and pretrained["weights"].endswith("backbone.npz")
+    run = json.loads((pathlib.Path(results[0]["workdir"]) / "run.json").read_text())
+    assert run["config"]["model"]["init_checkpoint"] == pretrained["weights"]
     # one training per distinct weight-changing setting, shared between tables
     trainings = [r for r in written if "training" in r]
     assert len(trainings) == len({r["workdir"] for r in results}) == 3
@@ -62,7 +93,9 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     )
     assert set(by_row["300 proposals: recall vs IoU"]["recall"]) >= {"0.50", "0.90", "AR"}
     table = rows.with_suffix(".md").read_text()
+    assert "## Pretraining" in table and "| 2 |" in table
     assert "## Table 10:" in table and "## Figure 4:" in table
+    assert "--start pretrained --pretrain" in table
     assert "| one-stage, 5 test scales | 0 |" in table
     assert "| 53.9 |" in table and "| 53.8 |" in table  # the paper's one-stage rows
     assert table.count("| reference |") == 1  # Table 10's two-stage row; the rest vs it
@@ -94,14 +127,28 @@ for name in ("shapes_tiny.py", "voc07_vgg16.py"):
         assert len(references) == (table != "fig4"), (table, references)
         assert not any(r.train or r.test for r in references[:1] if table != "2"), references
     assert len(trainings) == 13, trainings
-# differences from the reference row are taken seed by seed (hand-worked: 0.30 / 0.40 against
-# 0.25 / 0.45 are +5 and -5 points)
-found = [{"row": "x", "seed": 0, "map": 0.30}, {"row": "x", "seed": 1, "map": 0.40},
-         {"row": "x", "seed": 2, "map": 0.10}]
-assert paper_tables.versus("9", found, {0: 25.0, 1: 45.0}) == "+0.0 (-5.0 to +5.0)"
-assert paper_tables.versus("9", found[:1], {0: 25.0}) == "+5.0"
-assert paper_tables.versus("9", found, {}) == "-"
-assert paper_tables.versus("8", [{**found[0], "row": "3 scales, 3 ratios"}], {}) == "reference"
+# paired differences, hand-worked: +1, +2, +3 points: mean 2, sd 1, se 1/sqrt(3), t(0.975, 2)
+# = 4.3027: the interval 2 -+ 2.484; t = 3.464, p = 0.0742
+result = paper_tables.compare([1.0, 2.0, 3.0], shared=True)
+assert abs(result["low"] - (2 - 4.302653 / 3 ** 0.5)) < 1e-4, result
+assert abs(result["p"] - 0.07418) < 1e-4 and not result["finding"], result
+result = paper_tables.compare([2.0, 2.5, 3.0], shared=True)  # [+1.26, +3.74]: a finding
+assert result["finding"] and result["low"] > 0
+assert paper_tables.verdict(result, 1.2) == "agrees in sign"
+assert paper_tables.verdict(result, -0.8) == "disagrees in sign"
+assert paper_tables.verdict(result, None) == "finding (the paper has no figure)"
+# a row with its own training needs 5 seeds, however clear its 3 are
+assert not paper_tables.compare([2.0, 2.5, 3.0], shared=False)["finding"]
+assert paper_tables.compare([2.0, 2.5, 3.0, 2.2, 2.8], shared=False)["finding"]
+assert paper_tables.verdict(paper_tables.compare([-1.0, 1.0, 0.5], shared=True), 2.0) == (
+    "no difference found"
+)
+assert paper_tables.compare([4.0], shared=True)["low"] is None  # one seed: no interval
+# the paper's alternating lengths against 700 joint steps: 800/400/800/400, decays at 3/4
+pairs = dict(paper_tables.paper_alternating(paper_tables.scaled(config_from_file(
+    ROOT / "configs" / "shapes_tiny.py"), 700)))
+assert pairs["train.alternating_phase_steps"] == (800, 400, 800, 400)
+assert pairs["train.alternating_phase_lr_steps"] == (600, 300, 600, 300)
 voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))

@@ -17,10 +17,10 @@ from frcnn_jax.data import shapes, shapes_classes
 from frcnn_jax.errors import ConfigError
 from frcnn_jax.models import build_model
 from frcnn_jax.models.backbones import TinyFPN
-from frcnn_jax.pretraining import check_pretrain_config, pretrain_and_evaluate
+from frcnn_jax.pretraining import build_classifier, check_pretrain_config, pretrain_and_evaluate
 from frcnn_jax.pretraining.data import ASPECT_RATIOS, centre_crop, random_crop
 from frcnn_jax.training.initial import initial_variables
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import PRETRAIN_CONFIGS, ROOT, tiny_config
 
 
 def pretrain_config(data_dir, **train):
@@ -192,3 +192,16 @@ def test_a_misspelt_field_and_a_wrong_class_count_are_named(data_dir, tmp_path):
     config.model.num_classes = 10
     with pytest.raises(ConfigError, match="num_classes is 10 but shapes_classes/64 has 16"):
         pretrain_and_evaluate(config, tmp_path / "wrong")
+
+
+@pytest.mark.parametrize("config_file", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_pretraining_config_files_pass_the_checks_and_build(config_file):
+    config = config_from_file(config_file)
+    check_pretrain_config(config)
+    model = build_classifier(config)
+    size = config.data.image_size
+    shapes_ = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros((1, size, size, 3), jnp.uint8)), jax.random.key(0)
+    )
+    assert shapes_["params"]["classifier"]["kernel"].shape[-1] == config.model.num_classes
+    assert set(shapes_["params"]) == {"backbone", "classifier"}

@@ -16,6 +16,10 @@ from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.overrides import override
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# configs/*.py: detector configs (`frcnn_jax.train`) and pretraining configs (`pretrain_*.py`,
+# `frcnn_jax.pretrain`)
+PRETRAIN_CONFIGS = sorted((ROOT / "configs").glob("pretrain_*.py"))
+DETECTOR_CONFIGS = sorted(set((ROOT / "configs").glob("*.py")) - set(PRETRAIN_CONFIGS))
 
 TINY_OVERRIDES = """
     c.data.shapes_num_examples = {"train": 16, "validation": 2, "test": 6}
