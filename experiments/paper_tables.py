@@ -353,7 +353,9 @@ def compare(differences, shared):
     difference holds no training noise of its own; 5 when the row has a training of its own)."""
     n = len(differences)
     mean = statistics.mean(differences) if n else float("nan")
-    out = {"n": n, "mean": mean, "low": None, "high": None, "p": None, "finding": False}
+    needed = MIN_SEEDS["shared weights" if shared else "own training"]
+    out = {"n": n, "needed": needed, "mean": mean, "low": None, "high": None, "p": None}
+    out["finding"] = False
     if n < 2:
         return out
     spread = statistics.stdev(differences) / math.sqrt(n)
@@ -363,15 +365,14 @@ def compare(differences, shared):
         half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * spread
         p = 2 * stats.t.sf(abs(mean) / spread, n - 1)
         out.update(low=mean - half, high=mean + half, p=float(p))
-    needed = MIN_SEEDS["shared weights" if shared else "own training"]
     out["finding"] = n >= needed and (out["low"] > 0 or out["high"] < 0)
     return out
 
 
 def verdict(result, paper_difference):
     """The comparison's verdict against the paper's own difference (None if it has none)."""
-    if result["n"] < 2:
-        return "-"
+    if result["n"] < result["needed"]:
+        return f"too few seeds ({result['n']} of {result['needed']})"
     if not result["finding"]:
         return "no difference found"
     if paper_difference is None:
@@ -412,6 +413,7 @@ def markdown(table, rows, setting):
             "|---|---|---|---|---|---|---|---|---|",
         ]
     reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
+    reference_weights = {r["seed"]: r["workdir"] for r in mine if is_reference(table, r["row"])}
     paper_reference = next(
         (r["paper"] for r in mine if is_reference(table, r["row"]) and r["paper"] is not None),
         None,
@@ -437,11 +439,11 @@ def markdown(table, rows, setting):
         )
         minutes = statistics.mean(r["train_minutes"] for r in found)
         if is_reference(table, label):
-            test, said = "reference", "-"
+            test, said, paper_difference = "reference", "-", None
         else:
             result = compare(
                 [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference],
-                shared=found[0].get("shares_weights", False),
+                shared=all(r["workdir"] == reference_weights.get(r["seed"]) for r in found),
             )
             test, said = described(result), verdict(result, paper_difference)
         lines.append(
@@ -519,11 +521,6 @@ def main():
                 result = training.evaluation.evaluate(
                     config, build_model(config), restore(workdir, mesh), mesh
                 )
-                reference = (
-                    next(r for r in table_rows(table, base) if is_reference(table, r.label))
-                    if table in REFERENCE
-                    else None
-                )
                 out = {
                     "table": table,
                     "row": row.label,
@@ -537,7 +534,6 @@ def main():
                     "train_minutes": record["minutes"],
                     "workdir": str(workdir),
                     "training_id": record["id"],
-                    "shares_weights": reference is not None and row.train == reference.train,
                 }
                 if "recall" in result:
                     count = config.model.rpn.test_post_nms_top_n
@@ -546,8 +542,13 @@ def main():
                 print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {out['map']:.4f}", flush=True)
     for table in tables:
         print("\n" + markdown(table, rows, setting))
+    write_tables(rows, pathlib.Path(args.rows).with_suffix(".md"))
+
+
+def write_tables(rows, path):
+    """Every table of `rows`, in every setting it was run in, as Markdown to `path`."""
     written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]
-    pathlib.Path(args.rows).with_suffix(".md").write_text(
+    path.write_text(
         pretraining_markdown(rows)
         + "\n".join(markdown(t, rows, s) for t in written for s in settings(rows, t))
     )

@@ -143,6 +143,9 @@ assert paper_tables.compare([2.0, 2.5, 3.0, 2.2, 2.8], shared=False)["finding"]
 assert paper_tables.verdict(paper_tables.compare([-1.0, 1.0, 0.5], shared=True), 2.0) == (
     "no difference found"
 )
+assert paper_tables.verdict(paper_tables.compare([2.0, 2.5, 3.0], shared=False), 2.0) == (
+    "too few seeds (3 of 5)"
+)
 assert paper_tables.compare([4.0], shared=True)["low"] is None  # one seed: no interval
 # the paper's alternating lengths against 700 joint steps: 800/400/800/400, decays at 3/4
 pairs = dict(paper_tables.paper_alternating(paper_tables.scaled(config_from_file(
