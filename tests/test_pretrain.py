@@ -16,9 +16,10 @@ from frcnn_jax.config import config_from_file
 from frcnn_jax.data import shapes, shapes_classes
 from frcnn_jax.errors import ConfigError
 from frcnn_jax.models import build_model
-from frcnn_jax.models.backbones import TinyFPN
+from frcnn_jax.models.backbones import TinyFPN, get_backbone
 from frcnn_jax.pretraining import build_classifier, check_pretrain_config, pretrain_and_evaluate
 from frcnn_jax.pretraining.data import ASPECT_RATIOS, centre_crop, random_crop
+from frcnn_jax.pretraining.loop import backbone_weights
 from frcnn_jax.training.initial import initial_variables
 from tests.tiny import PRETRAIN_CONFIGS, ROOT, tiny_config
 
@@ -205,3 +206,35 @@ def test_pretraining_config_files_pass_the_checks_and_build(config_file):
     )
     assert shapes_["params"]["classifier"]["kernel"].shape[-1] == config.model.num_classes
     assert set(shapes_["params"]) == {"backbone", "classifier"}
+
+
+@pytest.mark.parametrize("backbone", ["resnet50_c4", "zf"])
+def test_a_pretrained_backbone_computes_the_same_in_the_detector(backbone, rng):
+    """The classifier's backbone with trained BatchNorm (statistics away from their start), in
+    evaluation mode, and the detector's with the written weights (a ResNet's frozen BatchNorm,
+    ZF's folded convs) give the same features."""
+    config = pretrain_config("/unused")
+    config.model.backbone = backbone
+    classifier = build_classifier(config)
+    images = jnp.asarray(rng.uniform(0, 255, (2, 48, 64, 3)), jnp.uint8)
+    variables = classifier.init(jax.random.key(0), images)
+
+    def moved(path, x):  # running statistics as training leaves them: not 0 and 1
+        if path[-1].key == "var":
+            return x * jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+        return x + jnp.asarray(rng.uniform(-0.05, 0.05, x.shape), x.dtype)
+
+    stats = jax.tree_util.tree_map_with_path(moved, variables["batch_stats"])
+    variables = {**variables, "batch_stats": stats}
+    trained = classifier.apply(
+        variables, images, method=lambda m, x: m.backbone(x.astype(jnp.float32) / 255)
+    )
+    flat, covers = backbone_weights(jax.device_get(variables))
+    detector = get_backbone(backbone, dtype=jnp.float32, frozen_stages=0, kernels="xla")
+    tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    plain = detector.apply(
+        {c: v["backbone"] for c, v in tree.items()}, images.astype(jnp.float32) / 255
+    )
+    assert covers == sorted({"/".join(k.split("/")[:3]) for k in flat})
+    assert float(jnp.abs(trained).max()) > 0
+    np.testing.assert_allclose(plain, trained, rtol=2e-4, atol=2e-4 * float(jnp.abs(trained).max()))

@@ -197,17 +197,16 @@ def get_backbone(name: str, *, dtype, frozen_stages, kernels, batch_norm=False) 
     dtype: conv/matmul compute dtype. frozen_stages: leading stages that get no gradient (None:
     each backbone's default, the paper's conv1-conv2 for VGG-16 and torchvision's stem +
     layer1 for ResNets). kernels: `frcnn_jax.kernels.KERNELS`. batch_norm: classification
-    pretraining's BatchNorm after each conv of the plain backbones (tiny, tiny_fpn, vgg16, zf;
-    see `conv_relu`); ResNets have their own BatchNorm layers."""
+    pretraining's trained BatchNorm: after each conv of the plain backbones (tiny, tiny_fpn,
+    vgg16, zf; `conv_relu`), in place of the ResNets' frozen ones (`resnet.norm_layer`)."""
     frozen = {} if frozen_stages is None else {"frozen_stages": frozen_stages}
     vgg_frozen = {} if frozen_stages is None else {"frozen_blocks": frozen_stages}
-    common = {"dtype": dtype, "kernels": kernels}
-    plain = {**common, "batch_norm": batch_norm}
+    common = {"dtype": dtype, "kernels": kernels, "batch_norm": batch_norm}
     backbones = {
-        "tiny": lambda: TinyBackbone(**plain),
-        "tiny_fpn": lambda: TinyFPN(**plain),
-        "vgg16": lambda: VGG16(**plain, **vgg_frozen),
-        "zf": lambda: ZF(**plain),
+        "tiny": lambda: TinyBackbone(**common),
+        "tiny_fpn": lambda: TinyFPN(**common),
+        "vgg16": lambda: VGG16(**common, **vgg_frozen),
+        "zf": lambda: ZF(**common),
         "resnet50_c4": lambda: ResNet(depth=50, num_stages=3, **common, **frozen),
         "resnet101_c4": lambda: ResNet(depth=101, num_stages=3, **common, **frozen),
         "resnet50_fpn": lambda: ResNetFPN(depth=50, **common, **frozen),

@@ -28,21 +28,22 @@ class ResNetFPN(nn.Module):
     strides = (4, 8, 16, 32, 64)
     roi_levels = 4  # RoIs are pooled from P2-P5 (torchvision's MultiScaleRoIAlign)
     frozen_stages: int = 2  # stem and layer1, as `ResNet.frozen_stages`
+    batch_norm: bool = False  # the body's, pretraining only (`resnet.norm_layer`)
     pyramid = True  # `__call__(..., pyramid=False)`: the body's last map alone
 
     @nn.compact
     def __call__(self, images, *, train=False, pyramid=True):
         """P2-P6, or with `pyramid=False` the body's C5 alone (classification pretraining
         trains the body, as ImageNet weights cover it; the FPN layers start fresh)."""
-        del train
         stages = ResNet(
             self.depth,
             num_stages=4,
             frozen_stages=self.frozen_stages,
             dtype=self.dtype,
             kernels=self.kernels,
+            batch_norm=self.batch_norm,
             name="body",
-        )(images, all_stages=True)  # C2..C5
+        )(images, train=train, all_stages=True)  # C2..C5
         if not pyramid:
             return stages[-1]
         outputs = feature_pyramid(stages, self.channels, self.dtype, self.kernels)

@@ -44,15 +44,25 @@ class FrozenBatchNorm(nn.Module):
         )
 
 
+def norm_layer(batch_norm, dtype, name, train):
+    """The BatchNorm of a ResNet: frozen (the detector's), or with `batch_norm` a trained one
+    (classification pretraining; `frcnn_jax.pretraining` turns its scale, bias and running
+    statistics into the frozen layer's weight, bias, mean and var)."""
+    if batch_norm:
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return FrozenBatchNorm(dtype=dtype, name=name)
+
+
 class Bottleneck(nn.Module):
     width: int
     stride: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
+    batch_norm: bool = False  # pretraining only (`norm_layer`)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train=False):
         def conv(features, kernel, stride, name):
             return kernels_lib.conv_layer(self.kernels)(
                 features,
@@ -65,7 +75,7 @@ class Bottleneck(nn.Module):
             )
 
         def norm(name):
-            return FrozenBatchNorm(dtype=self.dtype, name=name)
+            return norm_layer(self.batch_norm, self.dtype, name, train)
 
         y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
         y = nn.relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
@@ -82,9 +92,10 @@ class ResNetStage(nn.Module):
     index: int
     dtype: jnp.dtype = jnp.float32
     kernels: str = kernels_lib.DEFAULT
+    batch_norm: bool = False  # pretraining only (`norm_layer`)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train=False):
         width = _WIDTHS[self.index]
         stride = 1 if self.index == 0 else 2
         for block in range(DEPTHS[self.depth][self.index]):
@@ -94,8 +105,9 @@ class ResNetStage(nn.Module):
                 downsample=block == 0,
                 dtype=self.dtype,
                 kernels=self.kernels,
+                batch_norm=self.batch_norm,
                 name=f"block{block}",
-            )(x)
+            )(x, train)
         return x
 
 
@@ -109,6 +121,7 @@ class ResNet(nn.Module):
     # Leading parts without gradient, counting the stem as 1: torchvision's detection default
     # (trainable_backbone_layers=3) freezes the stem and layer1.
     frozen_stages: int = 2
+    batch_norm: bool = False  # pretraining only (`norm_layer`)
 
     @property
     def stride(self):
@@ -121,14 +134,13 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images, *, train=False, all_stages=False):
         """The last stage's map, or with `all_stages` the list of every stage's (C2, C3, ...)."""
-        del train  # frozen BatchNorm: the same computation in training and inference
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {self.depth}")
         conv = kernels_lib.conv_layer(self.kernels)
         x = conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(
             images.astype(self.dtype)
         )
-        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = nn.relu(norm_layer(self.batch_norm, self.dtype, "bn1", train)(x))
         x = kernels_lib.max_pool(
             x, window=3, stride=2, padding=((1, 1), (1, 1)), kernels=self.kernels
         )
@@ -136,8 +148,13 @@ class ResNet(nn.Module):
         stages = []
         for index in range(self.num_stages):
             x = ResNetStage(
-                self.depth, index, dtype=self.dtype, kernels=self.kernels, name=f"layer{index + 1}"
-            )(x)
+                self.depth,
+                index,
+                dtype=self.dtype,
+                kernels=self.kernels,
+                batch_norm=self.batch_norm,
+                name=f"layer{index + 1}",
+            )(x, train)
             x = freeze_if(x, self.frozen_stages >= index + 2)
             stages.append(x)
         return stages if all_stages else x

@@ -242,10 +242,11 @@ def save_backbone(path, variables, backbone):
 
 def backbone_weights(variables):
     """(flat, covers) of the backbone in a classifier's `variables`, as a detector's backbone
-    has them: each pretraining BatchNorm `<conv>_bn` folded into its conv (kernel x
-    scale / sqrt(var + eps) per output channel, bias (bias - mean) x that + BatchNorm's bias:
-    the same function as the trained network in evaluation mode); other statistics (ResNets'
-    frozen BatchNorm) as they are. `covers` lists the backbone's parts it holds (an FPN
+    has them: each pretraining BatchNorm `<conv>_bn` of a plain backbone folded into its conv
+    (kernel x scale / sqrt(var + eps) per output channel, bias (bias - mean) x that +
+    BatchNorm's bias: the same function as the trained network in evaluation mode); a ResNet's
+    trained BatchNorm as its frozen one (scale, bias, mean, var -> weight, bias, mean, var).
+    `covers` lists the backbone's parts it holds (an FPN
     backbone's `body`: the detector's FPN layers stay fresh)."""
 
     def flat_part(collection):
@@ -253,10 +254,18 @@ def backbone_weights(variables):
         return {k: np.asarray(v, np.float32) for k, v in flatten(tree).items()}
 
     params, stats = flat_part("params"), flat_part("batch_stats")
+
+    def folded(layer):  # a plain backbone's `<conv>_bn`
+        return layer.endswith("_bn") and f"{layer[:-3]}/kernel" in params
+
     flat = {}
     for key, value in params.items():
         layer, _, name = key.rpartition("/")
-        if layer.endswith("_bn"):
+        if folded(layer):
+            continue
+        if f"{layer}/scale" in params:  # a ResNet's trained BatchNorm -> its frozen one
+            frozen_name = {"scale": "weight", "bias": "bias"}[name]
+            flat[f"batch_stats/backbone/{layer}/{frozen_name}"] = value
             continue
         norm = f"{layer}_bn"
         if f"{norm}/scale" in params:
@@ -269,7 +278,7 @@ def backbone_weights(variables):
                 value = (value - stats[f"{norm}/mean"]) * factor + params[f"{norm}/bias"]
         flat[f"params/backbone/{key}"] = value
     for key, value in stats.items():
-        if not key.rpartition("/")[0].endswith("_bn"):
+        if not folded(key.rpartition("/")[0]):
             flat[f"batch_stats/backbone/{key}"] = value
     covers = sorted({"/".join(key.split("/")[:3]) for key in flat})
     return flat, covers
