@@ -305,7 +305,7 @@ def pretrained_backbone(args, rows):
                 "top1": result["top1"],
                 "top5": result["top5"],
                 "examples": result["examples"],
-                "minutes": round(minutes, 2),
+                "minutes": None if minutes is None else round(minutes, 2),
                 "weights": str(weights_file),
             }
         )
@@ -324,8 +324,8 @@ def pretraining_config(args):
 
 
 def timed_pretraining(config, workdir):
-    """(minutes summed over the sittings that trained it, result) of the pretraining of
-    `config` in `workdir` (run or resumed first)."""
+    """(minutes summed over the sittings that trained it, or None for a workdir trained
+    elsewhere, result) of the pretraining of `config` in `workdir` (run or resumed first)."""
     record = workdir / "paper_minutes.txt"
     before = float(record.read_text()) if record.is_file() else 0.0
     report = workdir / "eval" / f"step_{config.train.num_steps}" / "metrics.json"
@@ -336,7 +336,7 @@ def timed_pretraining(config, workdir):
         record.write_text(f"{before + (time.perf_counter() - start) / 60:.3f}")
     if result is None:
         raise SystemExit("pretraining stopped; rerun the same command to resume")
-    return float(record.read_text()), result
+    return (float(record.read_text()) if record.is_file() else None), result
 
 
 # ---------------------------------------------------------------- statistics
@@ -590,7 +590,8 @@ def pretraining_markdown(rows):
     for r in found:
         lines.append(
             f"| {repo_name(r['pretrain'])} | {r['pretrain_steps']} | {r['top1']:.4f} | "
-            f"{r['top5']:.4f} | {r['examples']} | {r['minutes']:.1f} |"
+            f"{r['top5']:.4f} | {r['examples']} | "
+            f"{'-' if r['minutes'] is None else format(r['minutes'], '.1f')} |"
         )
     return "\n".join(lines) + "\n\n"
 
