@@ -49,6 +49,11 @@ CASES = [
     ("pretrain", ["--config.model.backbone=vgg19"], "config.model.backbone"),
     ("pretrain", ["--config.data.crop_scale=(0.9,0.1)"], "config.data.crop_scale"),
     ("pretrain", ["--config.train.lerning_rate=0.1"], "lerning_rate"),
+    (
+        "pretrain",
+        [f"--config={ROOT / 'configs' / 'pretrain_imagenet_zf.py'}", "--config.data.data_dir={tmp}"],
+        "imagenet2012: TFDS needs its files first",
+    ),
     ("fit_budget", ["--minutes=-1"], "--minutes"),
     ("fit_budget", ["--minutes=5", "--config.train.batch_size=0"], "config.train.batch_size"),
 ]
@@ -59,7 +64,7 @@ def command_line(command, args, paths):
     line = [sys.executable, "-m", f"frcnn_jax.{command}"]
     if command in NEEDS_CONFIG and not any(a.startswith("--config=") for a in args):
         line.append(f"--config={paths['config']}")
-    if command == "pretrain":
+    if command == "pretrain" and not any(a.startswith("--config=") for a in args):
         line.append(f"--config={ROOT / 'configs' / 'pretrain_shapes_tiny_fpn.py'}")
     if command in ("train", "pretrain"):  # a fresh workdir per case
         line.append(f"--workdir={paths['tmp'] / (command + str(abs(hash(tuple(args)))))}")

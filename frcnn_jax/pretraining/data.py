@@ -19,7 +19,7 @@ from PIL import Image
 
 from frcnn_jax.data import checks, sources, workers
 from frcnn_jax.data.loader import Closing, WithIndex
-from frcnn_jax.errors import ConfigError
+from frcnn_jax.errors import ConfigError, MissingFile
 
 log = logging.getLogger(__name__)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # training crops' width / height range (torchvision's)
@@ -50,8 +50,18 @@ def get_builder(data):
 
 
 def open_split(data, split):
-    """(random-access source of `split`, class names), the dataset prepared first if needed."""
-    builder = sources.prepare(get_builder(data))
+    """(random-access source of `split`, class names), the dataset prepared first if needed
+    (a dataset TFDS cannot prepare without the user's files, as ImageNet, is a `MissingFile`
+    error with TFDS's instructions)."""
+    builder = get_builder(data)
+    try:
+        sources.prepare(builder)
+    except AssertionError as e:  # TFDS's "Manual directory ... does not exist or is empty"
+        if "manual" not in str(e).lower():
+            raise
+        raise MissingFile(
+            f"config.data.name {data.name}: TFDS needs its files first: " + " ".join(str(e).split())
+        ) from None
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise ConfigError(
