@@ -51,7 +51,10 @@ CASES = [
     ("pretrain", ["--config.train.lerning_rate=0.1"], "lerning_rate"),
     (
         "pretrain",
-        [f"--config={ROOT / 'configs' / 'pretrain_imagenet_zf.py'}", "--config.data.data_dir={tmp}"],
+        [
+            f"--config={ROOT / 'configs' / 'pretrain_imagenet_zf.py'}",
+            "--config.data.data_dir={tmp}",
+        ],
         "imagenet2012: TFDS needs its files first",
     ),
     ("fit_budget", ["--minutes=-1"], "--minutes"),
