@@ -274,11 +274,13 @@ def train(config, workdir):
     done = trained_to_the_end(config, workdir)
     start = time.perf_counter()
     try:
-        training.train_and_evaluate(config, workdir)
+        result = training.train_and_evaluate(config, workdir)
     finally:
         if not done:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(f"{before + (time.perf_counter() - start) / 60:.3f}")
+    if result is None:  # stopped by a signal: no row from an unfinished training
+        raise SystemExit(f"stopped while training {workdir}; rerun the same command to resume")
     return float(record.read_text()) if record.is_file() else 0.0, not done
 
 
