@@ -24,7 +24,6 @@ class DatasetInfo:
 
 def get_builder(data):
     """The TFDS builder for `config.data` (`name`, `data_dir`, and the folder fields)."""
-    import tensorflow_datasets as tfds
 
     from frcnn_jax.data import builders
 
@@ -38,6 +37,13 @@ def get_builder(data):
             builders.Shapes, config_name or "512", data.get("shapes_num_examples")
         )
         return builders.Shapes(config=config, data_dir=data.data_dir)
+    return tfds_builder(data)
+
+
+def tfds_builder(data):
+    """TFDS's own builder of `data.name` (in `data.data_dir`), or `ConfigError` naming it."""
+    import tensorflow_datasets as tfds
+
     try:
         return tfds.builder(data.name, data_dir=data.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:

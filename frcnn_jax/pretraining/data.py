@@ -33,7 +33,6 @@ class Examples(NamedTuple):
 
 def get_builder(data):
     """The TFDS builder of a pretraining config's `data`."""
-    import tensorflow_datasets as tfds
 
     from frcnn_jax.data import builders
 
@@ -43,10 +42,7 @@ def get_builder(data):
             builders.ShapesClasses, name or "64", data.get("shapes_num_examples")
         )
         return builders.ShapesClasses(config=config, data_dir=data.data_dir)
-    try:
-        return tfds.builder(data.name, data_dir=data.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ConfigError(f"config.data.name: unknown dataset {data.name!r}: {e}") from None
+    return sources.tfds_builder(data)
 
 
 def open_split(data, split):

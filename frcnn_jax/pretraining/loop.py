@@ -22,15 +22,14 @@ import optax
 
 from frcnn_jax import checkpointing, rundir, sharding, weights
 from frcnn_jax.errors import ConfigError
-from frcnn_jax.models import trainable_mask
 from frcnn_jax.models.backbones import BN_EPSILON
 from frcnn_jax.pretraining.config import check_pretrain_config
 from frcnn_jax.pretraining.data import ClassBatches, open_split
 from frcnn_jax.pretraining.model import build_classifier
+from frcnn_jax.training.initial import start_state
 from frcnn_jax.training.metrics import MetricWriter, flat_scalars
-from frcnn_jax.training.optim import make_optimizer
 from frcnn_jax.training.phase import run_steps
-from frcnn_jax.training.step import TrainState, apply_gradients
+from frcnn_jax.training.step import apply_gradients
 
 log = logging.getLogger("frcnn_jax.pretraining")
 WEIGHTS_FILE = "backbone.npz"
@@ -138,16 +137,7 @@ def init_state(config, model):
     variables = flax.core.unfreeze(
         init(jax.random.key(config.train.seed), jnp.zeros((1, size, size, 3), jnp.uint8))
     )
-    params = variables.pop("params")
-    tx = make_optimizer(config.train, trainable_mask(model, {"params": params}))
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        frozen=variables,
-        opt_state=tx.init(params),
-        nonfinite_step=jnp.full((), -1, jnp.int32),
-    )
-    return state, tx
+    return start_state(config.train, model, variables)
 
 
 def classify_step(state, batch, *, model, tx):

@@ -67,9 +67,15 @@ def init_state(config, model):
     """(initial state on the host, its optimizer): parameters from
     `config.model.init_checkpoint` if set, `optim.make_optimizer(config.train, ...)` with the
     model's frozen parameters masked out."""
-    variables = initial_variables(config, model)
+    return start_state(config.train, model, initial_variables(config, model))
+
+
+def start_state(train, model, variables):
+    """(state at step 0 holding `variables`, the optimizer of `train` with the model's frozen
+    parameters masked out): the detector's and pretraining's start."""
+    variables = dict(variables)
     params = variables.pop("params")
-    tx = make_optimizer(config.train, trainable_mask(model, {"params": params, **variables}))
+    tx = make_optimizer(train, trainable_mask(model, {"params": params, **variables}))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
