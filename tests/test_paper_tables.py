@@ -156,6 +156,21 @@ voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))
 assert ("train.alternating_phases", 2) in unshared.train  # the paper's: stop after phase 2
+# a training stopped by a signal (train_and_evaluate returns None) ends the script: no row from
+# its last checkpoint; the minutes it trained are kept for the next sitting
+import tempfile
+from unittest import mock
+
+with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
+    paper_tables.training, "train_and_evaluate", lambda config, workdir: None
+):
+    try:
+        paper_tables.train(base, tmp)
+    except SystemExit as stop:
+        assert "rerun the same command to resume" in str(stop), stop
+    else:
+        raise AssertionError("a stopped training returned a result")
+    assert float((pathlib.Path(tmp) / "paper_minutes.txt").read_text()) >= 0
 print("ok")
 """
 
