@@ -1,18 +1,26 @@
-"""Detector timings beside torchvision's equivalent model, measured in the same run.
+"""Detector time and memory beside torchvision's equivalent model, case by case.
 
-    python experiments/bench_model.py [--models vgg16,r50_fpn] [--repeats 3]
+    python experiments/bench_model.py [--models vgg16,r50_fpn] [--cases inference,train1,train2]
+        [--repeats 3] [--torchvision-malloc huge_pages,retain,default]
 
-For each model: inference latency (batch 1) and one SGD training step (batch 1 and 2) for
-frcnn_jax and a torchvision model with the same backbone, frozen layers (VGG-16: conv1-conv2;
-ResNet: stem and layer1), anchors, proposal counts and RoI op (RoIAlign 7x7, sampling 2),
-random weights; plus frcnn_jax's compile times and each process's peak memory. Medians of
-`--repeats` runs after a warm-up.
+For each model (VGG-16, ResNet-50-FPN) at the paper's 600x1000: inference latency (batch 1)
+and one SGD training step (batch 1 and 2) for frcnn_jax and a torchvision model with the same
+backbone, frozen layers (VGG-16: conv1-conv2; ResNet: stem and layer1), anchors, proposal
+counts and RoI op (RoIAlign 7x7, sampling 2), random weights. Medians of `--repeats` runs after
+a warm-up. The training step is frcnn_jax.train's: parameters and optimizer state donated and
+updated in place.
 
-torchvision runs in a child process of its own (the same allocator setting, same inputs), before
-frcnn_jax's cases: in one process each side inherits the other's heap. On the 2-core CPU (with
-`frcnn_jax.runtime`'s earlier allocator setting), frcnn_jax's ResNet-50-FPN batch-2 step took
-6.0-6.3 s before torchvision had run in the process and 6.8-7.2 s after it, while
-torchvision's took 7.7-8.1 s alone and 6.1-6.4 s after frcnn_jax's.
+Every case runs in a process of its own on each side (torchvision's first), so that a peak
+belongs to one case: each side's peak resident memory (CPU) or peak device memory (GPU), the
+resident memory the process had before building its model (its libraries: torch's alone are
+~0.7 GB, which is why frcnn_jax's side never imports torch), and for frcnn_jax the compiled
+program's own buffers (`memory_analysis()`: arguments, outputs less those aliased to donated
+arguments, temporaries; they hold on any backend) and its compile time.
+
+frcnn_jax runs with its entry points' allocator setting (`frcnn_jax.runtime`). torchvision's
+CPU tensors come from the same malloc, and which setting suits it best differs by measure: it
+runs under each of `--torchvision-malloc`, and the table sets frcnn_jax against its shortest
+time and, separately, its lowest peak memory (each with the setting that gave it).
 """
 
 import argparse
@@ -33,16 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
 from synthetic import ground_truth  # noqa: E402
-from torch_timing import TORCH_DEVICE, median_s, tensor  # noqa: E402
-from torchvision.models.detection import FasterRCNN as TorchFasterRCNN  # noqa: E402
-from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
-from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
-from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+from timing import median_s  # noqa: E402
 
 from frcnn_jax.config import model_config  # noqa: E402
 from frcnn_jax.models import FasterRCNN, build_model  # noqa: E402
@@ -52,7 +52,20 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_gb():
+    """The process's resident memory now (GB), from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return 0.0
+
+
 BATCHES = (1, 2)  # training-step batch sizes
+CASES = {
+    "inference": "inference, batch 1",
+    **{f"train{batch}": f"training step, batch {batch}" for batch in BATCHES},
+}
 NUM_CLASSES = {"vgg16": 20, "r50_fpn": 90}
 
 # -- the two models, configured alike -----------------------------------------------------------
@@ -85,7 +98,7 @@ SETUPS = {
         },
     ),
     "r50_fpn": dict(
-        image=(800, 1344),
+        image=(600, 1000),
         ours={
             "backbone": "resnet50_fpn",
             "rpn": {
@@ -115,6 +128,14 @@ SETUPS = {
 
 
 def torchvision_model(name, image):
+    import torchvision
+    from torchvision.models.detection import FasterRCNN as TorchFasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     common = dict(min_size=image[0], max_size=image[1], box_detections_per_img=100)
     if name == "vgg16":
         backbone = torchvision.models.vgg16().features[:-1]
@@ -155,25 +176,50 @@ def inputs(name):
     return batches
 
 
-def time_ours(name, repeats):
-    """frcnn_jax's inference and training-step times (s) and compile times (s), as
-    [(case, seconds, compile seconds)]."""
-    data = inputs(name)
-    model = build_model(
+def our_model(name, **extra):
+    return build_model(
         ml_collections.ConfigDict(
-            {"model": model_config(**SETUPS[name]["ours"], num_classes=NUM_CLASSES[name])}
+            {"model": model_config(**SETUPS[name]["ours"], **extra, num_classes=NUM_CLASSES[name])}
         )
     )
+
+
+def compiled_buffers(compiled):
+    """A compiled program's own buffers in GB: arguments, outputs (less those aliased to
+    donated arguments) and temporaries."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # a backend without it
+        return None
+    return {
+        "arguments": analysis.argument_size_in_bytes / 2**30,
+        "outputs": (analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / 2**30,
+        "temporaries": analysis.temp_size_in_bytes / 2**30,
+    }
+
+
+def our_case(name, case, repeats):
+    """frcnn_jax's side of one case: {"seconds", "compile_s", "buffers_gb"}."""
+    data = inputs(name)
+    model = our_model(name)
     images1, sizes1 = (jnp.asarray(a) for a in data["detect"])
     params = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))(
         jax.random.key(0), images1, sizes1
     )
+    if case == "inference":
+        return our_inference(model, params, images1, sizes1, repeats)
+    return our_training_step(model, params, data[int(case.removeprefix("train"))], repeats)
+
+
+def our_inference(model, params, images, sizes, repeats):
     detect = jax.jit(lambda p, x, s: model.apply(p, x, s, method=FasterRCNN.detect))
     start = time.perf_counter()
-    detect.lower(params, images1, sizes1).compile()
-    detect_compile = time.perf_counter() - start
-    detect_s = median_s(lambda: jax.block_until_ready(detect(params, images1, sizes1)), repeats)
-    rows = [("inference, batch 1", detect_s, detect_compile)]
+    compiled = detect.lower(params, images, sizes).compile()
+    compile_s = time.perf_counter() - start
+    seconds = median_s(lambda: jax.block_until_ready(compiled(params, images, sizes)), repeats)
+    return {"seconds": seconds, "compile_s": compile_s, "buffers_gb": compiled_buffers(compiled)}
+
+
+def our_training_step(model, params, batch, repeats):
     optimizer = optax.sgd(1e-3, momentum=0.9)
 
     # Parameters and optimizer state are donated and updated in place, as frcnn_jax.train does.
@@ -196,62 +242,106 @@ def time_ours(name, repeats):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    for batch in BATCHES:
-        state = [jax.tree.map(jnp.copy, params)]  # the step consumes it: keep `params`
-        state.append(optimizer.init(state[0]))
-        args = tuple(jnp.asarray(a) for a in data[batch])
-        start = time.perf_counter()
-        train_step.lower(*state, *args, jax.random.key(0)).compile()
-        compile_s = time.perf_counter() - start
+    state = [params, optimizer.init(params)]  # the step consumes both
+    del params
+    args = tuple(jnp.asarray(a) for a in batch)
+    start = time.perf_counter()
+    compiled = train_step.lower(*state, *args, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - start
 
-        def our_step(state=state, args=args):
-            new_params, new_opt_state, loss = train_step(*state, *args, jax.random.key(1))
-            state[:] = [new_params, new_opt_state]
-            jax.block_until_ready(loss)
+    def step():
+        new_params, new_opt_state, loss = compiled(*state, *args, jax.random.key(1))
+        state[:] = [new_params, new_opt_state]
+        jax.block_until_ready(loss)
 
-        rows.append((f"training step, batch {batch}", median_s(our_step, repeats), compile_s))
-    return rows
+    seconds = median_s(step, repeats)
+    return {"seconds": seconds, "compile_s": compile_s, "buffers_gb": compiled_buffers(compiled)}
 
 
-def time_torchvision(name, repeats):
-    """torchvision's times (s) for the same cases, in `time_ours`'s order."""
+def torchvision_case(name, case, repeats):
+    """torchvision's side of one case: {"seconds"}."""
+    import torch
+    from torch_timing import TORCH_DEVICE, tensor
+    from torch_timing import median_s as torch_median_s
+
     height, width = SETUPS[name]["image"]
     data = inputs(name)
     torch_model = torchvision_model(name, (height, width)).to(TORCH_DEVICE)
-    torch_images = [tensor(data["detect"][0][0]).permute(2, 0, 1) / 255.0]
-    torch_model.eval()
-    with torch.no_grad():
-        times = [median_s(lambda: torch_model(torch_images), repeats)]
+    if case == "inference":
+        torch_images = [tensor(data["detect"][0][0]).permute(2, 0, 1) / 255.0]
+        torch_model.eval()
+        with torch.no_grad():
+            return {"seconds": torch_median_s(lambda: torch_model(torch_images), repeats)}
     torch_optimizer = torch.optim.SGD(torch_model.parameters(), lr=1e-3, momentum=0.9)
     torch_model.train()
-    for batch in BATCHES:
-        images, _, boxes, classes = data[batch]
-        torch_batch = [tensor(image).permute(2, 0, 1) / 255.0 for image in images]
-        torch_targets = [
-            {"boxes": tensor(box), "labels": tensor(label).long()}
-            for box, label in zip(boxes, classes, strict=True)
-        ]
+    images, _, boxes, classes = data[int(case.removeprefix("train"))]
+    torch_batch = [tensor(image).permute(2, 0, 1) / 255.0 for image in images]
+    torch_targets = [
+        {"boxes": tensor(box), "labels": tensor(label).long()}
+        for box, label in zip(boxes, classes, strict=True)
+    ]
 
-        def torch_step(inputs=torch_batch, targets=torch_targets):
-            torch_optimizer.zero_grad()
-            loss = sum(torch_model(inputs, targets).values())
-            loss.backward()
-            torch_optimizer.step()
+    def torch_step():
+        torch_optimizer.zero_grad()
+        loss = sum(torch_model(torch_batch, torch_targets).values())
+        loss.backward()
+        torch_optimizer.step()
 
-        times.append(median_s(torch_step, repeats))
-    return times
+    return {"seconds": torch_median_s(torch_step, repeats)}
 
 
-def time_torchvision_in_child(name, repeats):
-    """`time_torchvision` in a fresh Python process (same allocator setting: the child calls
-    `configure_runtime` too): {"times": [s], "peak_rss_gb": its peak resident memory,
-    "device_gb": torch's peak GPU memory or None}."""
-    command = [sys.executable, os.path.abspath(__file__), "--torchvision-side", "--models", name]
-    command += ["--repeats", str(repeats)]
-    done = subprocess.run(command, capture_output=True, text=True)
+def device_peak_gb(side):
+    """The side's peak device memory (GB) on a GPU, else None."""
+    if side == "torchvision":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def run_case(side, name, case, repeats):
+    """One side of one case in this process (the child): its figures as a dict."""
+    if side == "torchvision":
+        import torch  # noqa: F401  (its libraries counted in the baseline, as frcnn_jax's)
+    else:
+        jnp.zeros(()).block_until_ready()  # JAX's backend up before the baseline
+    baseline = rss_gb()
+    result = (torchvision_case if side == "torchvision" else our_case)(name, case, repeats)
+    return {
+        **result,
+        "platform": "-" if side == "torchvision" else jax.devices()[0].platform,
+        "baseline_rss_gb": baseline,
+        "peak_rss_gb": peak_rss_gb(),
+        "device_gb": device_peak_gb(side),
+    }
+
+
+def in_child(side, name, case, repeats, malloc=None):
+    """`run_case` in a fresh Python process with the allocator setting `malloc`
+    (FRCNN_JAX_MALLOC, `frcnn_jax.runtime.configure_malloc`; None: this process's own)."""
+    command = [sys.executable, os.path.abspath(__file__), "--side", side, "--models", name]
+    command += ["--cases", case, "--repeats", str(repeats)]
+    env = dict(os.environ)
+    if malloc is not None:
+        if env.pop("FRCNN_JAX_HUGE_PAGES", None):  # set by configure_malloc, with the tunable
+            env.pop("GLIBC_TUNABLES", None)
+        env["FRCNN_JAX_MALLOC"] = malloc
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"torchvision's side failed ({name}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{side}'s side failed ({name}, {case}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def torchvision_best(name, case, repeats, settings):
+    """torchvision's side under each allocator setting: (its shortest time, the setting; its
+    lowest peak memory, the setting; its baseline memory), memory on the GPU if it ran there."""
+    runs = {malloc: in_child("torchvision", name, case, repeats, malloc) for malloc in settings}
+    key = "device_gb" if next(iter(runs.values()))["device_gb"] is not None else "peak_rss_gb"
+    fastest = min(runs, key=lambda m: runs[m]["seconds"])
+    smallest = min(runs, key=lambda m: runs[m][key])
+    baseline = next(iter(runs.values()))["baseline_rss_gb"]
+    return (runs[fastest]["seconds"], fastest), (runs[smallest][key], smallest), baseline
 
 
 def time_import():
@@ -259,6 +349,9 @@ def time_import():
     weights_only, convert, write the .npz: `python -m frcnn_jax.import_weights`) and to load
     the .npz into the model's variables; and the file's size in MB."""
     import tempfile
+
+    import torch
+    import torchvision
 
     from frcnn_jax import weights
     from frcnn_jax.import_weights import read_state_dict
@@ -301,49 +394,69 @@ def time_import():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg16,r50_fpn")
+    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torchvision-side", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    names = args.models.split(",")
-    if args.torchvision_side:  # the child process of `time_torchvision_in_child`
-        times = time_torchvision(names[0], args.repeats)
-        device_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        print(json.dumps({"times": times, "peak_rss_gb": peak_rss_gb(), "device_gb": device_gb}))
-        return
-    # torchvision's children run first: on a GPU they exit before JAX reserves its memory.
-    theirs = {name: time_torchvision_in_child(name, args.repeats) for name in names}
-    print(
-        f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"on {TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads); random weights; "
-        f"{describe_runtime()}; torchvision timed in a separate process"
+    parser.add_argument(
+        "--torchvision-malloc",
+        default="huge_pages,retain,default",
+        help="allocator settings torchvision runs under (its best time and memory are shown)",
     )
-    print("| case | frcnn_jax s | torchvision s | ratio | frcnn_jax compile s |")
-    print("|---|---:|---:|---:|---:|")
+    parser.add_argument("--side", choices=("frcnn_jax", "torchvision"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    names, cases = args.models.split(","), args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    if args.side:  # a child of `in_child`
+        print(json.dumps(run_case(args.side, names[0], cases[0], args.repeats)))
+        return
+    settings = args.torchvision_malloc.split(",")
+    header = None  # printed with the first result: this process never starts JAX's backend
     for name in names:
-        for (case, our_s, compile_s), their_s in zip(
-            time_ours(name, args.repeats), theirs[name]["times"], strict=True
-        ):
+        for case in cases:
+            # torchvision's children first: on a GPU they exit before JAX reserves its memory
+            (their_s, fastest), (their_gb, smallest), their_base = torchvision_best(
+                name, case, args.repeats, settings
+            )
+            ours = in_child("frcnn_jax", name, case, args.repeats)
+            on_gpu = ours["device_gb"] is not None
+            if header is None:
+                header = "peak device memory" if on_gpu else "peak resident memory"
+                print(
+                    f"# jax {jax.__version__} on {ours['platform']}; random weights; frcnn_jax: "
+                    f"{describe_runtime()}; torchvision: its shortest time and its lowest peak "
+                    f"over the allocator settings {', '.join(settings)} (FRCNN_JAX_MALLOC, "
+                    "frcnn_jax.runtime); each side of each case in a process of its own"
+                )
+                print(
+                    f"| case | frcnn_jax s | torchvision s (setting) | time ratio | frcnn_jax "
+                    f"{header} GB | torchvision {header} GB (setting) | memory ratio | "
+                    "frcnn_jax compiled: arguments / outputs / temporaries GB | frcnn_jax "
+                    "compile s | processes before the model: frcnn_jax / torchvision GB |"
+                )
+                print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
+            ours_gb = ours["device_gb" if on_gpu else "peak_rss_gb"]
+            buffers = ours["buffers_gb"]
+            compiled = (
+                "-"
+                if buffers is None
+                else " / ".join(
+                    f"{buffers[k]:.2f}" for k in ("arguments", "outputs", "temporaries")
+                )
+            )
             print(
-                f"| {name} {case} | {our_s:.3f} | {their_s:.3f} | {our_s / their_s:.2f} "
-                f"| {compile_s:.1f} |",
+                f"| {name} {CASES[case]} | {ours['seconds']:.3f} | {their_s:.3f} ({fastest}) | "
+                f"{ours['seconds'] / their_s:.2f} | {ours_gb:.2f} | {their_gb:.2f} ({smallest}) | "
+                f"{ours_gb / their_gb:.2f} | {compiled} | {ours['compile_s']:.1f} | "
+                f"{ours['baseline_rss_gb']:.2f} / {their_base:.2f} |",
                 flush=True,
             )
-    print(
-        f"# peak resident memory: frcnn_jax's process {peak_rss_gb():.1f} GB, torchvision's "
-        f"{max(t['peak_rss_gb'] for t in theirs.values()):.1f} GB"
-    )
     if "r50_fpn" in names:
         convert_s, load_s, size_mb = time_import()
         print(
             f"# importing a fasterrcnn_resnet50_fpn file ({size_mb:.0f} MB): read, convert and "
             f"write {convert_s:.1f} s; load into the model {load_s:.1f} s"
         )
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        print(f"# frcnn_jax peak device memory: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
-    if TORCH_DEVICE.type == "cuda":
-        peak = max(t["device_gb"] for t in theirs.values())
-        print(f"# torchvision peak device memory: {peak:.1f} GiB")
 
 
 if __name__ == "__main__":

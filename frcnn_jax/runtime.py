@@ -1,7 +1,7 @@
 """CPU tuning of the process, applied by the entry points (`python -m frcnn_jax.train`,
 `evaluate`, `predict`, the experiments) inside `main()`, before JAX starts, and never on
-import: `configure_runtime()` = the XLA CPU flags below + `retain_freed_memory()` when the CPU
-is JAX's platform (no jax import here).
+import: `configure_runtime()` = the allocator setting (`configure_malloc`) when the CPU is
+JAX's platform, then the XLA CPU flags below (no jax import here).
 
 XLA's CPU backend in jaxlib 0.10 routes convolutions through experimental "YNN" fusions whose
 backward passes are about 2x slower than its default kernels (a 3x3, 256-channel convolution's
@@ -23,7 +23,11 @@ were measured with.
 import ctypes
 import importlib.util
 import os
+import sys
+import threading
 from importlib import metadata
+
+from frcnn_jax.errors import ConfigError
 
 _CPU_FLAGS = (
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
@@ -59,45 +63,114 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER_TRIM = -1  # as M_TRIM_THRESHOLD: the heap never gives freed memory back
 
+# FRCNN_JAX_MALLOC's values: the default, and the two others
+HUGE_PAGES, RETAIN, DEFAULT = "huge_pages", "retain", "default"
+_HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35
+_REEXECUTED = "FRCNN_JAX_HUGE_PAGES"  # set in the process `configure_malloc` started
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
-_retaining = False
+_malloc = DEFAULT  # the setting in effect in this process (`describe_runtime`)
 
 
-def retain_freed_memory(environ=None):
-    """Makes glibc's malloc keep freed memory for reuse; returns whether it took effect.
+def configure_malloc(environ=None, *, execve=os.execve):
+    """The allocator setting, FRCNN_JAX_MALLOC (default "huge_pages"); returns the one in
+    effect: "huge_pages", "retain" or "default".
 
-    By default glibc gives every buffer above 32 MiB its own mmap and unmaps it on free, and
-    XLA's worker threads allocate from per-thread arenas whose heaps cannot hold a buffer above
-    64 MiB at all, so each step page-faults (and the kernel zeroes) its large temporaries anew.
-    Here every buffer comes from one heap that never gives freed memory back, so a step
-    reuses the pages of the step before. That includes the one buffer, several GB, in which
-    XLA's CPU runtime holds all of a step's temporaries: mapped afresh, its page faults cost
-    about a fifth of a ResNet-50-FPN training step. The RoI ops' large temporaries gain most
-    (RoIPool forward + backward about 2x faster; torchvision's CPU allocator is malloc too, so
-    its ops gain as well: `experiments/bench_ops.py`, `experiments/benchmarks.md`).
-    The price: resident memory stays at its peak, and one arena serializes small allocations
-    across threads. FRCNN_JAX_MALLOC=default keeps glibc's behaviour, and so does any malloc
-    setting of the user's own (MALLOC_* or GLIBC_TUNABLES in the environment); without glibc
-    this does nothing.
+    A training step's temporaries are a few large buffers, several GB in all (XLA's CPU runtime
+    holds all of a step's temporaries in one), allocated and freed every step. glibc's default
+    maps each buffer above 32 MiB afresh and unmaps it on free, so every step page-faults 4 KiB
+    pages over all of them, each zeroed by the kernel: VGG-16's training step at 600x1000,
+    batch 2, took 5.2 s that way against 3.8 s with the settings below
+    (`experiments/bench_model.py`, `experiments/results_cpu.txt`).
+
+    - "huge_pages": glibc's own tunable `glibc.malloc.hugetlb=1` backs malloc's memory with
+      transparent huge pages (2 MiB: 512x fewer page faults), with glibc's default policy
+      otherwise, so freed buffers go back to the system and resident memory follows what is
+      live. glibc reads tunables only when a process starts: this re-executes the process
+      (`sys.orig_argv`, once, marked by FRCNN_JAX_HUGE_PAGES) with GLIBC_TUNABLES set. Where it
+      cannot apply (not glibc >= 2.35, transparent huge pages off, the program read from stdin,
+      an interactive session or notebook, not the main thread) it is "default".
+    - "retain" (`retain_freed_memory`): every buffer from one heap that never gives memory
+      back, so a step reuses the pages of the step before; as fast, but the heap fragments:
+      the same VGG-16 step's process peaked at 4.0-6.6 GB from run to run, against 3.6 GB.
+    - "default": glibc's behaviour, as is. So does a MALLOC_* or GLIBC_TUNABLES setting of
+      the user's own, whatever FRCNN_JAX_MALLOC says.
     """
+    global _malloc
     environ = os.environ if environ is None else environ
-    if environ.get("FRCNN_JAX_MALLOC", "retain") == "default" or any(
+    wanted = environ.get("FRCNN_JAX_MALLOC", HUGE_PAGES)
+    if wanted not in (HUGE_PAGES, RETAIN, DEFAULT):
+        raise ConfigError(
+            f"FRCNN_JAX_MALLOC={wanted!r}: one of {HUGE_PAGES!r}, {RETAIN!r}, {DEFAULT!r}"
+        )
+    if environ.get(_REEXECUTED) == "1":  # the process configure_malloc started
+        _malloc = HUGE_PAGES
+        return _malloc
+    if wanted == DEFAULT or any(
         name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in environ
     ):
+        _malloc = DEFAULT
+    elif wanted == RETAIN:
+        _malloc = RETAIN if retain_freed_memory() else DEFAULT
+    elif huge_pages_apply():
+        execve(
+            sys.executable,
+            list(sys.orig_argv),
+            {**environ, "GLIBC_TUNABLES": _HUGE_PAGES_TUNABLE, _REEXECUTED: "1"},
+        )
+        _malloc = HUGE_PAGES  # execve returned: a test's stand-in
+    else:
+        _malloc = DEFAULT
+    return _malloc
+
+
+def huge_pages_apply():
+    """Whether `configure_malloc` can re-execute this process with huge pages: glibc >= 2.35,
+    transparent huge pages enabled ("always" or "madvise"), a program that can run again (a
+    file, a module or -c, not stdin), outside an interactive session or notebook, on the main
+    thread."""
+    version = (os.confstr("CS_GNU_LIBC_VERSION") or "") if hasattr(os, "confstr") else ""
+    try:
+        major, minor = (int(x) for x in version.removeprefix("glibc ").split(".")[:2])
+    except ValueError:
         return False
+    try:
+        with open(_THP_SETTING) as setting:
+            enabled = setting.read()
+    except OSError:
+        return False
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
+    return (
+        (major, minor) >= (2, 35)
+        and ("[always]" in enabled or "[madvise]" in enabled)
+        and bool(getattr(sys, "orig_argv", None))
+        and sys.argv[:1] not in ([], [""], ["-"])
+        and not interactive
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+def retain_freed_memory():
+    """Makes glibc's malloc keep freed memory for reuse (FRCNN_JAX_MALLOC=retain, see
+    `configure_malloc`); returns whether it took effect.
+
+    Every buffer then comes from one heap (no buffer gets its own mmap; XLA's worker threads'
+    own heaps cannot hold a buffer above 64 MiB, so one arena) that never gives freed memory
+    back, so a step reuses the pages of the step before. The price: resident memory stays at
+    its peak, the heap fragments (freed space that a large buffer no longer fits in), and one
+    arena serializes small allocations across threads. Without glibc this does nothing.
+    """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl builds without it)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    global _retaining
     settings = (
         (_M_ARENA_MAX, 1),
         (_M_MMAP_MAX, 0),  # no buffer gets its own mmap: all come from the heap
         (_M_TRIM_THRESHOLD, _NEVER_TRIM),
     )
-    _retaining = all([mallopt(param, value) == 1 for param, value in settings])
-    return _retaining
+    return all([mallopt(param, value) == 1 for param, value in settings])
 
 
 _ACCELERATOR_MODULES = (
@@ -122,16 +195,66 @@ def cpu_is_the_platform(environ=None):
 
 
 def configure_runtime():
-    """What entry points call first in `main()`, before JAX starts: XLA's CPU flags and, when
-    the CPU is JAX's platform, the allocator setting (measured for XLA's CPU temporaries; GPU
-    and TPU hosts keep glibc's default). Library code never calls it.
+    """What entry points call first in `main()`, before JAX starts: when the CPU is JAX's
+    platform, the allocator setting (`configure_malloc`: by default the process is started
+    again once, with huge pages; GPU and TPU hosts keep glibc's default) and
+    `trim_after_compiles`, then XLA's CPU flags. Library code never calls it.
 
-    Returns (XLA flags added, whether freed memory is retained).
+    Returns (XLA flags added, the allocator setting in effect).
     """
-    return configure_xla_cpu(), cpu_is_the_platform() and retain_freed_memory()
+    on_cpu = cpu_is_the_platform()
+    malloc = configure_malloc() if on_cpu else DEFAULT
+    added = configure_xla_cpu()
+    if on_cpu:
+        trim_after_compiles()
+    return added, malloc
+
+
+_trimming = False
+
+
+def trim_after_compiles():
+    """After every XLA compilation, hands the memory the compiler freed back to the system
+    (glibc's `malloc_trim(0)`); returns whether it applies (glibc only).
+
+    XLA compiles on worker threads, whose malloc arenas keep what the compiler freed: 0.5 GB
+    after ResNet-50-FPN's training step compiled (600x1000, batch 2), resident beside the step's
+    own buffers for the rest of the run (`experiments/bench_model.py`). A trim takes
+    milliseconds; compiles are rare. Registered once, as a `jax.monitoring` listener (this
+    imports jax, not its backend: call it after XLA_FLAGS is set).
+    """
+    global _trimming
+    if _trimming:
+        return True
+    try:
+        ctypes.CDLL(None).malloc_trim.argtypes = (ctypes.c_size_t,)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    from jax import monitoring
+
+    monitoring.register_event_duration_secs_listener(_after_event)
+    _trimming = True
+    return True
+
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+
+
+def _after_event(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+        _release_freed_memory()
+
+
+def _release_freed_memory():
+    ctypes.CDLL(None).malloc_trim(0)
 
 
 def describe_runtime():
     """One line for benchmark headers: the XLA flags and the allocator setting in effect."""
-    malloc = "retains freed memory" if _retaining else "system default"
+    malloc = {
+        HUGE_PAGES: "glibc, transparent huge pages (glibc.malloc.hugetlb=1)",
+        RETAIN: "retains freed memory",
+        DEFAULT: "system default",
+    }[_malloc]
     return f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}"

@@ -50,7 +50,24 @@ def test_the_installed_jaxlib_accepts_what_is_added():
         assert conv_in_ynn == "False" and dot_in_ynn == "True"
 
 
-def test_freed_memory_is_retained_only_when_not_opted_out():
+def _glibc_version():
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError):  # no confstr, or no such name (not glibc)
+        return None
+    if not libc.startswith("glibc "):
+        return None
+    return tuple(int(x) for x in libc.split()[1].split(".")[:2])
+
+
+def _clean_env(**env):
+    mine = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+    for name in ("FRCNN_JAX_MALLOC", "FRCNN_JAX_HUGE_PAGES"):
+        mine.pop(name, None)
+    return {**mine, "JAX_PLATFORMS": "cpu", **env}
+
+
+def test_retain_keeps_freed_memory_in_one_heap():
     # A subprocess, since mallopt changes the whole process. glibc's mallinfo2 says how many
     # bytes live in buffers that have their own mmap (`hblkhd`, the 5th field): by default a
     # 64 MiB array is one, and a 100 MiB array made on another thread (as XLA's workers do) too;
@@ -59,8 +76,8 @@ def test_freed_memory_is_retained_only_when_not_opted_out():
     # bytes (`fordblks`, the 9th field) for the next step.
     code = (
         "import ctypes, threading, numpy as np\n"
-        "from frcnn_jax.runtime import describe_runtime, retain_freed_memory\n"
-        "retained = retain_freed_memory()\n"
+        "from frcnn_jax.runtime import configure_malloc, describe_runtime\n"
+        "setting = configure_malloc()\n"
         "class Info(ctypes.Structure):\n"
         "    _fields_ = [(str(i), ctypes.c_size_t) for i in range(10)]\n"
         "mallinfo2 = ctypes.CDLL(None).mallinfo2\n"
@@ -77,33 +94,132 @@ def test_freed_memory_is_retained_only_when_not_opted_out():
         "huge = np.empty(5 << 29, np.uint8)\n"  # 2.5 GiB of address space, never touched
         "del huge\n"
         "kept = getattr(mallinfo2(), '8') >= 5 << 29\n"
-        "print(retained, here, seen[0], kept, describe_runtime().split('malloc: ')[1])\n"
+        "print(setting, here, seen[0], kept, describe_runtime().split('malloc: ')[1])\n"
     )
 
     def run(**env):
-        mine = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
         out = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
             text=True,
-            env={**mine, **env},
+            env=_clean_env(**env),
             check=True,
         )
         return out.stdout.split(maxsplit=4)
 
-    try:
-        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
-    except (AttributeError, ValueError):  # no confstr, or no such name (not glibc)
-        libc = ""
-    if not libc.startswith("glibc"):
+    if _glibc_version() is None:
         pytest.skip("retaining freed memory is a glibc setting")
     assert run(FRCNN_JAX_MALLOC="default") == [
-        "False",
+        "default",
         "True",
         "True",
         "False",
         "system default\n",
     ]
+    assert run(FRCNN_JAX_MALLOC="retain") == [
+        "retain",
+        "False",
+        "False",
+        "True",
+        "retains freed memory\n",
+    ]
     # A malloc setting of the user's own is left alone (this one changes nothing else).
-    assert run(MALLOC_PERTURB_="0")[0] == "False"
-    assert run() == ["True", "False", "False", "True", "retains freed memory\n"]
+    assert run(FRCNN_JAX_MALLOC="retain", MALLOC_PERTURB_="0")[0] == "default"
+
+
+HUGE_PAGES = """
+import ctypes, os, sys
+from frcnn_jax import runtime
+print("started", os.getpid(), flush=True)
+setting = runtime.configure_runtime()[1]
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 256 << 20
+buffer = libc.malloc(size)  # as XLA's runtime allocates: malloc, not numpy's own allocator
+ctypes.memset(buffer, 1, size)
+with open("/proc/self/smaps_rollup") as rollup:
+    kb = next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
+print(setting, kb >> 10, os.environ.get("GLIBC_TUNABLES"), runtime.describe_runtime())
+"""
+
+
+def test_huge_pages_are_the_default_where_the_system_has_them():
+    """The entry points' default: the process starts again once with glibc's huge-page
+    tunable, and a large malloc'd buffer then lies on transparent huge pages; with
+    FRCNN_JAX_MALLOC=default (or a user's own GLIBC_TUNABLES) it does not, and nothing
+    restarts."""
+    from frcnn_jax import runtime
+
+    if not runtime.huge_pages_apply():
+        pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+
+    def run(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", HUGE_PAGES],
+            capture_output=True,
+            text=True,
+            env=_clean_env(**env),
+            check=True,
+        )
+        return out.stdout.splitlines()
+
+    *starts, result = run()
+    assert len(starts) == 2  # started, then started again with the tunable
+    setting, huge_mb, tunables, description = result.split(maxsplit=3)
+    assert setting == "huge_pages" and tunables == "glibc.malloc.hugetlb=1"
+    assert int(huge_mb) >= 128, result  # most of the 256 MiB buffer
+    assert "transparent huge pages" in description
+    *starts, result = run(FRCNN_JAX_MALLOC="default")
+    assert len(starts) == 1 and result.split()[0] == "default"
+    assert int(result.split()[1]) < 128, result
+    *starts, result = run(GLIBC_TUNABLES="glibc.malloc.check=0")  # the user's own
+    assert len(starts) == 1 and result.split()[0] == "default"
+
+
+def test_the_malloc_setting_is_checked_and_restarts_only_once():
+    from frcnn_jax import runtime
+    from frcnn_jax.errors import ConfigError
+
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((path, argv, env))
+
+    with pytest.raises(ConfigError, match="FRCNN_JAX_MALLOC='fast'"):
+        runtime.configure_malloc({"FRCNN_JAX_MALLOC": "fast"}, execve=execve)
+    assert runtime.configure_malloc({"FRCNN_JAX_HUGE_PAGES": "1"}, execve=execve) == "huge_pages"
+    assert runtime.configure_malloc({"MALLOC_ARENA_MAX": "2"}, execve=execve) == "default"
+    assert runtime.configure_malloc({"FRCNN_JAX_MALLOC": "default"}, execve=execve) == "default"
+    assert not calls
+    if runtime.huge_pages_apply():
+        assert runtime.configure_malloc({"HOME": "/h"}, execve=execve) == "huge_pages"
+        ((path, argv, env),) = calls
+        assert path == sys.executable and argv == list(sys.orig_argv)
+        assert env == {
+            "HOME": "/h",
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+            "FRCNN_JAX_HUGE_PAGES": "1",
+        }
+
+
+def test_every_compile_hands_the_compilers_freed_memory_back(monkeypatch):
+    from jax._src import dispatch
+
+    from frcnn_jax import runtime
+
+    if _glibc_version() is None:
+        pytest.skip("malloc_trim is glibc's")
+    assert runtime._BACKEND_COMPILE_EVENT == dispatch.BACKEND_COMPILE_EVENT  # jax's name
+    calls = []
+    monkeypatch.setattr(runtime, "_release_freed_memory", lambda: calls.append(1))
+    assert runtime.trim_after_compiles() and runtime.trim_after_compiles()  # registered once
+    import jax
+    import numpy as np
+
+    def f(x):
+        return x * 3 + 1
+
+    jax.jit(f)(np.ones(5)).block_until_ready()  # one compile
+    assert calls == [1]
+    jax.jit(f)(np.ones(5)).block_until_ready()  # cached: no compile, no trim
+    assert calls == [1]
