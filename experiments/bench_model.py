@@ -220,9 +220,29 @@ def our_inference(model, params, images, sizes, repeats):
 
 
 def our_training_step(model, params, batch, repeats):
+    train_step, optimizer = jitted_training_step(model)
+    state = [params, optimizer.init(params)]  # the step consumes both
+    del params
+    args = tuple(jnp.asarray(a) for a in batch)
+    start = time.perf_counter()
+    compiled = train_step.lower(*state, *args, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - start
+
+    def step():
+        new_params, new_opt_state, loss = compiled(*state, *args, jax.random.key(1))
+        state[:] = [new_params, new_opt_state]
+        jax.block_until_ready(loss)
+
+    seconds = median_s(step, repeats)
+    return {"seconds": seconds, "compile_s": compile_s, "buffers_gb": compiled_buffers(compiled)}
+
+
+def jitted_training_step(model):
+    """(the jitted SGD step (params, opt_state, images, sizes, boxes, classes, key) -> (params,
+    opt_state, loss), its optimizer): parameters and optimizer state donated and updated in
+    place, as frcnn_jax.train does."""
     optimizer = optax.sgd(1e-3, momentum=0.9)
 
-    # Parameters and optimizer state are donated and updated in place, as frcnn_jax.train does.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(p, opt_state, x, s, boxes, classes, key):
         def loss_fn(p):
@@ -242,20 +262,7 @@ def our_training_step(model, params, batch, repeats):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    state = [params, optimizer.init(params)]  # the step consumes both
-    del params
-    args = tuple(jnp.asarray(a) for a in batch)
-    start = time.perf_counter()
-    compiled = train_step.lower(*state, *args, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - start
-
-    def step():
-        new_params, new_opt_state, loss = compiled(*state, *args, jax.random.key(1))
-        state[:] = [new_params, new_opt_state]
-        jax.block_until_ready(loss)
-
-    seconds = median_s(step, repeats)
-    return {"seconds": seconds, "compile_s": compile_s, "buffers_gb": compiled_buffers(compiled)}
+    return train_step, optimizer
 
 
 def torchvision_case(name, case, repeats):

@@ -92,7 +92,8 @@ def configure_malloc(environ=None, *, execve=os.execve):
       an interactive session or notebook, not the main thread) it is "default".
     - "retain" (`retain_freed_memory`): every buffer from one heap that never gives memory
       back, so a step reuses the pages of the step before; as fast, but the heap fragments:
-      the same VGG-16 step's process peaked at 4.0-6.6 GB from run to run, against 3.6 GB.
+      the same VGG-16 step's process peaked at 5.3 GB against 3.7 GB, by an amount that
+      varies from run to run.
     - "default": glibc's behaviour, as is. So does a MALLOC_* or GLIBC_TUNABLES setting of
       the user's own, whatever FRCNN_JAX_MALLOC says.
     """
@@ -217,11 +218,11 @@ def trim_after_compiles():
     """After every XLA compilation, hands the memory the compiler freed back to the system
     (glibc's `malloc_trim(0)`); returns whether it applies (glibc only).
 
-    XLA compiles on worker threads, whose malloc arenas keep what the compiler freed: 0.5 GB
-    after ResNet-50-FPN's training step compiled (600x1000, batch 2), resident beside the step's
-    own buffers for the rest of the run (`experiments/bench_model.py`). A trim takes
-    milliseconds; compiles are rare. Registered once, as a `jax.monitoring` listener (this
-    imports jax, not its backend: call it after XLA_FLAGS is set).
+    XLA compiles on worker threads, whose malloc arenas keep what the compiler freed: it was
+    0.5-0.65 GB of the peak of ResNet-50-FPN's training step (600x1000, batch 2), resident
+    beside the step's own buffers for the rest of the run (`experiments/results_cpu.txt`). A
+    trim takes milliseconds; compiles are rare. Registered once, as a `jax.monitoring`
+    listener (this imports jax, not its backend: call it after XLA_FLAGS is set).
     """
     global _trimming
     if _trimming:
