@@ -20,6 +20,7 @@ XLA aborts on a flag it does not know, so the flags are only added for jaxlib ve
 were measured with.
 """
 
+import builtins
 import ctypes
 import importlib.util
 import os
@@ -126,29 +127,33 @@ def configure_malloc(environ=None, *, execve=os.execve):
 
 
 def huge_pages_apply():
-    """Whether `configure_malloc` can re-execute this process with huge pages: glibc >= 2.35,
-    transparent huge pages enabled ("always" or "madvise"), a program that can run again (a
-    file, a module or -c, not stdin), outside an interactive session or notebook, on the main
-    thread."""
-    version = (os.confstr("CS_GNU_LIBC_VERSION") or "") if hasattr(os, "confstr") else ""
+    """Whether `configure_malloc` can re-execute this process with huge pages: the system has
+    them (`huge_pages_available`), and the program can run again (a file, a module or -c, not
+    stdin), outside an interactive session or notebook (IPython, Jupyter), on the main thread."""
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or hasattr(builtins, "__IPYTHON__")
+    return (
+        huge_pages_available()
+        and bool(getattr(sys, "orig_argv", None))
+        and sys.argv[:1] not in ([], [""], ["-"])
+        and not interactive
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+def huge_pages_available():
+    """Whether glibc's huge-page tunable works here: glibc >= 2.35 and transparent huge pages
+    enabled ("always" or "madvise")."""
     try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
         major, minor = (int(x) for x in version.removeprefix("glibc ").split(".")[:2])
-    except ValueError:
+    except (AttributeError, ValueError):  # no confstr, no such name (not glibc), no version
         return False
     try:
         with open(_THP_SETTING) as setting:
             enabled = setting.read()
     except OSError:
         return False
-    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
-    return (
-        (major, minor) >= (2, 35)
-        and ("[always]" in enabled or "[madvise]" in enabled)
-        and bool(getattr(sys, "orig_argv", None))
-        and sys.argv[:1] not in ([], [""], ["-"])
-        and not interactive
-        and threading.current_thread() is threading.main_thread()
-    )
+    return (major, minor) >= (2, 35) and ("[always]" in enabled or "[madvise]" in enabled)
 
 
 def retain_freed_memory():

@@ -150,7 +150,7 @@ def test_huge_pages_are_the_default_where_the_system_has_them():
     restarts."""
     from frcnn_jax import runtime
 
-    if not runtime.huge_pages_apply():
+    if not runtime.huge_pages_available():
         pytest.skip("no glibc >= 2.35 with transparent huge pages here")
 
     def run(**env):
@@ -176,7 +176,9 @@ def test_huge_pages_are_the_default_where_the_system_has_them():
     assert len(starts) == 1 and result.split()[0] == "default"
 
 
-def test_the_malloc_setting_is_checked_and_restarts_only_once():
+def test_the_malloc_setting_is_checked_and_restarts_only_once(monkeypatch):
+    import builtins
+
     from frcnn_jax import runtime
     from frcnn_jax.errors import ConfigError
 
@@ -191,15 +193,22 @@ def test_the_malloc_setting_is_checked_and_restarts_only_once():
     assert runtime.configure_malloc({"MALLOC_ARENA_MAX": "2"}, execve=execve) == "default"
     assert runtime.configure_malloc({"FRCNN_JAX_MALLOC": "default"}, execve=execve) == "default"
     assert not calls
-    if runtime.huge_pages_apply():
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "huge_pages_apply", lambda: True)
         assert runtime.configure_malloc({"HOME": "/h"}, execve=execve) == "huge_pages"
-        ((path, argv, env),) = calls
-        assert path == sys.executable and argv == list(sys.orig_argv)
-        assert env == {
-            "HOME": "/h",
-            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-            "FRCNN_JAX_HUGE_PAGES": "1",
-        }
+    ((path, argv, env),) = calls
+    assert path == sys.executable and argv == list(sys.orig_argv)
+    tunable = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "FRCNN_JAX_HUGE_PAGES": "1"}
+    assert env == {"HOME": "/h", **tunable}
+    # programs that cannot start again, or should not: stdin, a notebook or IPython
+    monkeypatch.setattr(runtime, "huge_pages_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert runtime.huge_pages_apply()
+    monkeypatch.setattr(sys, "argv", ["-"])
+    assert not runtime.huge_pages_apply()
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(builtins, "__IPYTHON__", True, raising=False)
+    assert not runtime.huge_pages_apply()
 
 
 def test_every_compile_hands_the_compilers_freed_memory_back(monkeypatch):
