@@ -143,8 +143,8 @@ print(setting, kb >> 10, os.environ.get("GLIBC_TUNABLES"), runtime.describe_runt
 """
 
 
-def test_huge_pages_are_the_default_where_the_system_has_them():
-    """The entry points' default: the process starts again once with glibc's huge-page
+def test_huge_pages_restart_the_process_once_where_the_system_has_them():
+    """FRCNN_JAX_MALLOC=huge_pages: the process starts again once with glibc's huge-page
     tunable, and a large malloc'd buffer then lies on transparent huge pages; with
     FRCNN_JAX_MALLOC=default (or a user's own GLIBC_TUNABLES) it does not, and nothing
     restarts."""
@@ -163,7 +163,7 @@ def test_huge_pages_are_the_default_where_the_system_has_them():
         )
         return out.stdout.splitlines()
 
-    *starts, result = run()
+    *starts, result = run(FRCNN_JAX_MALLOC="huge_pages")
     assert len(starts) == 2  # started, then started again with the tunable
     setting, huge_mb, tunables, description = result.split(maxsplit=3)
     assert setting == "huge_pages" and tunables == "glibc.malloc.hugetlb=1"
@@ -172,7 +172,7 @@ def test_huge_pages_are_the_default_where_the_system_has_them():
     *starts, result = run(FRCNN_JAX_MALLOC="default")
     assert len(starts) == 1 and result.split()[0] == "default"
     assert int(result.split()[1]) < 128, result
-    *starts, result = run(GLIBC_TUNABLES="glibc.malloc.check=0")  # the user's own
+    *starts, result = run(FRCNN_JAX_MALLOC="huge_pages", GLIBC_TUNABLES="glibc.malloc.check=0")
     assert len(starts) == 1 and result.split()[0] == "default"
 
 
@@ -195,11 +195,12 @@ def test_the_malloc_setting_is_checked_and_restarts_only_once(monkeypatch):
     assert not calls
     with monkeypatch.context() as patch:
         patch.setattr(runtime, "huge_pages_apply", lambda: True)
-        assert runtime.configure_malloc({"HOME": "/h"}, execve=execve) == "huge_pages"
+        chosen = {"HOME": "/h", "FRCNN_JAX_MALLOC": "huge_pages"}
+        assert runtime.configure_malloc(chosen, execve=execve) == "huge_pages"
     ((path, argv, env),) = calls
     assert path == sys.executable and argv == list(sys.orig_argv)
     tunable = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "FRCNN_JAX_HUGE_PAGES": "1"}
-    assert env == {"HOME": "/h", **tunable}
+    assert env == {**chosen, **tunable}
     # programs that cannot start again, or should not: stdin, a notebook or IPython
     monkeypatch.setattr(runtime, "huge_pages_available", lambda: True)
     monkeypatch.setattr(sys, "argv", ["train.py"])

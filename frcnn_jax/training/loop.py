@@ -31,16 +31,17 @@ def train_and_evaluate(config, workdir, *, allow_model_change=False):
     """
     workdir = pathlib.Path(workdir)
     train = config.train
-    checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
     last_step = final_step(train)
     final_report = workdir / "eval" / f"step_{last_step}" / "metrics.json"
-    latest = checkpoints.latest_step()
-    if latest is not None and latest >= last_step and final_report.is_file():
-        log.info("already trained to step %d and evaluated: %s", last_step, final_report)
-        print(f"already done: {final_report}", flush=True)
-        return json.loads(final_report.read_text())
     locked = jax.process_index() == 0  # one lock per run, held by its first process
+    # the lock first: a run in progress saves and deletes checkpoints while they are listed
     with rundir.WorkdirLock(workdir) if locked else contextlib.nullcontext():
+        checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
+        latest = checkpoints.latest_step()
+        if latest is not None and latest >= last_step and final_report.is_file():
+            log.info("already trained to step %d and evaluated: %s", last_step, final_report)
+            print(f"already done: {final_report}", flush=True)
+            return json.loads(final_report.read_text())
         if _has_checkpoints(workdir):
             rundir.check_model(workdir, config, allow_change=allow_model_change)
         return _train_and_evaluate(config, workdir, checkpoints, final_report, last_step)
