@@ -67,6 +67,13 @@ def _clean_env(**env):
     return {**mine, "JAX_PLATFORMS": "cpu", **env}
 
 
+def _python(code, **env):
+    """What `python -c code` prints, in `_clean_env(**env)` (a subprocess: malloc settings
+    change the whole process)."""
+    command, env = [sys.executable, "-c", code], _clean_env(**env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+
+
 def test_retain_keeps_freed_memory_in_one_heap():
     # A subprocess, since mallopt changes the whole process. glibc's mallinfo2 says how many
     # bytes live in buffers that have their own mmap (`hblkhd`, the 5th field): by default a
@@ -98,14 +105,7 @@ def test_retain_keeps_freed_memory_in_one_heap():
     )
 
     def run(**env):
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=_clean_env(**env),
-            check=True,
-        )
-        return out.stdout.split(maxsplit=4)
+        return _python(code, **env).split(maxsplit=4)
 
     if _glibc_version() is None:
         pytest.skip("retaining freed memory is a glibc setting")
@@ -154,14 +154,7 @@ def test_huge_pages_restart_the_process_once_where_the_system_has_them():
         pytest.skip("no glibc >= 2.35 with transparent huge pages here")
 
     def run(**env):
-        out = subprocess.run(
-            [sys.executable, "-c", HUGE_PAGES],
-            capture_output=True,
-            text=True,
-            env=_clean_env(**env),
-            check=True,
-        )
-        return out.stdout.splitlines()
+        return _python(HUGE_PAGES, **env).splitlines()
 
     *starts, result = run(FRCNN_JAX_MALLOC="huge_pages")
     assert len(starts) == 2  # started, then started again with the tunable
