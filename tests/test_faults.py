@@ -261,6 +261,37 @@ def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+# Loaded first by every Python process of a run (PYTHONPATH), grain's spawned workers included:
+# it appends the name of each shared memory segment the process creates to $SHM_LOG, so a test
+# checks exactly its own run's segments, whatever else runs on the machine.
+_SHM_LOG_HOOK = """
+import os
+from multiprocessing import shared_memory
+
+_init = shared_memory.SharedMemory.__init__
+
+def _logged_init(self, name=None, create=False, size=0, **kwargs):
+    _init(self, name, create, size, **kwargs)
+    if create:
+        with open(os.environ["SHM_LOG"], "a") as log:
+            log.write(self.name.lstrip("/") + "\\n")
+
+shared_memory.SharedMemory.__init__ = _logged_init
+"""
+
+
+def logging_shared_memory(tmp_path):
+    """(env, names): run_train's extra environment that logs the segments the run's processes
+    create, and a function that returns the names logged so far."""
+    hook = tmp_path / "shm_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SHM_LOG_HOOK)
+    log = tmp_path / "shm.log"
+    log.touch()
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "SHM_LOG": str(log)}
+    return env, lambda: set(log.read_text().split())
+
+
 def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path):
     """Two runs with grain workers, side by side: one ends in an error (a non-finite loss,
     after its workers started), the other by SIGTERM mid-training. Neither leaves a worker
@@ -268,13 +299,17 @@ def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tm
     workers = "c.data.workers = 2\n"
     exploding = workers + "c.train.learning_rate = 1e12\nc.train.warmup_steps = 0\n"
     sources.prepare_all(config(data_dir).data)  # once, before two runs would race to
-    shared_before = set(os.listdir("/dev/shm"))
+    env, created = logging_shared_memory(tmp_path)
     error = run_train(
-        write_config_file(tmp_path / "a.py", data_dir, exploding), tmp_path / "a", wait=False
+        write_config_file(tmp_path / "a.py", data_dir, exploding),
+        tmp_path / "a",
+        env=env,
+        wait=False,
     )
     stopped = run_train(
         write_config_file(tmp_path / "b.py", data_dir, workers + "c.train.num_steps = 400\n"),
         tmp_path / "b",
+        env=env,
         wait=False,
     )
     metrics = tmp_path / "b" / "metrics.jsonl"
@@ -293,4 +328,5 @@ def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tm
     assert "leaked shared_memory" not in output and "Traceback" not in output
     time.sleep(1.5)  # the workers' owner watch polls every 0.5 s
     assert not [pid for pid in started if alive(pid)]
-    assert not {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith("psm_")}
+    assert created(), "the hook logged no segment: the check below would prove nothing"
+    assert not created() & set(os.listdir("/dev/shm"))
