@@ -129,6 +129,26 @@ def _input_tiles(x):
     return tiles.reshape(_SPAN * _SPAN, n * tiles_h * tiles_w, channels)
 
 
+def _input_tiles_by_columns(x):
+    """`_input_tiles(x)` computed columns first (equal up to rounding). The backward pass
+    recomputes x's tiles this way: XLA's common-subexpression pass would merge a copy of the
+    forward pass's computation back into it, and keep those tiles (2.25x x's size) alive from
+    the forward pass to the backward pass."""
+    n, height, width, channels = x.shape
+    tiles_h, tiles_w = _num_tiles(height, width)
+    padded = jnp.pad(
+        x, ((0, 0), (1, tiles_h * _TILE + 1 - height), (1, tiles_w * _TILE + 1 - width), (0, 0))
+    )
+    stride = _TILE
+    columns = jnp.stack(
+        _combine(_BT, [padded[:, :, j : j + stride * tiles_w : stride] for j in range(_SPAN)])
+    )  # [6 column, N, H + 2, tiles_w, C]
+    tiles = jnp.stack(
+        _combine(_BT, [columns[:, :, i : i + stride * tiles_h : stride] for i in range(_SPAN)])
+    )  # [6 row, 6 column, N, tiles_h, tiles_w, C]
+    return tiles.swapaxes(0, 1).reshape(_SPAN * _SPAN, n * tiles_h * tiles_w, channels)
+
+
 def _kernel_tiles(kernel):
     """G g G^T: [3, 3, C, O] -> [36, C, O], index 6 * column + row as in `_input_tiles`."""
     rows = jnp.stack(_combine(_G, [kernel[i] for i in range(3)]))  # [6 row, 3 column, C, O]
@@ -191,12 +211,14 @@ def winograd_conv3x3(x, kernel):
 
 
 def _winograd_fwd(x, kernel):
-    out, tiles = _winograd(x, kernel)
-    return out, (tiles, kernel)
+    return _winograd(x, kernel)[0], (x, kernel)
 
 
 def _winograd_bwd(residuals, grad):
-    tiles, kernel = residuals
+    x, kernel = residuals
+    # The weight gradient needs x's tiles again: recomputed here rather than kept from the
+    # forward pass (they are 2.25x x's size; x is often kept anyway, for the layer before).
+    tiles = _input_tiles_by_columns(x)
     grad = _row_major(grad)
     # The input gradient is the same kind of convolution, with the kernel rotated by 180
     # degrees and its channel axes swapped.

@@ -174,11 +174,17 @@ def _gather_taps_bwd(residuals, grad):
     flat_features, index, weight, dense_factors = residuals
     channels = flat_features.shape[-1]
     if dense_factors is None:
-        updates = weight[..., None] * grad[..., None, :]  # [R, oh, ow, T, C]
-        d_features = (
-            jnp.zeros(flat_features.shape, jnp.float32)
-            .at[index.reshape(-1)]
-            .add(updates.reshape(-1, channels))
+        # One scatter per tap, in a loop: all taps' updates at once ([R, oh, ow, T, C]) would
+        # be T times the gradient's size (0.8 GB for 1024 RoIs of 7 x 7 x 256 with 16 taps).
+        def scatter_tap(d_features, tap):
+            index, weight = tap  # [R, oh, ow] each
+            updates = (weight[..., None] * grad).reshape(-1, channels)
+            return d_features.at[index.reshape(-1)].add(updates), None
+
+        d_features, _ = jax.lax.scan(
+            scatter_tap,
+            jnp.zeros(flat_features.shape, jnp.float32),
+            (jnp.moveaxis(index, -1, 0), jnp.moveaxis(weight, -1, 0)),
         )
     else:
         height, width = dense_factors[0].shape[-1], dense_factors[1].shape[-1]
