@@ -221,7 +221,7 @@ def our_inference(model, params, images, sizes, repeats):
 
 def our_training_step(model, params, batch, repeats):
     train_step, optimizer = jitted_training_step(model)
-    state = [params, optimizer.init(params)]  # the step consumes both
+    state = [params, optimizer.init(params["params"])]  # the step consumes both
     del params
     args = tuple(jnp.asarray(a) for a in batch)
     start = time.perf_counter()
@@ -238,16 +238,18 @@ def our_training_step(model, params, batch, repeats):
 
 
 def jitted_training_step(model):
-    """(the jitted SGD step (params, opt_state, images, sizes, boxes, classes, key) -> (params,
-    opt_state, loss), its optimizer): parameters and optimizer state donated and updated in
-    place, as frcnn_jax.train does."""
+    """(the jitted SGD step (variables, opt_state, images, sizes, boxes, classes, key) ->
+    (variables, opt_state, loss), its optimizer): the gradient of the parameters only (not of
+    the frozen BatchNorm statistics, as `frcnn_jax.training` and torchvision's
+    FrozenBatchNorm2d), variables and optimizer state (of `variables["params"]`) donated and
+    updated in place, as frcnn_jax.train does."""
     optimizer = optax.sgd(1e-3, momentum=0.9)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(p, opt_state, x, s, boxes, classes, key):
-        def loss_fn(p):
+    def train_step(variables, opt_state, x, s, boxes, classes, key):
+        def loss_fn(params):
             terms = model.apply(
-                p,
+                {**variables, "params": params},
                 x,
                 s,
                 boxes,
@@ -258,9 +260,10 @@ def jitted_training_step(model):
             )
             return sum(terms.values())
 
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
+        params = variables["params"]
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return {**variables, "params": optax.apply_updates(params, updates)}, opt_state, loss
 
     return train_step, optimizer
 

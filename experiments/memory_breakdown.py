@@ -79,7 +79,7 @@ def training_step_buffers(name, batch, variant):
             shape((batch, 5), jnp.int32),
         )
         lowered = train_step.lower(
-            params, jax.eval_shape(optimizer.init, params), *inputs, jax.random.key(0)
+            params, jax.eval_shape(optimizer.init, params["params"]), *inputs, jax.random.key(0)
         )
         return compiled_buffers(lowered.compile())
     finally:
