@@ -64,7 +64,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER_TRIM = -1  # as M_TRIM_THRESHOLD: the heap never gives freed memory back
 
-# FRCNN_JAX_MALLOC's values ("retain" is the default)
+# FRCNN_JAX_MALLOC's values ("huge_pages" is the default)
 HUGE_PAGES, RETAIN, DEFAULT = "huge_pages", "retain", "default"
 _HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35
 _REEXECUTED = "FRCNN_JAX_HUGE_PAGES"  # set in the process `configure_malloc` started
@@ -74,37 +74,32 @@ _malloc = DEFAULT  # the setting in effect in this process (`describe_runtime`)
 
 
 def configure_malloc(environ=None, *, execve=os.execve):
-    """The allocator setting, FRCNN_JAX_MALLOC (default "retain"); returns the one in effect:
-    "huge_pages", "retain" or "default".
+    """The allocator setting, FRCNN_JAX_MALLOC (default "huge_pages"); returns the one in
+    effect: "huge_pages", "retain" or "default".
 
     A training step's temporaries are a few large buffers, several GB in all (XLA's CPU runtime
     holds all of a step's temporaries in one), allocated and freed every step. glibc's default
-    maps each buffer above 32 MiB afresh and unmaps it on free, so every step page-faults 4 KiB
-    pages over all of them, each zeroed by the kernel: VGG-16's training step at 600x1000,
-    batch 2, took 5.2 s that way against 3.8 s with the settings below
-    (`experiments/bench_model.py`, `experiments/results_cpu.txt`).
+    maps each buffer above 32 MiB afresh, so every step page-faults and zeroes them again in
+    4 KiB pages: VGG-16's step at 600x1000, batch 2, took 5.2 s that way against 3.8 s with the
+    two settings below (`experiments/bench_model.py`, `experiments/results_cpu.txt`).
 
-    - "huge_pages" (opt-in): glibc's own tunable `glibc.malloc.hugetlb=1` backs malloc's memory with
-      transparent huge pages (2 MiB: 512x fewer page faults), with glibc's default policy
-      otherwise, so freed buffers go back to the system and resident memory follows what is
-      live. glibc reads tunables only when a process starts: this re-executes the process
-      (`sys.orig_argv`, once, marked by FRCNN_JAX_HUGE_PAGES) with GLIBC_TUNABLES set. Where it
-      cannot apply (not glibc >= 2.35, transparent huge pages off, the program read from stdin,
-      an interactive session or notebook, not the main thread) it is "default". Not the
-      default yet: a re-executed training run left its grain workers' shared memory segments
-      behind when it ended (tests/test_faults.py), where the same tunable set before the start
-      did not; until that is understood, set it with FRCNN_JAX_MALLOC=huge_pages, or set
-      GLIBC_TUNABLES=glibc.malloc.hugetlb=1 yourself (no re-execution).
-    - "retain" (the default, `retain_freed_memory`): every buffer from one heap that never
-      gives memory back, so a step reuses the pages of the step before; as fast, but the heap
-      fragments: the same VGG-16 step's process peaked at 5.3 GB against 3.7 GB, by an amount
-      that varies from run to run.
+    - "huge_pages" (the default): glibc's own tunable `glibc.malloc.hugetlb=1` backs malloc's
+      memory with transparent huge pages (2 MiB: 512x fewer page faults), with glibc's default
+      policy otherwise, so freed buffers go back to the system and resident memory follows
+      what is live. glibc reads tunables only when a process starts: this re-executes the
+      process (`sys.orig_argv`, once, marked by FRCNN_JAX_HUGE_PAGES) with GLIBC_TUNABLES set.
+      Where it cannot apply (not glibc >= 2.35, transparent huge pages off, the program read
+      from stdin, an interactive session or notebook, not the main thread) it is "default".
+    - "retain" (`retain_freed_memory`): every buffer from one heap that never gives memory
+      back, so a step reuses the pages of the step before; as fast, but the heap fragments:
+      the same VGG-16 step's process peaked at 5.3 GB against 3.7 GB, by an amount that varies
+      from run to run. It applies in-process (a notebook too).
     - "default": glibc's behaviour, as is. So does a MALLOC_* or GLIBC_TUNABLES setting of
       the user's own, whatever FRCNN_JAX_MALLOC says.
     """
     global _malloc
     environ = os.environ if environ is None else environ
-    wanted = environ.get("FRCNN_JAX_MALLOC", RETAIN)
+    wanted = environ.get("FRCNN_JAX_MALLOC", HUGE_PAGES)
     if wanted not in (HUGE_PAGES, RETAIN, DEFAULT):
         raise ConfigError(
             f"FRCNN_JAX_MALLOC={wanted!r}: one of {HUGE_PAGES!r}, {RETAIN!r}, {DEFAULT!r}"

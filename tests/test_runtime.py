@@ -156,12 +156,13 @@ def test_huge_pages_restart_the_process_once_where_the_system_has_them():
     def run(**env):
         return _python(HUGE_PAGES, **env).splitlines()
 
-    *starts, result = run(FRCNN_JAX_MALLOC="huge_pages")
-    assert len(starts) == 2  # started, then started again with the tunable
-    setting, huge_mb, tunables, description = result.split(maxsplit=3)
-    assert setting == "huge_pages" and tunables == "glibc.malloc.hugetlb=1"
-    assert int(huge_mb) >= 128, result  # most of the 256 MiB buffer
-    assert "transparent huge pages" in description
+    for chosen in ({}, {"FRCNN_JAX_MALLOC": "huge_pages"}):  # the default, and named
+        *starts, result = run(**chosen)
+        assert len(starts) == 2  # started, then started again with the tunable
+        setting, huge_mb, tunables, description = result.split(maxsplit=3)
+        assert setting == "huge_pages" and tunables == "glibc.malloc.hugetlb=1"
+        assert int(huge_mb) >= 128, result  # most of the 256 MiB buffer
+        assert "transparent huge pages" in description
     *starts, result = run(FRCNN_JAX_MALLOC="default")
     assert len(starts) == 1 and result.split()[0] == "default"
     assert int(result.split()[1]) < 128, result
@@ -187,8 +188,12 @@ def test_the_malloc_setting_is_checked_and_restarts_only_once(monkeypatch):
     assert runtime.configure_malloc({"FRCNN_JAX_MALLOC": "default"}, execve=execve) == "default"
     assert not calls
     with monkeypatch.context() as patch:
+        patch.setattr(runtime, "huge_pages_apply", lambda: False)  # the default, not possible
+        assert runtime.configure_malloc({"HOME": "/h"}, execve=execve) == "default"
+    assert not calls
+    with monkeypatch.context() as patch:
         patch.setattr(runtime, "huge_pages_apply", lambda: True)
-        chosen = {"HOME": "/h", "FRCNN_JAX_MALLOC": "huge_pages"}
+        chosen = {"HOME": "/h"}  # the default
         assert runtime.configure_malloc(chosen, execve=execve) == "huge_pages"
     ((path, argv, env),) = calls
     assert path == sys.executable and argv == list(sys.orig_argv)
