@@ -6,8 +6,9 @@
 For each model (VGG-16, ResNet-50-FPN) at the paper's 600x1000: inference latency (batch 1)
 and one SGD training step (batch 1 and 2) for frcnn_jax and a torchvision model with the same
 backbone, frozen layers (VGG-16: conv1-conv2; ResNet: stem and layer1), anchors, proposal
-counts and RoI op (RoIAlign 7x7, sampling 2), random weights. Medians of `--repeats` runs after
-a warm-up. The training step is frcnn_jax.train's: parameters and optimizer state donated and
+counts and RoI op (RoIAlign 7x7, sampling 2), random weights (frcnn_jax's inference case: made
+on the host as loaded weights would be, `loaded_weights`). Medians of `--repeats` runs after a
+warm-up. The training step is frcnn_jax.train's: parameters and optimizer state donated and
 updated in place.
 
 Every case runs in a process of its own on each side (torchvision's first), so that a peak
@@ -202,12 +203,32 @@ def our_case(name, case, repeats):
     data = inputs(name)
     model = our_model(name)
     images1, sizes1 = (jnp.asarray(a) for a in data["detect"])
-    params = jax.jit(functools.partial(model.init, method=FasterRCNN.detect))(
-        jax.random.key(0), images1, sizes1
-    )
+    init = functools.partial(model.init, method=FasterRCNN.detect)
     if case == "inference":
-        return our_inference(model, params, images1, sizes1, repeats)
+        return our_inference(model, loaded_weights(init, images1, sizes1), images1, sizes1, repeats)
+    params = jax.jit(init)(jax.random.key(0), images1, sizes1)
     return our_training_step(model, params, data[int(case.removeprefix("train"))], repeats)
+
+
+def loaded_weights(init, images, sizes):
+    """Random variables as a detector that detects has them: loaded from a file (a checkpoint,
+    imported weights; `Detector.from_workdir` restores without initialising), made here on the
+    host one array at a time: kernels normal(0, 0.01), biases zero, the frozen BatchNorm
+    statistics as initialised. Not jax's jitted initialisation, which the training cases run
+    (as `python -m frcnn_jax.train` does): its temporaries (the random bits of VGG-16's fc6,
+    three [25088, 4096] uint32 arrays) would make the peak of an inference case."""
+    key = jax.random.key(0)
+    shapes = jax.eval_shape(init, key, images, sizes)
+    rng = np.random.default_rng(0)
+
+    def made(shape):  # on the host, then to the device, one array at a time
+        if len(shape.shape) < 2:
+            return jnp.zeros(shape.shape, shape.dtype)
+        return jnp.asarray(rng.standard_normal(shape.shape, np.float32) * 0.01)
+
+    # the other collections alone (XLA drops the parameters' initialisation from this program)
+    others = jax.jit(lambda k: {c: v for c, v in init(k, images, sizes).items() if c != "params"})
+    return {"params": jax.tree.map(made, shapes["params"]), **others(key)}
 
 
 def our_inference(model, params, images, sizes, repeats):
