@@ -3,14 +3,16 @@ of `bench_model.py`'s frcnn_jax cases, compiled (never run) with each of frcnn_j
 turned off in turn.
 
     python experiments/memory_breakdown.py [--models vgg16,r50_fpn] [--batches 1,2]
-        [--variants auto,no_winograd,no_tapwise,no_pins,xla]
+        [--variants auto,no_bitmask,no_winograd,no_tapwise,no_pins,xla]
 
-Variants (`frcnn_jax.kernels`): "auto" (the default kernels), "no_winograd" (3x3 stride-1 layers
-by XLA's convolution), "no_tapwise" (XLA's weight gradients for 1x1 and 3x3 stride-2 layers),
-"no_pins" (no row-major layout pins), "xla" (`model.kernels="xla"`: all of XLA's own). The
-middle three switch a part off inside this process only (they patch `frcnn_jax.kernels.conv`);
-they are measuring tools, not settings. Compiling takes 10-40 s per row on 2 CPU cores; the
-figures are the same on any machine with the same jaxlib and backend.
+Variants (`frcnn_jax.kernels`): "auto" (the default kernels), "no_bitmask" (`nn.relu`, which keeps
+each pre-activation for the backward pass, instead of `activation.relu`'s bit mask),
+"no_winograd" (3x3 stride-1 layers by XLA's convolution), "no_tapwise" (XLA's weight gradients
+for 1x1 and 3x3 stride-2 layers), "no_pins" (no row-major layout pins), "xla"
+(`model.kernels="xla"`: all of XLA's own). The middle four switch a part off inside this process
+only (they patch `frcnn_jax.kernels`); they are measuring tools, not settings. Compiling takes
+10-40 s per row on 2 CPU cores; the figures are the same on any machine with the same jaxlib and
+backend.
 """
 
 import argparse
@@ -30,15 +32,16 @@ from bench_model import (  # noqa: E402
     our_model,
 )
 
-from frcnn_jax.kernels import conv  # noqa: E402
+from frcnn_jax.kernels import activation, conv  # noqa: E402
 from frcnn_jax.models import FasterRCNN  # noqa: E402
 
-VARIANTS = ("auto", "no_winograd", "no_tapwise", "no_pins", "xla")
+VARIANTS = ("auto", "no_bitmask", "no_winograd", "no_tapwise", "no_pins", "xla")
 
 
 def switched_off(variant):
-    """Patches `frcnn_jax.kernels.conv` for `variant`; returns the function that undoes it."""
+    """Patches `frcnn_jax.kernels` for `variant`; returns the function that undoes it."""
     saved = {name: getattr(conv, name) for name in ("_route", "_row_major")}
+    saved_relu = activation.relu
     if variant in ("no_winograd", "no_tapwise"):
         skipped = variant.removeprefix("no_")
 
@@ -49,10 +52,13 @@ def switched_off(variant):
         conv._route = route
     elif variant == "no_pins":
         conv._row_major = lambda x: x
+    elif variant == "no_bitmask":
+        activation.relu = jax.nn.relu
 
     def restore():
         for name, value in saved.items():
             setattr(conv, name, value)
+        activation.relu = saved_relu
 
     return restore
 

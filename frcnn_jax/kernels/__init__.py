@@ -1,13 +1,14 @@
-"""The models' convolution and max-pooling layers, with a choice of kernels (`model.kernels`).
+"""The models' convolution, max-pooling and ReLU layers, with a choice of kernels (`model.kernels`).
 
 - "auto" (the default): frcnn_jax's own kernels where they apply. Convolutions: float32 NHWC
   layers traced for the CPU backend get `conv.conv_general_dilated` (layout pins, per-tap
   weight gradients, Winograd for large 3x3 layers); other backends and dtypes get XLA's
   convolution. Max pooling: `pooling.max_pool_2x2` (VGG's 2x2) and `pooling.stem_max_pool`
-  (ResNet's 3x3 stride-2 stem) on every backend, plain `jnp` ops.
-- "xla": XLA's own `lax.conv_general_dilated` and `nn.max_pool` everywhere. Same values and
-  gradients up to float32 rounding; what `frcnn_jax.export` traces with, since the CPU layout
-  pins are CPU-only custom calls that a portable serialized model cannot carry.
+  (ResNet's 3x3 stride-2 stem) on every backend, plain `jnp` ops. ReLU: `activation.relu`,
+  whose backward pass keeps a bit mask instead of the pre-activation (every backend).
+- "xla": XLA's own `lax.conv_general_dilated`, `nn.max_pool` and `nn.relu` everywhere. Same
+  values and gradients up to float32 rounding; what `frcnn_jax.export` traces with, since the
+  CPU layout pins are CPU-only custom calls that a portable serialized model cannot carry.
 
 The choice is a module attribute passed down like any other setting (not a global), so two
 models with different kernels can live in one process and jit's cache tells them apart.
@@ -18,7 +19,7 @@ import functools
 import flax.linen as nn
 
 from frcnn_jax.errors import ConfigError
-from frcnn_jax.kernels import conv, pooling
+from frcnn_jax.kernels import activation, conv, pooling
 
 KERNELS = ("auto", "xla")
 DEFAULT = "auto"
@@ -48,3 +49,10 @@ def max_pool(x, *, window, stride, padding, kernels):
     if kernels == "auto" and (window, stride, padding) == (3, 2, ((1, 1), (1, 1))):
         return pooling.stem_max_pool(x)
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+def relu(x, *, kernels):
+    """`nn.relu(x)`, by `activation.relu` (a bit mask for the backward pass) when
+    `kernels="auto"`: the same values and gradients."""
+    check(kernels)
+    return activation.relu(x) if kernels == "auto" else nn.relu(x)

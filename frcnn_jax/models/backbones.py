@@ -40,7 +40,7 @@ def conv_relu(module, conv, x, features, kernel, name, *, train, **kwargs):
         y = nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, name=f"{name}_bn"
         )(y)
-    return nn.relu(y)
+    return kernels_lib.relu(y, kernels=module.kernels)
 
 
 class TinyBackbone(nn.Module):

@@ -77,12 +77,15 @@ class Bottleneck(nn.Module):
         def norm(name):
             return norm_layer(self.batch_norm, self.dtype, name, train)
 
-        y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
-        y = nn.relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
+        def relu(x):
+            return kernels_lib.relu(x, kernels=self.kernels)
+
+        y = relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
+        y = relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
         y = norm("bn3")(conv(self.width * 4, 1, 1, "conv3")(y))
         if self.downsample:
             x = norm("downsample_bn")(conv(self.width * 4, 1, self.stride, "downsample_conv")(x))
-        return nn.relu(x + y)
+        return relu(x + y)
 
 
 class ResNetStage(nn.Module):
@@ -140,7 +143,8 @@ class ResNet(nn.Module):
         x = conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(
             images.astype(self.dtype)
         )
-        x = nn.relu(norm_layer(self.batch_norm, self.dtype, "bn1", train)(x))
+        x = norm_layer(self.batch_norm, self.dtype, "bn1", train)(x)
+        x = kernels_lib.relu(x, kernels=self.kernels)
         x = kernels_lib.max_pool(
             x, window=3, stride=2, padding=((1, 1), (1, 1)), kernels=self.kernels
         )

@@ -152,9 +152,8 @@ class RPNHead(nn.Module):
     def __call__(self, features):
         init = nn.initializers.normal(stddev=0.01)  # the paper's and torchvision's init
         conv = kernels_lib.conv_layer(self.kernels)
-        x = nn.relu(
-            conv(self.channels, (3, 3), kernel_init=init, dtype=self.dtype, name="conv")(features)
-        )
+        x = conv(self.channels, (3, 3), kernel_init=init, dtype=self.dtype, name="conv")(features)
+        x = kernels_lib.relu(x, kernels=self.kernels)
         batch = features.shape[0]
         per_anchor = 2 if self.objectness == "softmax" else 1
         logits = conv(
