@@ -111,14 +111,20 @@ def _num_tiles(height, width):
     return -(-height // _TILE), -(-width // _TILE)
 
 
+def _padded_for_tiles(x):
+    """x padded by 1 on top and left and up to whole tiles (plus 1) on the bottom and right, and
+    its number of tiles (rows, columns)."""
+    _, height, width, _ = x.shape
+    tiles_h, tiles_w = _num_tiles(height, width)
+    pad_h, pad_w = tiles_h * _TILE + 1 - height, tiles_w * _TILE + 1 - width
+    return jnp.pad(x, ((0, 0), (1, pad_h), (1, pad_w), (0, 0))), (tiles_h, tiles_w)
+
+
 def _input_tiles(x):
     """B^T d B of every overlapping 6x6 tile of x padded by 1: [N, H, W, C] -> [36, T, C]
     with T = N * ceil(H/4) * ceil(W/4) tiles; index 6 * column + row."""
-    n, height, width, channels = x.shape
-    tiles_h, tiles_w = _num_tiles(height, width)
-    padded = jnp.pad(
-        x, ((0, 0), (1, tiles_h * _TILE + 1 - height), (1, tiles_w * _TILE + 1 - width), (0, 0))
-    )
+    n, _, _, channels = x.shape
+    padded, (tiles_h, tiles_w) = _padded_for_tiles(x)
     stride = _TILE
     rows = jnp.stack(
         _combine(_BT, [padded[:, i : i + stride * tiles_h : stride] for i in range(_SPAN)])
@@ -134,11 +140,8 @@ def _input_tiles_by_columns(x):
     recomputes x's tiles this way: XLA's common-subexpression pass would merge a copy of the
     forward pass's computation back into it, and keep those tiles (2.25x x's size) alive from
     the forward pass to the backward pass."""
-    n, height, width, channels = x.shape
-    tiles_h, tiles_w = _num_tiles(height, width)
-    padded = jnp.pad(
-        x, ((0, 0), (1, tiles_h * _TILE + 1 - height), (1, tiles_w * _TILE + 1 - width), (0, 0))
-    )
+    n, _, _, channels = x.shape
+    padded, (tiles_h, tiles_w) = _padded_for_tiles(x)
     stride = _TILE
     columns = jnp.stack(
         _combine(_BT, [padded[:, :, j : j + stride * tiles_w : stride] for j in range(_SPAN)])
@@ -216,14 +219,27 @@ def _winograd_fwd(x, kernel):
 
 def _winograd_bwd(residuals, grad):
     x, kernel = residuals
-    # The weight gradient needs x's tiles again: recomputed here rather than kept from the
-    # forward pass (they are 2.25x x's size; x is often kept anyway, for the layer before).
-    tiles = _input_tiles_by_columns(x)
     grad = _row_major(grad)
     # The input gradient is the same kind of convolution, with the kernel rotated by 180
     # degrees and its channel axes swapped.
     grad_x, _ = _winograd(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    grad_tiles = jnp.einsum("ktc,kto->kco", tiles, _output_tiles_adjoint(grad), precision=_FLOAT32)
+
+    # The weight gradient needs x's tiles again: recomputed here rather than kept from the
+    # forward pass (they are 2.25x x's size; x is often kept anyway, for the layer before),
+    # one image at a time, so that only one image's tiles and output-gradient tiles exist at
+    # once (ResNet-50-FPN's RPN head on P2 at batch 2: 0.18 GiB less at the step's peak).
+    def add_image(total, image):
+        x_n, grad_n = (a[None] for a in image)
+        products = jnp.einsum(
+            "ktc,kto->kco",
+            _input_tiles_by_columns(x_n),
+            _output_tiles_adjoint(grad_n),
+            precision=_FLOAT32,
+        )
+        return total + products, None
+
+    zeros = jnp.zeros((_SPAN * _SPAN, *kernel.shape[2:]), grad.dtype)
+    grad_tiles, _ = jax.lax.scan(add_image, zeros, (x, grad))
     return grad_x, _kernel_tiles_adjoint(grad_tiles)
 
 
