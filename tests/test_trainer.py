@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from frcnn_jax import checkpointing, sharding, training, weights
 from frcnn_jax.config import check_config, config_from_file
+from frcnn_jax.data import loader as loader_lib
 from frcnn_jax.data.loader import Inputs
 from frcnn_jax.models import FasterRCNN, build_model
 from tests.tiny import DETECTOR_CONFIGS, ROOT, run_train, tiny_config, write_config_file
@@ -332,12 +333,23 @@ def test_alternating_stopped_after_phase2_keeps_two_networks(data_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_pyramid_testing_merges_the_scales_detections(data_dir, tmp_path):
+def test_pyramid_testing_merges_the_scales_detections(data_dir, tmp_path, monkeypatch):
+    """The image pyramid's detections; and every evaluation closes its loaders (one per
+    scale): their workers end and their shared memory is freed when it returns, not when the
+    process exits."""
+    opened, track = [], loader_lib.Closing._track
+
+    def tracked(batches):
+        opened.append(batches)
+        track(batches)
+
+    monkeypatch.setattr(loader_lib.Closing, "_track", tracked)
     config = tiny_config(data_dir)
     training.train_and_evaluate(config, tmp_path / "run")
     model = build_model(config)
     mesh = sharding.data_mesh()
     variables = checkpointing.Checkpoints(tmp_path / "run").restore_variables(6)
+    opened.clear()
 
     def detections(scales):
         c = config.copy_and_resolve_references()
@@ -355,6 +367,8 @@ def test_pyramid_testing_merges_the_scales_detections(data_dir, tmp_path):
     assert merged != plain and two["num_images"] == result["num_images"]
     per_image = collections.Counter(d["image_id"] for d in merged)
     assert max(per_image.values()) <= config.model.head.max_detections
+    assert len(opened) == 1 + 1 + 2 + 2  # one per scale
+    assert not [batches for batches in opened if batches in loader_lib._open]
 
 
 def initial_params(config):

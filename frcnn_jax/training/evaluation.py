@@ -44,28 +44,36 @@ def evaluate(config, model, variables, mesh, *, workdir=None, step=None, split=N
     split = split or config.eval.split
     data = sources.with_name(config.data, eval_data_name(config))
     scales = tuple(config.eval.get("scales") or ())
-    streams = [_batches(sources.at_scale(data, s), split, config, mesh) for s in scales]
-    batches, info = streams[0] if streams else _batches(data, split, config, mesh)
-    sources.check_class_count(model.num_classes, info, data)
-    detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
-    if len(streams) > 1:
-        detect_fn = _pyramid(detect_fn, [iter(b) for b, _ in streams[1:]], model.head)
-    write = workdir is not None and jax.process_index() == 0
-    return evaluate_detections(
-        lambda batch: detect_fn(variables, batch),
-        batches,
-        info,
-        use_07_metric=config.eval.metric == "voc07",
-        iou_threshold=config.eval.iou_threshold,
-        coco=config.eval.coco,
-        proposals=config.eval.proposal_recall,
-        workdir=workdir if write else None,
-        title=f"{data.name} {split}, step {step}",
-    )
+    loaders = []  # closed at the end, which stops their workers and frees their shared memory
+    try:
+        for scale_data in [sources.at_scale(data, s) for s in scales] or [data]:
+            loaders.append(_loader(scale_data, split, config, mesh))
+        (first, info), *others = loaders
+        sources.check_class_count(model.num_classes, info, data)
+        detect_fn = make_detect_fn(model, mesh, proposals=config.eval.proposal_recall)
+        if others:
+            streams = [iter(_gathered(loader)) for loader, _ in others]
+            detect_fn = _pyramid(detect_fn, streams, model.head)
+        write = workdir is not None and jax.process_index() == 0
+        return evaluate_detections(
+            lambda batch: detect_fn(variables, batch),
+            _gathered(first),
+            info,
+            use_07_metric=config.eval.metric == "voc07",
+            iou_threshold=config.eval.iou_threshold,
+            coco=config.eval.coco,
+            proposals=config.eval.proposal_recall,
+            workdir=workdir if write else None,
+            title=f"{data.name} {split}, step {step}",
+        )
+    finally:
+        for loader, _ in loaders:
+            loader.close()
 
 
-def _batches(data, split, config, mesh):
-    batches, info = make_batches(
+def _loader(data, split, config, mesh):
+    """(`Batches`, `DatasetInfo`): this host's share of `split`, one pass."""
+    return make_batches(
         data,
         split,
         batch_size=sharding.local_batch_size(
@@ -76,9 +84,13 @@ def _batches(data, split, config, mesh):
         shard_count=jax.process_count(),
         agree=sharding.hosts_agree(),
     )
+
+
+def _gathered(loader):
+    """`loader`'s batches, each with every host's examples when there are several hosts."""
     if jax.process_count() > 1:
-        batches = (sharding.gather_batch(b) for b in batches)
-    return batches, info
+        return (sharding.gather_batch(b) for b in loader)
+    return loader
 
 
 def _pyramid(detect_fn, others, head):
