@@ -5,6 +5,7 @@ import dataclasses
 import pathlib
 import sys
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -68,6 +69,53 @@ def test_the_config_tree_holds_every_settings_field_with_its_default():
     for section, cls in (("rpn", RPNSettings), ("head", HeadSettings)):
         assert set(c.model[section]) == {f.name for f in dataclasses.fields(cls)}
         assert dict(c.model[section]) == dataclasses.asdict(cls())
+
+
+def leaves(config, prefix=""):
+    """(dotted name, value, declared type) of every field of a ConfigDict, nested ones too."""
+    for name in config:
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaves(value, f"{prefix}{name}.")
+        else:
+            reference = config._fields[name]
+            declared = reference.get_type() if hasattr(reference, "get_type") else type(value)
+            yield f"{prefix}{name}", value, declared
+
+
+def changed(value, declared):
+    """A value of the field's type that differs from `value` (for the parser, not the model)."""
+    if value is None:
+        return {int: 3, float: 0.5, str: "s"}.get(declared, ["a", "b"])
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "_x"
+    if isinstance(value, tuple):
+        return value + value[:1] if value else (1,)
+    return {"k": 1} if isinstance(value, dict) else ["a"]
+
+
+@pytest.mark.parametrize(
+    "config_file",
+    [*CONFIG_FILES, ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"],
+    ids=lambda p: p.stem,
+)
+def test_every_config_field_is_overridable_on_the_command_line(config_file, monkeypatch):
+    """The README's "every config field overridable from the command line": every leaf of the
+    config tree (dicts and lists too) takes a new value from its flag."""
+    plain = parse(config_file, monkeypatch=monkeypatch)
+    want, argv = {}, []
+    for name, value, declared in leaves(plain):
+        new = changed(value, declared)
+        want[name] = new
+        argv.append(f"--config.{name}={new if isinstance(new, str) else repr(new)}")
+    assert len(want) > 30  # the whole tree, not a section
+    config = parse(config_file, *argv, monkeypatch=monkeypatch)
+    got = {name: value for name, value, _ in leaves(config)}
+    assert got == want
 
 
 @pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda p: p.stem)

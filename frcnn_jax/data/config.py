@@ -22,11 +22,13 @@ def data_config(**overrides):
     # voc_folder: the VOC-layout root
     c.path = ml_collections.FieldReference(None, field_type=str)
     # coco_folder: {split: (annotation json, image folder)}
-    c.coco_splits = ml_collections.FieldReference(None, field_type=dict)
+    # (fields that are None or a dict / list are typed `object`: the command line sets them
+    # with a Python literal, e.g. --config.data.class_names='["cat", "dog"]')
+    c.coco_splits = ml_collections.FieldReference(None, field_type=object)
     # voc_folder: a fixed class list (None: the classes found in the annotations)
-    c.class_names = ml_collections.FieldReference(None, field_type=list)
+    c.class_names = ml_collections.FieldReference(None, field_type=object)
     # shapes: {split: number of examples} (None: the generator's sizes)
-    c.shapes_num_examples = ml_collections.FieldReference(None, field_type=dict)
+    c.shapes_num_examples = ml_collections.FieldReference(None, field_type=object)
     c.min_size = 600  # paper: short side 600
     c.max_size = 1000  # paper: long side <= 1000
     c.canvas = (600, 1000)  # static (H, W) every image is padded to (see orient_canvas)

@@ -57,7 +57,7 @@ def pretrain_config():
     c.data.train_split = "train"
     c.data.eval_split = "validation"  # top-1 / top-5 at the end
     # shapes_classes: {split: number of examples} (None: the generator's sizes)
-    c.data.shapes_num_examples = ml_collections.FieldReference(None, field_type=dict)
+    c.data.shapes_num_examples = ml_collections.FieldReference(None, field_type=object)
     c.data.image_size = 224  # square crops the network sees, training and evaluation
     c.data.crop_scale = (0.08, 1.0)  # training crops: this fraction of the image's area
     c.data.eval_crop = 0.875  # evaluation: short side to image_size / eval_crop, centre crop
