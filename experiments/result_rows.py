@@ -3,7 +3,9 @@ skip what is done and a killed run loses only the row it was working on."""
 
 import datetime
 import json
+import os
 import pathlib
+import platform
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,3 +50,30 @@ def commit():
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
+
+
+def machine():
+    """This machine in a few words: CPU model, cores, memory."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages / 2**30:.0f} GiB"
+    except (OSError, ValueError):
+        memory = ""
+    return f"{model}, {os.cpu_count()} cores{memory}"
+
+
+def provenance(command):
+    """The Markdown lines a results file starts with: the command that wrote it, the commit,
+    the date and the machine."""
+    return [
+        f"Command: `{command}`",
+        "",
+        f"Commit {commit()}, {datetime.datetime.now().isoformat(timespec='minutes')}, "
+        f"{machine()}.",
+        "",
+    ]

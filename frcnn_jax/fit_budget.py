@@ -1,11 +1,16 @@
 """python -m frcnn_jax.fit_budget --config configs/<name>.py --minutes 20 [--config.a.b=value ...]
 
-Measures this machine's training speed for the config (its model, loader and devices; a few
-dozen steps after compilation) and prints the `python -m frcnn_jax.train` overrides that make
-the schedule (number of steps, decay points) end when the training budget is spent. Training
-itself never reads the clock, so the fitted run stays deterministic and resumable; evaluation
-and checkpoint saves are not part of the budget.
+Measures what the config's training costs on this machine and prints the `python -m
+frcnn_jax.train` overrides (number of steps, decay points) that make its schedule end when the
+budget is spent. The measurement runs the training loop itself for about `--probe_minutes`
+(the model, optimizer, loader and devices, progress logging and checkpoint saves), so the
+budget is the loop's wall time: compilation, steps, waiting for data, logging and checkpoint
+saves. Building the model before it and evaluations (at the end, or every `train.eval_every`
+steps) are not in it. Training itself never reads the clock, so the fitted run stays
+deterministic and resumable.
 """
+
+import tempfile
 
 from absl import app, flags
 
@@ -19,7 +24,15 @@ def define_flags():
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_float("minutes", None, "Training budget in minutes.")
-    flags.DEFINE_integer("steps", 30, "Steps to time (after a few untimed ones).")
+    flags.DEFINE_float(
+        "probe_minutes", 2.0, "How long to run the training loop to measure it (after compiling)."
+    )
+    flags.DEFINE_string(
+        "probe_dir",
+        None,
+        "Where the measurement writes (and then deletes) its checkpoints; the file system your "
+        "run will write to (default: the system's temporary folder).",
+    )
     flags.mark_flags_as_required(["config", "minutes"])
 
 
@@ -33,12 +46,33 @@ def main(argv):
     check_config(config)
     if FLAGS.minutes <= 0:
         raise app.UsageError(f"--minutes must be > 0, got {FLAGS.minutes}")
-    speed = budget.measure_steps_per_second(config, steps=FLAGS.steps)
-    overrides = budget.fit_to_budget(config.train, 60 * FLAGS.minutes, speed)
-    batch, minutes = config.train.batch_size, FLAGS.minutes
+    if FLAGS.probe_minutes <= 0:
+        raise app.UsageError(f"--probe_minutes must be > 0, got {FLAGS.probe_minutes}")
+    try:
+        budget.fit_schedule(config.train, 1)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    speed = budget.probe_run(
+        config, FLAGS.probe_dir or tempfile.gettempdir(), seconds=60 * FLAGS.probe_minutes
+    )
+    every = config.train.checkpoint_every
+    num_steps = speed.steps_within(60 * FLAGS.minutes, every)
+    overrides = budget.fit_schedule(config.train, num_steps)
     print(
-        f"measured {speed:.3f} steps/s over {FLAGS.steps} steps (batch {batch}); "
-        f"for {minutes:g} minutes of training:"
+        f"measured {1 / speed.step_s:.3f} steps/s sustained over {speed.probed_steps} steps of "
+        f"the training loop (batch {config.train.batch_size}; first step {speed.first_s:.1f} s, "
+        f"{speed.save_s:.2f} s per checkpoint save)"
+    )
+    print(
+        f"{num_steps} steps with a checkpoint every {every} end "
+        f"{speed.seconds(num_steps, every) / 60:.2f} minutes after training starts, for "
+        f"{FLAGS.minutes:g} minutes of training"
+        + (
+            "; evaluations every train.eval_every steps add their own time"
+            if config.train.eval_every
+            else ""
+        )
+        + ":"
     )
     print(" ".join(budget.as_flags(overrides)), flush=True)
 

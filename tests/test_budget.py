@@ -83,7 +83,36 @@ def test_the_printed_flags_parse_back_into_the_config():
     assert out.stdout.split("\n")[-2] == "1200 (900, 1100) 100"
 
 
-def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
+def test_a_run_speed_adds_compilation_steps_and_checkpoint_saves():
+    speed = budget.RunSpeed(first_s=30.0, step_s=0.5, save_s=4.0, probed_steps=96)
+    # 1000 steps saving every 400: saves at 400, 800 and the last step
+    assert speed.seconds(1000, 400) == 30 + 999 * 0.5 + 3 * 4
+    assert speed.seconds(800, 400) == 30 + 799 * 0.5 + 2 * 4  # the last step is a multiple
+    for seconds in (34.0, 100.0, 541.5, 600.0, 3600.0):
+        steps = speed.steps_within(seconds, 400)
+        assert speed.seconds(steps, 400) <= seconds < speed.seconds(steps + 1, 400)
+    assert speed.steps_within(1.0, 400) == 1  # shorter than compiling: one step
+
+
+def test_the_probe_timeline_gives_compilation_steps_and_saves():
+    """A loop that compiles for 20 s, then steps at 0.25 s (a record every 2 steps, written
+    before that step's save), each save (after steps 32, 64, 96) costing 3 s in the next
+    interval; the last save ends the loop."""
+    times, now = [], 100.0 + 20.0 + 0.25  # step 1 ends after compiling
+    for step in range(2, 97, 2):
+        now += 0.25 if step == 2 else 0.5
+        if step - 2 in (32, 64):
+            now += 3.0
+        times.append((step, now))
+    end = now + 3.0
+    speed = budget._speed_from(times, 100.0, end, 2, 32)
+    assert speed.step_s == pytest.approx(0.25)
+    assert speed.save_s == pytest.approx(3.0)
+    assert speed.first_s == pytest.approx(20.25)
+    assert speed.seconds(96, 32) == pytest.approx(end - 100.0)
+
+
+def test_fit_budget_command_measures_the_loop_and_prints_overrides(data_dir, tmp_path):
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     out = subprocess.run(
         [
@@ -92,7 +121,8 @@ def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
             "frcnn_jax.fit_budget",
             f"--config={config_file}",
             "--minutes=2",
-            "--steps=3",
+            "--probe_minutes=0.05",
+            f"--probe_dir={tmp_path / 'probe'}",
         ],
         capture_output=True,
         text=True,
@@ -101,18 +131,26 @@ def test_fit_budget_command_measures_and_prints_overrides(data_dir, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-2].startswith("measured ") and "for 2 minutes of training" in lines[-2]
-    speed = float(lines[-2].split()[1])
+    assert lines[-3].startswith("measured ") and "steps/s sustained" in lines[-3]
+    assert "for 2 minutes of training:" in lines[-2]
     fitted = dict(flag.split("=", 1) for flag in lines[-1].split())
-    assert int(fitted["--config.train.num_steps"]) == int(120 * speed)
-    bad = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.fit_budget", f"--config={config_file}", "--minutes=0"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert bad.returncode != 0 and "--minutes must be > 0" in bad.stderr
+    num_steps = int(fitted["--config.train.num_steps"])
+    assert lines[-2].startswith(f"{num_steps} steps with a checkpoint every")
+    assert float(lines[-2].split(" end ")[1].split()[0]) <= 2.0
+    assert list((tmp_path / "probe").iterdir()) == []  # the probe's checkpoints deleted
+    assert "step 1/" not in out.stderr  # the probe's own progress lines are not shown
+    for flags, message in (
+        (["--minutes=0"], "--minutes must be > 0"),
+        (["--minutes=1", "--config.train.scheme=alternating"], "alternating_phase_steps"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-m", "frcnn_jax.fit_budget", f"--config={config_file}", *flags],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+        )
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
 def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):

@@ -1,12 +1,21 @@
-"""A schedule fitted to a time budget: measure steps per second once, then fix `num_steps` and
-the decay points as ordinary config fields.
+"""A schedule fitted to a time budget: measure what the training loop costs on this machine
+once (`probe_run`), then fix `num_steps` and the decay points as ordinary config fields.
 
 Training never reads the clock: the fitted numbers go into the config (and so into run.json),
 so a fitted run is as deterministic and resumable as any other. `python -m
 frcnn_jax.fit_budget` prints them as command-line overrides.
 """
 
+import contextlib
+import dataclasses
+import logging
+import pathlib
+import tempfile
 import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def time_steps(step, *, steps, warmup, block=lambda x: x):
@@ -22,10 +31,124 @@ def time_steps(step, *, steps, warmup, block=lambda x: x):
     return steps / (time.perf_counter() - start)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSpeed:
+    """What the training loop of a config costs on this machine, measured by `probe_run`:
+    `seconds(n, every)` is the wall time of a run of `n` steps saving every `every` steps, from
+    the loop's start (compilation and the loader's start in its first step) to its last
+    checkpoint written."""
+
+    first_s: float  # the first step: compilation, the loader's workers starting
+    step_s: float  # each further step, sustained: waiting for data and logging included
+    save_s: float  # what one checkpoint save adds (its write competes with the steps)
+    probed_steps: int
+
+    def seconds(self, num_steps, checkpoint_every):
+        saves = -(-num_steps // checkpoint_every)  # every `checkpoint_every` steps and the last
+        return self.first_s + (num_steps - 1) * self.step_s + saves * self.save_s
+
+    def steps_within(self, seconds, checkpoint_every):
+        """The most steps whose run ends within `seconds` (at least 1)."""
+        per_step = self.step_s + self.save_s / checkpoint_every
+        steps = max(int((seconds - self.first_s + self.step_s) / per_step), 1)
+        while steps > 1 and self.seconds(steps, checkpoint_every) > seconds:
+            steps -= 1
+        while self.seconds(steps + 1, checkpoint_every) <= seconds:
+            steps += 1
+        return steps
+
+
+def probe_run(config, directory, *, seconds=120.0):
+    """`RunSpeed` of `config`'s training as `python -m frcnn_jax.train` runs it: its training
+    loop (`training.phase.train_phase`: the model, optimizer, loader and devices, progress
+    logging and asynchronous checkpoint saves, written to a temporary folder in `directory`
+    and deleted afterwards) for about `seconds` after its compilation, with three checkpoint
+    saves. A few steps timed first choose the probe's length; the first quarter of the probe
+    (the loader's prefetched batches being used up) is left out of the sustained speed."""
+    import jax
+
+    from frcnn_jax import checkpointing, sharding
+    from frcnn_jax.models import build_model
+    from frcnn_jax.training.initial import init_state
+    from frcnn_jax.training.phase import train_phase
+
+    fit_schedule(config.train, 1)  # an alternating scheme is named before anything runs
+    rough = measure_steps_per_second(config, steps=5, warmup=2)
+    config = config.copy_and_resolve_references()
+    log_every = max(int(rough * seconds) // 48, 1)
+    steps = 48 * log_every  # 48 progress records, a checkpoint after every 16th
+    config.train.update(
+        log_every=log_every, checkpoint_every=steps // 3, num_steps=steps, eval_every=0
+    )
+    mesh = sharding.data_mesh()
+    model = build_model(config)
+    state, tx = init_state(config, model)
+    timeline = _Timeline()
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    log.info("timing the training loop: %d steps, checkpoints after %d", steps, steps // 3)
+    training_log = logging.getLogger("frcnn_jax.training")
+    level = training_log.level
+    training_log.setLevel(logging.WARNING)  # the probe's progress lines are not the user's run
+    with (
+        tempfile.TemporaryDirectory(prefix="fit_budget_probe_", dir=directory) as workdir,
+        contextlib.ExitStack() as restore,
+    ):
+        restore.callback(training_log.setLevel, level)
+        checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=1)
+        timeline.start = time.perf_counter()
+        train_phase(
+            config,
+            model,
+            mesh,
+            jax.device_put(state, sharding.replicated(mesh)),
+            tx,
+            checkpoints,
+            timeline,
+            num_steps=steps,
+        )
+        end = time.perf_counter()  # the last save written (train_phase waits for it)
+    return _speed_from(timeline.times, timeline.start, end, log_every, steps // 3)
+
+
+class _Timeline:
+    """A metric writer that keeps only when each progress record was written."""
+
+    def __init__(self):
+        self.start, self.times = None, []
+
+    def write(self, step, scalars, prefix=""):
+        del prefix
+        if "steps_per_s" in scalars:  # a progress record, not an evaluation
+            self.times.append((int(step), time.perf_counter()))
+
+    def close(self):
+        pass
+
+
+def _speed_from(times, start, end, log_every, checkpoint_every):
+    """`RunSpeed` from the probe's progress records `times` [(step, seconds)], one every
+    `log_every` steps (each written before that step's checkpoint save), the loop's `start`
+    and its `end` (the last save written)."""
+    steps = times[-1][0]
+    marks = [(0, start), *times[:-1], (steps, end)]  # the last interval ends with the last save
+    skip = len(marks) // 4  # compilation and the prefetched batches
+    durations = [
+        (b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(marks[skip:], marks[skip + 1 :], strict=False)
+    ]
+    step_s = float(np.median(durations))  # most intervals have no save in them
+    window_steps = steps - marks[skip][0]
+    window_saves = sum(1 for s in range(marks[skip][0] + 1, steps + 1) if s % checkpoint_every == 0)
+    window_s = end - marks[skip][1]
+    save_s = max((window_s - window_steps * step_s) / max(window_saves, 1), 0.0)
+    # the first step: the first record's time less its other steps at the sustained speed
+    first_s = max(times[0][1] - start - (times[0][0] - 1) * step_s, step_s)
+    return RunSpeed(first_s, step_s, save_s, steps)
+
+
 def measure_steps_per_second(config, *, steps=30, warmup=3):
-    """Steps per second of `config`'s training as `python -m frcnn_jax.train` runs it (its
-    model, optimizer, loader and devices), timed over `steps` steps after `warmup` steps.
-    Evaluation and checkpoint saves are not included."""
+    """Steps per second of `config`'s training step (its model, optimizer, loader and
+    devices), timed over `steps` steps after `warmup` steps: the step alone, without the
+    training loop's logging and checkpoint saves (`probe_run` measures those)."""
     import jax
 
     from frcnn_jax import sharding
@@ -59,22 +182,25 @@ def measure_steps_per_second(config, *, steps=30, warmup=3):
 
 
 def fit_to_budget(train, seconds, steps_per_second):
-    """`config.train` overrides (a dict) that make its schedule end after `seconds` of
-    training at `steps_per_second`: `num_steps` for the budget and the decay steps at the same
-    fractions of the run as in `train` (a decay at 3000 of 4000 steps moves to 75% of the
-    fitted run; a cosine ends at `num_steps` by definition). The warm-up keeps its length (it
-    is about the first updates, not the run's length) unless that is over half the run.
-    The four-phase alternating scheme has its own per-phase fields and is not fitted."""
+    """`fit_schedule` for a run of `seconds` at a constant `steps_per_second`."""
+    if seconds <= 0 or steps_per_second <= 0:
+        raise ValueError(
+            f"need a positive budget and speed, got {seconds} s at {steps_per_second} steps/s"
+        )
+    return fit_schedule(train, max(int(seconds * steps_per_second), 1))
+
+
+def fit_schedule(train, num_steps):
+    """`config.train` overrides (a dict) that make its schedule `num_steps` long: the decay
+    steps at the same fractions of the run as in `train` (a decay at 3000 of 4000 steps moves
+    to 75% of the fitted run; a cosine ends at `num_steps` by definition). The warm-up keeps
+    its length (it is about the first updates, not the run's length) unless that is over half
+    the run. The four-phase alternating scheme has its own per-phase fields and is not fitted."""
     if train.scheme == "alternating":
         raise ValueError(
             "fit_to_budget: config.train.scheme='alternating' has per-phase step counts "
             "(alternating_phase_steps); fit a joint scheme or set the phases by hand"
         )
-    if seconds <= 0 or steps_per_second <= 0:
-        raise ValueError(
-            f"need a positive budget and speed, got {seconds} s at {steps_per_second} steps/s"
-        )
-    num_steps = max(int(seconds * steps_per_second), 1)
     fraction = num_steps / train.num_steps
     return {
         "num_steps": num_steps,

@@ -67,7 +67,8 @@ def log_progress(step, num_steps, train, pending, start, start_step, writer, nam
     rate = (step - start_step) / max(elapsed, 1e-9)
     eta = (num_steps - step) / max(rate, 1e-9)
     lr = float((lr_fn or learning_rate_schedule(train))(step))
-    writer.write(step, {**mean, "steps_per_s": rate, "learning_rate": lr}, prefix=f"train/{name}")
+    scalars = {**mean, "steps_per_s": rate, "learning_rate": lr, "elapsed_s": elapsed}
+    writer.write(step, scalars, prefix=f"train/{name}")
     terms = " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "grad_norm"))
     log.info(
         "%sstep %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",

@@ -14,7 +14,7 @@ from frcnn_jax import checkpointing, sharding
 from frcnn_jax.data import make_batches
 from frcnn_jax.errors import UserError
 from frcnn_jax.training.evaluation import evaluate
-from frcnn_jax.training.metrics import flat_scalars, log_progress
+from frcnn_jax.training.metrics import duration, flat_scalars, log_progress
 from frcnn_jax.training.step import jit_train_step
 
 log = logging.getLogger("frcnn_jax.training")
@@ -126,6 +126,17 @@ def run_steps(
                 if not last:
                     periodic(state, step)
     checkpoints.wait()
+    if step > start_step:  # the loop's wall time: what `python -m frcnn_jax.fit_budget` fits
+        seconds = time.perf_counter() - start
+        writer.write(step, {"loop_s": seconds}, prefix=f"train/{name}")
+        log.info(
+            "%strained steps %d-%d in %s (compilation, checkpoint saves and periodic "
+            "evaluations included)",
+            name,
+            start_step + 1,
+            step,
+            duration(seconds),
+        )
     return state
 
 

@@ -1,0 +1,144 @@
+"""Does a fitted run end when its budget is spent? `python -m frcnn_jax.fit_budget`, then the
+run it fitted, for two settings, as a user runs them (separate processes).
+
+    python experiments/fit_check.py [--minutes 10] [--settings shapes_tiny,voc_folder]
+        [--rows experiments/results_fit_budget.jsonl]
+
+Settings: `shapes_tiny` (configs/shapes_tiny.py, the offline shapes set), and `voc_folder`
+(the same model on a VOC-layout folder of 500x375 JPEGs written for this run, which neither the
+fit nor the run has seen before: TFDS prepares it first). Each row: what fit_budget measured
+and predicted, and the training loop's wall time of the fitted run (`train/loop_s` in its
+metrics.jsonl: compilation, steps, loader, logging and checkpoint saves; the final evaluation
+is not training). A rerun skips finished rows; the table is written next to the rows (.md).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import result_rows
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "shapes_tiny.py"
+LOGS = pathlib.Path(tempfile.gettempdir()) / "fit_check_logs"  # each command's stderr
+
+
+def voc_overrides(folder, tfds_dir):
+    from bench_input import write_voc_folder
+
+    from frcnn_jax.data import shapes
+
+    if not (folder / "ImageSets").exists():
+        write_voc_folder(folder, 600)
+    ids = (folder / "ImageSets/Main/train.txt").read_text().split()
+    (folder / "ImageSets/Main/test.txt").write_text("\n".join(ids[:100]))  # only timed: any 100
+    return [
+        "--config.data.name=voc_folder",
+        f"--config.data.path={folder}",
+        f"--config.data.data_dir={tfds_dir}",
+        f"--config.data.class_names={json.dumps(list(shapes.CLASS_NAMES))}",
+        "--config.data.train_split=train",
+        "--config.eval.split=test",
+    ]
+
+
+def run(command, log):
+    LOGS.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=out, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed (rc {done.returncode}); see {log}")
+    return done.stdout
+
+
+def check(setting, minutes, probe_minutes, scratch):
+    overrides = []
+    if setting == "voc_folder":
+        overrides = voc_overrides(scratch / "voc", scratch / "tfds")
+    base = [f"--config={CONFIG}", *overrides]
+    fitted = run(
+        [
+            sys.executable,
+            "-m",
+            "frcnn_jax.fit_budget",
+            *base,
+            f"--minutes={minutes}",
+            f"--probe_minutes={probe_minutes}",
+        ],
+        LOGS / f"{setting}_fit.log",
+    )
+    lines = fitted.strip().splitlines()
+    speed = float(re.search(r"measured ([\d.]+) steps/s", lines[-3]).group(1))
+    predicted = float(re.search(r"end ([\d.]+) minutes", lines[-2]).group(1))
+    flags = lines[-1].split()
+    workdir = scratch / f"{setting}_run"
+    run(
+        [sys.executable, "-m", "frcnn_jax.train", *base, *flags, f"--workdir={workdir}"],
+        LOGS / f"{setting}_train.log",
+    )
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    loop_s = next(r["train/loop_s"] for r in records if "train/loop_s" in r)
+    num_steps = int(flags[0].split("=")[1])
+    progress = [r for r in records if "train/steps_per_s" in r]
+    return {
+        "setting": setting,
+        "budget_minutes": minutes,
+        "probe_minutes": probe_minutes,
+        "fit_steps_per_second": speed,
+        "fit_predicted_minutes": predicted,
+        "num_steps": num_steps,
+        "flags": flags,
+        "loop_minutes": round(loop_s / 60, 3),
+        "sustained_steps_per_second": round(num_steps / loop_s, 3),
+        "final_logged_steps_per_second": round(progress[-1]["train/steps_per_s"], 3),
+        "off_by": round(loop_s / 60 / minutes - 1, 4),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def table(rows, command):
+    lines = ["# Schedules fitted to a time budget: where the fitted run ends", ""]
+    lines += result_rows.provenance(command)
+    lines += [
+        "| setting | budget min | fit: steps/s sustained | fitted steps | predicted end min "
+        "| the run's loop min | off by | commit | finished |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['budget_minutes']:g} | {r['fit_steps_per_second']:.3f} | "
+            f"{r['num_steps']} | {r['fit_predicted_minutes']:.2f} | {r['loop_minutes']:.2f} | "
+            f"{100 * r['off_by']:+.1f}% | {r['commit']} | {r['finished']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--probe-minutes", type=float, default=2.0)
+    parser.add_argument("--settings", default="shapes_tiny,voc_folder")
+    parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_fit_budget.jsonl"))
+    args = parser.parse_args()
+    rows = result_rows.Rows(args.rows)
+    commit = result_rows.commit()
+    for setting in args.settings.split(","):
+        if rows.find(setting=setting, budget_minutes=args.minutes, commit=commit):
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            row = check(setting, args.minutes, args.probe_minutes, pathlib.Path(scratch))
+        rows.add(row)
+        print(json.dumps(row), flush=True)
+    command = "python experiments/fit_check.py " + " ".join(sys.argv[1:])
+    text = table(rows.all, command.strip())
+    print(text)
+    pathlib.Path(args.rows).with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
