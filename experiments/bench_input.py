@@ -8,20 +8,23 @@ with objects), prepares it once through the `voc_folder` TFDS builder, then time
 <= 1000, random flip, pad to a 600x1000 canvas, boxes to 64 slots) over `--batches` batches of
 2 after a warm-up. The reference, measured in the same run: a torch DataLoader with the same
 number of workers doing PIL decode + bilinear resize (torchvision's GeneralizedRCNNTransform
-arithmetic) + pad. Target (issue 6): at least 60 images/s with 2 workers on this CPU.
+arithmetic) + pad. Target (issue 6): at least 60 images/s with 2 workers on this CPU. The
+table goes to `experiments/results_input.md` too.
 """
 
 import argparse
 import pathlib
-import platform
 import tempfile
 import time
 
 import numpy as np
+import result_rows
 from PIL import Image
 
 from frcnn_jax.data import pipeline, shapes, sources
 from frcnn_jax.data.config import data_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_voc_folder(root, num_images):
@@ -125,15 +128,23 @@ def main():
         ours = time_ours(data, args.batches)
         files = sorted((root / "JPEGImages").glob("*.jpg"))
         theirs = time_torch(files, args.workers, args.batches)
-    machine = platform.processor() or platform.machine()
-    print(
-        f"{machine}, {args.workers} workers, 500x375 JPEGs -> 600x1000 canvas, batch 2 "
-        f"(preparing {args.images} images once: {prepared:.1f} s)"
+    body = [
+        f"{args.workers} workers, 500x375 JPEGs -> 600x1000 canvas, batch 2, {args.batches} "
+        f"batches after a warm-up (preparing {args.images} images once: {prepared:.1f} s)",
+        "",
+        "| pipeline | images/s | ratio to torch |",
+        "|---|---|---|",
+        f"| frcnn_jax (TFDS array_record + grain) | {ours:.1f} | {ours / theirs:.2f}x |",
+        f"| torch DataLoader (PIL + interpolate) | {theirs:.1f} | 1.00x |",
+    ]
+    print("\n".join(body))
+    result_rows.write_results(
+        ROOT / "experiments" / "results_input.md",
+        "Input pipeline: VOC-sized JPEGs to training batches",
+        body,
+        f"{ours:.0f} vs {theirs:.0f} images/s (a torch DataLoader doing the same work, "
+        f"{args.workers} workers each)",
     )
-    print("| pipeline | images/s | ratio to torch |")
-    print("|---|---|---|")
-    print(f"| frcnn_jax (TFDS array_record + grain) | {ours:.1f} | {ours / theirs:.2f}x |")
-    print(f"| torch DataLoader (PIL + interpolate) | {theirs:.1f} | 1.00x |")
 
 
 if __name__ == "__main__":

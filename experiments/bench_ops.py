@@ -6,13 +6,13 @@ Prints one row per case: frcnn_jax's median time (jitted, after compilation), to
 time, their ratio (lower is better for us), frcnn_jax's compile time, and whether both kept the
 same result (RoI ops: the same as torchvision's CPU kernel, also when torchvision runs on a GPU).
 Timings are wall-clock medians on this machine; rerun both sides together when comparing
-machines. With a GPU, torchvision runs on it too.
+machines. With a GPU, torchvision runs on it too. Without `--only`, the table is also written to
+`experiments/results_ops.md` with its provenance and the README's summary line.
 """
 
 import argparse
 import functools
-import os
-import platform
+import pathlib
 import time
 from collections import OrderedDict
 
@@ -23,12 +23,15 @@ configure_runtime()  # before JAX starts, as in training: see frcnn_jax/runtime.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import result_rows  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch_timing import TORCH_DEVICE, median_s, tensor  # noqa: E402
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler  # noqa: E402
 
 from frcnn_jax import ops  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def median_ms(fn, repeats):
@@ -295,21 +298,39 @@ def main():
         "roi": lambda: {**vgg_roi_cases(rng, args.repeats), **fpn_roi_cases(rng, args.repeats)},
     }
     selected = args.only.split(",") if args.only else list(cases)
-    print(
-        f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on "
+    body = [
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on "
         f"{TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads), "
-        f"torchvision {torchvision.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{describe_runtime()}"
-    )
-    print(f"| {'case':<52} | frcnn_jax ms | torchvision ms | ratio | compile s | same | note")
-    print(f"|{'-' * 54}|-------------:|---------------:|------:|----------:|:----:|------")
+        f"torchvision {torchvision.__version__}; {describe_runtime()}. Medians of "
+        f"{args.repeats} runs; ratio = frcnn_jax's time / torchvision's (lower is faster).",
+        "",
+        "| case | frcnn_jax ms | torchvision ms | ratio | compile s | same | note |",
+        "|---|---:|---:|---:|---:|:---:|---|",
+    ]
+    ratios = {}
     for group in selected:
         for name, (ours, theirs, compiled, same, note) in cases[group]().items():
-            print(
-                f"| {name:<52} | {ours:12.3f} | {theirs:14.3f} | {ours / theirs:5.3f} | "
-                f"{compiled:9.2f} | {'yes' if same else 'NO':^4} | {note}"
+            ratios[name] = ours / theirs
+            body.append(
+                f"| {name} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.3f} | {compiled:.2f} | "
+                f"{'yes' if same else 'NO'} | {note} |"
             )
+            print(body[-1], flush=True)
+    print("\n".join(body))
+    if set(selected) == set(cases):  # the README's figure needs every case
+        faster = [r for r in ratios.values() if r < 1]
+        slower = {n: r for n, r in ratios.items() if r >= 1}
+        readme = (
+            f"frcnn_jax faster in {len(faster)} of {len(ratios)} cases "
+            f"({min(faster):.3f}-{max(faster):.2f}x torchvision's time)"
+            + "".join(f"; {name}: {r:.2f}x (slower)" for name, r in slower.items())
+        )
+        result_rows.write_results(
+            ROOT / "experiments" / "results_ops.md",
+            "Box ops against torchvision, same inputs, same run",
+            body,
+            readme,
+        )
 
 
 if __name__ == "__main__":

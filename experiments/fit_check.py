@@ -115,6 +115,18 @@ def table(rows, command):
             f"{r['num_steps']} | {r['fit_predicted_minutes']:.2f} | {r['loop_minutes']:.2f} | "
             f"{100 * r['off_by']:+.1f}% | {r['commit']} | {r['finished']} |"
         )
+    latest = {r["setting"]: r for r in rows}  # each setting's last row
+    if latest:
+        ends = ", ".join(
+            f"{r['setting']} {r['loop_minutes']:.2f} min ({100 * r['off_by']:+.1f}%)"
+            for r in latest.values()
+        )
+        budgets = sorted({r["budget_minutes"] for r in latest.values()})
+        lines += [
+            "",
+            f"README: fitted to {' / '.join(f'{b:g}' for b in budgets)} minutes, the runs' "
+            f"training loops took {ends}",
+        ]
     return "\n".join(lines) + "\n"
 
 

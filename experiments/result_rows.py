@@ -7,6 +7,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,17 @@ def provenance(command):
     return [
         f"Command: `{command}`",
         "",
-        f"Commit {commit()}, {datetime.datetime.now().isoformat(timespec='minutes')}, "
-        f"{machine()}.",
+        f"Commit {commit()}, {datetime.datetime.now().isoformat(timespec='minutes')}, {machine()}.",
         "",
     ]
+
+
+def write_results(path, title, body, readme):
+    """Write a results file: `# title`, its provenance (the command that is running, as
+    `python <script> <args>`), the `body` lines and the `README: ...` line that
+    experiments/reproduce.py puts in the README's results table."""
+    script = pathlib.Path(sys.argv[0]).resolve()
+    name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script.name
+    command = " ".join(["python", str(name), *sys.argv[1:]])
+    lines = [f"# {title}", "", *provenance(command), *body, "", f"README: {readme}", ""]
+    pathlib.Path(path).write_text("\n".join(lines))

@@ -1,35 +1,43 @@
 """Time to accuracy: frcnn_jax against a torchvision twin, each side with the best recipe of the
-same small search, schedules fitted to the same wall-clock budget, same data and loader.
+same learning-rate search, schedules fitted to the same wall-clock budget, same data and loader.
 
     python experiments/time_to_map.py [--config configs/shapes_512.py] [--minutes 20]
-        [--every 5] [--rows experiments/results_time_to_map.jsonl] [--race]
+        [--every 5] [--twin batchnorm|plain] [--rows experiments/results_time_to_map.jsonl]
+        [--race [--race-seeds 0,1,2]] [--same-init] [--stop-by HH:MM] [--report]
 
-The twin is torchvision's `FasterRCNN` with frcnn_jax's tiny FPN backbone written in torch (same
-layers and padding), the same anchors, RPN and RoI settings, RoIAlign 7x7 and two-fc head
-(2.2M parameters on each side). Both read the same `shapes` training split through the same
-loader (grain, 2 workers), batch size and image size, and are evaluated with the same VOC
+The twin (`torch_twin`) is torchvision's `FasterRCNN` around frcnn_jax's tiny FPN body written
+in torch, with torchvision's own FPN, RPN head, box head and predictor, and frcnn_jax's
+detection settings wherever torchvision takes them (anchors, RPN and RoI sampling, proposal
+counts, the minimum proposal size, RoIAlign 7x7; the ones it fixes, such as the losses' beta
+1/9, are checked to be the config's). `--twin batchnorm` (the default) builds its body as
+torchvision builds a backbone trained from scratch: BatchNorm after every convolution,
+Kaiming-normal initialisation; `--twin plain` is frcnn_jax's own layers (no normalisation) with
+PyTorch's default initialisation. Both sides read the same `shapes` training split through the
+same loader (grain, 2 workers), batch size and image size, and are evaluated with the same VOC
 evaluator on the test split; evaluation time is not counted as training time.
 
-The search, per side: SGD (momentum 0.9, weight decay on kernels) with a x0.1 step at 75% of the
-run, and AdamW (decoupled weight decay on kernels) with a cosine to zero, three learning rates
-each, all after the config's linear warm-up. The schedules are fitted to the budget
-(`frcnn_jax.training.budget`): each side's steps/s is measured once (a few dozen steps of the
-config's optimizer after warm-up), and `num_steps` = budget x steps/s, so each side's schedule
-ends when its budget is spent (AdamW's runs, whose update costs more, stop a few percent short
-of their schedule's end; the twin's more than frcnn_jax's). Each run trains until the next mark
-of `--every` training minutes, evaluates, and continues; a side keeps training at its final rate
-if the machine is faster than measured.
+The search, per side and optimizer: SGD (momentum 0.9, weight decay on kernels) with a x0.1
+step at 75% of the run, and AdamW (decoupled weight decay on kernels) with a cosine to zero,
+after the config's linear warm-up; three learning rates each to start (`GRID`), extended by
+halving or doubling while the best rate is the lowest or highest tried (`next_rate`), so each
+side's best rate ends inside its grid. The schedules are fitted to the budget
+(`frcnn_jax.training.budget.fit_to_budget`): each side's steps/s is measured once (a few dozen
+steps of the config's optimizer after warm-up), and `num_steps` = budget x steps/s. Each run
+trains until the next mark of `--every` training minutes, evaluates, and continues; a side
+keeps training at its final rate if the machine is faster than measured.
 
 Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
 can be spread over several sittings, and a killed run loses only its own row. The two sides take
-turns, one run at a time, alternating so that drifts in the machine's speed fall on both.
-`--race` then measures both sides' speed again (schedules fitted to the code and machine of that
-moment, corrected by the ratio of the speed each side sustained in its search runs with the
-recipe's optimizer to the speed measured for them) and reruns each side's best recipe (best mAP
-at the last mark) back to back, so the final comparison is measured in one sitting. `--stop-by
-HH:MM` starts no run that could not end by then, so a sitting ends between rows. The tables
-(search, best against best, where the time goes) are printed and written next to the rows as
-Markdown (`--report`: only that).
+turns, one run at a time, so that drifts in the machine's speed fall on both. `--race` then
+measures both sides' speed again (corrected by the ratio of the speed each side sustained in its
+search runs with the recipe's optimizer to the speed measured for them) and reruns each side's
+best recipe over `--race-seeds` (initialisation and data order), the sides alternating, so the
+final comparison is measured in one sitting: mean and standard deviation of the mAP at each
+mark, and the steps/s each side sustained. `--same-init` trains frcnn_jax's best recipe on both
+sides from the same initial weights (the plain twin's, converted with `frcnn_jax.weights`) for
+the same number of steps on the same batches, evaluated at the same steps: per-step learning
+compared alone. `--stop-by HH:MM` starts no run that could not end by then. The tables are
+printed and written next to the rows as Markdown (`--report`: only that).
 """
 
 import argparse
@@ -58,15 +66,8 @@ from frcnn_jax.training.budget import fit_to_budget, time_steps  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIDES = ("frcnn_jax", "torchvision")
 SCHEDULE = {"sgd": "step", "adamw": "cosine"}
-# (optimizer, learning rate), most promising first: an unfinished search has the likely winners
-RECIPES = (
-    ("adamw", 1e-3),
-    ("sgd", 0.02),
-    ("adamw", 5e-4),
-    ("sgd", 0.01),
-    ("adamw", 2e-3),
-    ("sgd", 0.04),
-)
+# each optimizer's starting learning rates, most promising first (`next_rate` extends them)
+GRID = {"adamw": (1e-3, 5e-4, 2e-3), "sgd": (0.02, 0.01, 0.04)}
 
 
 def recipe_config(config, optimizer, learning_rate, fitted):
@@ -83,8 +84,10 @@ def recipe_config(config, optimizer, learning_rate, fitted):
 # ---------------------------------------------------------------- frcnn_jax
 
 
-def ours(config):
-    """(step, evaluate, block) of a fresh frcnn_jax run of `config`."""
+def ours(config, twin=None):
+    """(step, evaluate, block) of a fresh frcnn_jax run of `config` (`twin`: the other side's
+    option, unused here)."""
+    del twin
     model = build_model(config)
     mesh = sharding.data_mesh(jax.devices()[:1])
     state, tx = training.initial.init_state(config, model)
@@ -106,87 +109,150 @@ def ours(config):
 # ---------------------------------------------------------------- torchvision twin
 
 
-def torch_twin(config):
+TWINS = {
+    "batchnorm": "torchvision's practice for a backbone trained from scratch: BatchNorm after "
+    "every body convolution, Kaiming-normal (fan-out) initialisation",
+    "plain": "frcnn_jax's own layers (no normalisation), PyTorch's default initialisation",
+}
+
+
+def torch_twin(config, twin="batchnorm"):
+    """torchvision's `FasterRCNN` around frcnn_jax's tiny FPN body written in torch (same
+    convolutions and padding) with torchvision's own `FeaturePyramidNetwork`, `RPNHead`,
+    `TwoMLPHead` and `FastRCNNPredictor`, and frcnn_jax's detection settings (anchors, RPN and
+    RoI sampling, proposal counts and minimum size, RoIAlign 7x7, the losses' beta). `twin`:
+    "batchnorm" (torchvision's ResNets trained from scratch: conv without bias, BatchNorm2d,
+    ReLU; Kaiming-normal fan-out init, BatchNorm weight 1 and bias 0) or "plain" (frcnn_jax's
+    layers exactly, whose weights `frcnn_jax.weights.from_torchvision(arch=
+    "fasterrcnn_tiny_fpn")` converts)."""
     import torch
     from torch import nn
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
     widths, channels = (16, 32, 64, 128, 256), 64
+    norm = twin == "batchnorm"
 
-    class TinyFPN(nn.Module):
-        """frcnn_jax.models.backbones.TinyFPN in torch: same layers, same padding."""
+    def conv(cin, cout, stride):
+        # flax "SAME" padding for a stride-2 3x3 conv on even sizes pads (0, 1): done in forward
+        return nn.Conv2d(
+            cin, cout, 3, stride=stride, padding=0 if stride == 2 else 1, bias=not norm
+        )
+
+    class TinyBody(nn.Module):
+        """frcnn_jax.models.backbones.TinyBackbone in torch: C3-C5 of five stride-2 stages."""
 
         def __init__(self):
             super().__init__()
             self.down, self.conv = nn.ModuleList(), nn.ModuleList()
+            self.down_norm, self.conv_norm = nn.ModuleList(), nn.ModuleList()
             previous = 3
             for width in widths:
-                # flax "SAME" padding for a stride-2 3x3 conv on even sizes pads (0, 1)
-                self.down.append(nn.Conv2d(previous, width, 3, stride=2, padding=0))
-                self.conv.append(nn.Conv2d(width, width, 3, padding=1))
+                self.down.append(conv(previous, width, 2))
+                self.conv.append(conv(width, width, 1))
+                if norm:
+                    self.down_norm.append(nn.BatchNorm2d(width))
+                    self.conv_norm.append(nn.BatchNorm2d(width))
                 previous = width
-            self.inner = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths[2:])
-            self.layer = nn.ModuleList(
-                nn.Conv2d(channels, channels, 3, padding=1) for _ in widths[2:]
-            )
-            self.out_channels = channels
+            if norm:  # torchvision.models.resnet's initialisation
+                for m in self.modules():
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    elif isinstance(m, nn.BatchNorm2d):
+                        nn.init.ones_(m.weight)
+                        nn.init.zeros_(m.bias)
 
         def forward(self, x):
             stages = []
-            for down, conv in zip(self.down, self.conv, strict=True):
-                x = torch.relu(down(nn.functional.pad(x, (0, 1, 0, 1))))
-                x = torch.relu(conv(x))
+            for i in range(len(widths)):
+                x = self.down[i](nn.functional.pad(x, (0, 1, 0, 1)))
+                x = torch.relu(self.down_norm[i](x) if norm else x)
+                x = self.conv[i](x)
+                x = torch.relu(self.conv_norm[i](x) if norm else x)
                 stages.append(x)
-            stages = stages[2:]
-            last = self.inner[-1](stages[-1])
-            outputs = [self.layer[-1](last)]
-            for i in reversed(range(len(stages) - 1)):
-                lateral = self.inner[i](stages[i])
-                last = lateral + nn.functional.interpolate(last, size=lateral.shape[-2:])
-                outputs.insert(0, self.layer[i](last))
-            return collections.OrderedDict((str(i), o) for i, o in enumerate(outputs))
+            return collections.OrderedDict((str(i), s) for i, s in enumerate(stages[2:]))
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = TinyBody()
+            self.fpn = FeaturePyramidNetwork(list(widths[2:]), channels)
+            self.out_channels = channels
+
+        def forward(self, x):
+            return self.fpn(self.body(x))
 
     rpn, head = config.model.rpn, config.model.head
     sizes = tuple(tuple(s) for s in rpn.anchor_sizes)
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    anchors = AnchorGenerator(sizes, (tuple(rpn.aspect_ratios),) * len(sizes))
+    pool = MultiScaleRoIAlign(
+        ["0", "1", "2"], output_size=head.output_size, sampling_ratio=head.sampling_ratio
+    )
     size = config.data.min_size
-    return FasterRCNN(
-        TinyFPN(),
+    model = FasterRCNN(
+        Backbone(),
         num_classes=None,  # given by box_predictor
         min_size=size,
         max_size=size,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
+        image_mean=[m / 255 for m in config.model.pixel_mean],
+        image_std=[s / 255 for s in config.model.pixel_std],
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=rpn.train_pre_nms_top_n,
         rpn_post_nms_top_n_train=rpn.train_post_nms_top_n,
         rpn_pre_nms_top_n_test=rpn.test_pre_nms_top_n,
         rpn_post_nms_top_n_test=rpn.test_post_nms_top_n,
+        rpn_nms_thresh=rpn.nms_threshold,
+        rpn_fg_iou_thresh=rpn.positive_iou,
+        rpn_bg_iou_thresh=rpn.negative_iou,
+        rpn_batch_size_per_image=rpn.batch_size,
+        rpn_positive_fraction=rpn.positive_fraction,
         box_roi_pool=pool,
-        box_head=TwoMLPHead(channels * 49, head.widths[-1]),
+        box_head=TwoMLPHead(channels * head.output_size**2, head.widths[-1]),
         box_predictor=FastRCNNPredictor(head.widths[-1], config.model.num_classes + 1),
+        box_fg_iou_thresh=head.foreground_iou,
+        box_bg_iou_thresh=head.background_iou[1],
         box_batch_size_per_image=head.batch_size,
+        box_positive_fraction=head.positive_fraction,
         box_nms_thresh=head.nms_threshold,
-        box_score_thresh=0.05,
-        box_detections_per_img=100,
+        box_score_thresh=head.score_threshold,
+        box_detections_per_img=head.max_detections,
     )
+    model.rpn.min_size = rpn.min_size  # torchvision fixes 1e-3; frcnn_jax's config sets it
+    return model
 
 
-def theirs(config):
-    """(step, evaluate, block) of a fresh torchvision twin run of `config`'s recipe: the same
-    optimizer rule and schedule (`training.optim.learning_rate_schedule`), weight decay on
-    weights (ndim > 1) only."""
+def check_twin_settings(config):
+    """The settings the twin cannot take from `config` must be torchvision's fixed ones."""
+    rpn, head = config.model.rpn, config.model.head
+    fixed = {
+        "model.rpn.objectness": (rpn.objectness, "sigmoid"),
+        "model.rpn.beta": (rpn.beta, 1 / 9),
+        "model.rpn.box_weight": (rpn.box_weight, 1.0),
+        "model.rpn.box_normalizer": (rpn.box_normalizer, None),
+        "model.head.beta": (head.beta, 1 / 9),
+        "model.head.background_iou[0]": (head.background_iou[0], 0.0),
+        "model.head.pooler": (head.pooler, "align"),
+        "model.head.aligned": (head.aligned, False),
+    }
+    differ = {k: v for k, (v, want) in fixed.items() if v != want}
+    if differ:
+        raise SystemExit(f"the torchvision twin cannot follow these settings: {differ}")
+
+
+def theirs(config, twin="batchnorm"):
+    """(step, evaluate, block) of a fresh torchvision twin (`torch_twin(config, twin)`, its
+    initialisation from `config.train.seed`) run of `config`'s recipe: the same optimizer rule
+    and schedule (`training.optim.learning_rate_schedule`), weight decay on weights (ndim > 1)
+    only."""
     import torch
 
     from frcnn_jax.models.roi_heads import Detections
 
     torch.manual_seed(config.train.seed)
     torch.set_num_threads(2)
-    model = torch_twin(config)
+    model = torch_twin(config, twin)
     train = config.train
     groups = [
         {
@@ -256,6 +322,20 @@ def theirs(config):
     return step, detect, lambda x: x
 
 
+def same_init_weights(config, path):
+    """The plain twin's initial weights (seed `config.train.seed`) converted to frcnn_jax's
+    variables (`frcnn_jax.weights`), written to `path` for `model.init_checkpoint`."""
+    import torch
+
+    from frcnn_jax import weights
+
+    torch.manual_seed(config.train.seed)
+    state = {k: v.detach().numpy() for k, v in torch_twin(config, "plain").state_dict().items()}
+    flat, covers = weights.from_torchvision(state, arch="fasterrcnn_tiny_fpn")
+    weights.save(path, flat, covers, backbone=config.model.backbone)
+    return path
+
+
 BUILD = {"frcnn_jax": ours, "torchvision": theirs}
 
 
@@ -264,27 +344,32 @@ BUILD = {"frcnn_jax": ours, "torchvision": theirs}
 
 def train_batches(config):
     batches, _ = make_batches(
-        config.data, config.data.train_split, batch_size=config.train.batch_size, train=True, seed=0
+        config.data,
+        config.data.train_split,
+        batch_size=config.train.batch_size,
+        train=True,
+        seed=config.train.seed,
     )
     return batches
 
 
-def measure(side, config, steps):
+def measure(side, config, steps, twin):
     """Steps/s of `side` on `config` (its own loader), after 5 untimed steps."""
-    step, _, block = BUILD[side](config)
+    step, _, block = BUILD[side](config, twin)
     batches = train_batches(config)
     return time_steps(lambda: step(next(batches)), steps=steps, warmup=5, block=block)
 
 
-def train_for(side, config, marks, evaluate):
-    """Train `side` until each mark (seconds of training time), evaluating at each; returns the
-    row's measurements: mAP and steps at each mark, and where the training time went."""
-    step, detect, block = BUILD[side](config)
+def train_for(side, config, marks, evaluate, twin, by="seconds"):
+    """Train `side` until each mark (seconds of training time, or steps with `by="steps"`),
+    evaluating at each; returns the row's measurements: mAP and steps at each mark, and where
+    the training time went."""
+    step, detect, block = BUILD[side](config, twin)
     batches = train_batches(config)
     rows, steps, times = [], 0, collections.Counter()
     loads = []
     for mark in marks:
-        while times["data"] + times["step"] + times["first"] < mark:
+        while (steps if by == "steps" else times["data"] + times["step"] + times["first"]) < mark:
             start = time.perf_counter()
             batch = next(batches)
             fetched = time.perf_counter()
@@ -297,8 +382,15 @@ def train_for(side, config, marks, evaluate):
         start = time.perf_counter()
         value = evaluate(detect)
         times["eval"] += time.perf_counter() - start
-        rows.append({"minutes": mark / 60, "steps": steps, "map": value})
-        print(f"  {mark / 60:5.1f} min  {steps:6d} steps  mAP@0.5 {value:.4f}", flush=True)
+        minutes = (times["data"] + times["step"] + times["first"]) / 60
+        rows.append(
+            {
+                "minutes": round(minutes, 3) if by == "steps" else mark / 60,
+                "steps": steps,
+                "map": value,
+            }
+        )
+        print(f"  {minutes:5.1f} min  {steps:6d} steps  mAP@0.5 {value:.4f}", flush=True)
     return {
         "marks": rows,
         "first_step_s": round(times["first"], 2),  # frcnn_jax: includes compiling the step
@@ -310,11 +402,34 @@ def train_for(side, config, marks, evaluate):
     }
 
 
+# ---------------------------------------------------------------- the search's grid
+
+
+def next_rate(rows, side, optimizer, limit=6):
+    """The next learning rate `side`'s search should try with `optimizer`, or None when its
+    best rate is inside the rates tried: the starting grid first, then half the lowest rate
+    while the lowest is the best (ties: the lowest), twice the highest while the highest is
+    the best, `limit` rates at most."""
+    tried = {
+        r["learning_rate"]: r["marks"][-1]["map"]
+        for r in rows.mine("search")
+        if r["side"] == side and r["optimizer"] == optimizer
+    }
+    for rate in GRID[optimizer]:
+        if rate not in tried:
+            return rate
+    rates = sorted(tried)
+    top = max(rates, key=lambda rate: tried[rate])
+    if len(rates) >= limit or rates[0] < top < rates[-1]:
+        return None
+    return rates[0] / 2 if top == rates[0] else rates[-1] * 2
+
+
 # ---------------------------------------------------------------- rows and tables
 
 
 class Rows(result_rows.Rows):
-    """The finished rows of one setting (config, budget, evaluation images)."""
+    """The finished rows of one setting (config, twin, budget, evaluation images)."""
 
     def __init__(self, path, setting):
         super().__init__(path)
@@ -356,7 +471,8 @@ def row_seconds(rows, minutes):
     plus a minute of set-up (20% over the budget before any run has finished)."""
     done = [
         r["first_step_s"] + r["data_s"] + r["step_s"] + r["eval_s"]
-        for r in rows.mine("search") + rows.mine("race")
+        for kind in ("search", "race", "same-init")
+        for r in rows.mine(kind)
     ]
     return max(done) + 60 if done else 1.2 * 60 * minutes
 
@@ -383,9 +499,68 @@ def recipe_name(row):
     return f"{row['optimizer']}+{SCHEDULE[row['optimizer']]} lr {row['learning_rate']:g}"
 
 
-def tables(rows_file, command):
+def mean_sd(values):
+    values = np.asarray(values, float)
+    sd = values.std(ddof=1) if len(values) > 1 else 0.0
+    return values.mean(), sd
+
+
+def race_table(race):
+    """Each side's best recipe over its seeds: mean +- sd mAP at each mark, the ratio of the
+    means, and the steps/s each sustained."""
+    by_side = {side: [r for r in race if r["side"] == side] for side in SIDES}
+    ours_rows, theirs_rows = by_side["frcnn_jax"], by_side["torchvision"]
+    lines = [
+        f"frcnn_jax: {recipe_name(ours_rows[0])}, seeds "
+        f"{sorted(r['seed'] for r in ours_rows)}; torchvision: {recipe_name(theirs_rows[0])}, "
+        f"seeds {sorted(r['seed'] for r in theirs_rows)}.",
+        "",
+        "| training minutes | frcnn_jax mAP@0.5 (steps) | torchvision mAP@0.5 (steps) | mAP "
+        "ratio |",
+        "|---|---|---|---|",
+    ]
+    for i, mark in enumerate(ours_rows[0]["marks"]):
+        cells, means = [], []
+        for side_rows in (ours_rows, theirs_rows):
+            mean, sd = mean_sd([r["marks"][i]["map"] for r in side_rows])
+            steps = np.mean([r["marks"][i]["steps"] for r in side_rows])
+            cells.append(f"{mean:.3f} +- {sd:.3f} ({steps:.0f})")
+            means.append(mean)
+        ratio = f"{means[0] / means[1]:.2f}x" if means[1] > 0 else "-"
+        lines.append(f"| {mark['minutes']:g} | {cells[0]} | {cells[1]} | {ratio} |")
+    speeds = [np.mean([r["steps_per_second"] for r in rows]) for rows in (ours_rows, theirs_rows)]
+    lines += [
+        "",
+        f"Steps/s sustained: frcnn_jax {speeds[0]:.3f}, torchvision {speeds[1]:.3f} "
+        f"({speeds[0] / speeds[1]:.2f}x).",
+    ]
+    return lines
+
+
+def same_init_table(rows):
+    ours_row = next(r for r in rows if r["side"] == "frcnn_jax")
+    theirs_row = next(r for r in rows if r["side"] == "torchvision")
+    lines = [
+        f"Both sides from the same initial weights (the plain twin's, seed {ours_row['seed']}, "
+        f"converted with `frcnn_jax.weights.from_torchvision(arch='fasterrcnn_tiny_fpn')`), "
+        f"{recipe_name(ours_row)}, the same batches, evaluated at the same steps:",
+        "",
+        "| steps | frcnn_jax mAP@0.5 (minutes) | torchvision mAP@0.5 (minutes) | difference |",
+        "|---|---|---|---|",
+    ]
+    for a, b in zip(ours_row["marks"], theirs_row["marks"], strict=True):
+        lines.append(
+            f"| {a['steps']} | {a['map']:.3f} ({a['minutes']:.1f}) | {b['map']:.3f} "
+            f"({b['minutes']:.1f}) | {a['map'] - b['map']:+.3f} |"
+        )
+    return lines
+
+
+def tables(rows_file, command, twin):
     search, race = rows_file.mine("search"), rows_file.mine("race")
-    lines = [f"# Time to accuracy: {rows_file.setting}", "", f"Command: `{command}`", ""]
+    lines = [f"# Time to accuracy: {rows_file.setting}", ""]
+    lines += result_rows.provenance(command)
+    lines += [f"The torchvision twin: {TWINS[twin]} (`torch_twin` in the script).", ""]
     for kind, name in (("fit", "Fitted schedules (search)"), ("race-fit", "Fitted (race)")):
         fits = rows_file.mine(kind)
         if fits:
@@ -407,39 +582,30 @@ def tables(rows_file, command):
     lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
     marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
     head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
-    lines += [head + " | steps/s | load | finished |", "|---" * (len(marks) + 5) + "|"]
-    for row in search:
+    lines += [head + " | steps/s | load | commit | finished |", "|---" * (len(marks) + 6) + "|"]
+    for row in sorted(search, key=lambda r: (r["side"], r["optimizer"], r["learning_rate"])):
         cells = [f"{m['map']:.3f} ({m['steps']})" for m in row["marks"]]
         lines.append(
             f"| {row['side']} | {recipe_name(row)} | "
             + " | ".join(cells)
             + f" | {row['steps_per_second']:.2f} | {row['load_average']:.1f} "
-            f"| {row['finished']} |"
+            f"| {row['commit']} | {row['finished']} |"
         )
-    source = race if {r["side"] for r in race} >= set(SIDES) else search
-    tops = {side: best(source, side) for side in SIDES}
+    if {r["side"] for r in race} >= set(SIDES):
+        lines += ["", "## Best against best: the race (best recipes rerun back to back)", ""]
+        lines += race_table(race)
+    elif all(best(search, side) for side in SIDES):
+        lines += ["", "## Best against best, from the search (no race yet)", ""]
+        lines += race_table([best(search, side) for side in SIDES])
+    same = rows_file.mine("same-init")
+    if {r["side"] for r in same} >= set(SIDES):
+        lines += ["", "## Per-step learning from the same initial weights", ""]
+        lines += same_init_table(same)
+    tops = {side: best(race or search, side) for side in SIDES}
     if all(tops.values()):
-        kind = "the race (best recipes rerun back to back)" if source is race else "the search"
-        ours_row, theirs_row = tops["frcnn_jax"], tops["torchvision"]
         lines += [
             "",
-            f"## Best against best, from {kind}",
-            "",
-            f"frcnn_jax: {recipe_name(ours_row)}; torchvision: {recipe_name(theirs_row)}.",
-            "",
-            "| training minutes | frcnn_jax mAP@0.5 (steps) | torchvision mAP@0.5 "
-            "(steps) | ratio |",
-            "|---|---|---|---|",
-        ]
-        for a, b in zip(ours_row["marks"], theirs_row["marks"], strict=True):
-            ratio = f"{a['map'] / b['map']:.2f}x" if b["map"] > 0 else "-"
-            lines.append(
-                f"| {a['minutes']:g} | {a['map']:.3f} ({a['steps']}) | "
-                f"{b['map']:.3f} ({b['steps']}) | {ratio} |"
-            )
-        lines += [
-            "",
-            "## Where the training time goes (the best rows)",
+            "## Where the training time goes (each side's best row)",
             "",
             "| side | steps/s | first step s | waiting for data s | steps s | eval s "
             "(not counted) |",
@@ -450,7 +616,39 @@ def tables(rows_file, command):
                 f"| {side} | {row['steps_per_second']:.3f} | {row['first_step_s']} | "
                 f"{row['data_s']} | {row['step_s']} | {row['eval_s']} |"
             )
+    if {r["side"] for r in race} >= set(SIDES):
+        lines += ["", f"README: {readme_line(race, same, twin)}"]
     return "\n".join(lines) + "\n"
+
+
+def readme_line(race, same, twin):
+    """The race's result in a sentence (and the same-initialisation comparison's, if run)."""
+    last = {
+        side: mean_sd([r["marks"][-1]["map"] for r in race if r["side"] == side]) for side in SIDES
+    }
+    speed = {
+        side: np.mean([r["steps_per_second"] for r in race if r["side"] == side]) for side in SIDES
+    }
+    minutes = race[0]["marks"][-1]["minutes"]
+    seeds = len({r["seed"] for r in race})
+    (ours, ours_sd), (theirs, theirs_sd) = last["frcnn_jax"], last["torchvision"]
+    ratio = f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
+    text = (
+        f"mAP@0.5 after {minutes:g} training minutes, best recipe of each side's search, "
+        f"{seeds} seeds: {ours:.3f} +- {ours_sd:.3f} vs {theirs:.3f} +- {theirs_sd:.3f} for a "
+        f"torchvision twin ({TWINS[twin]}): {ratio}"
+    )
+    text += (
+        f"; {speed['frcnn_jax']:.2f} vs {speed['torchvision']:.2f} steps/s "
+        f"({speed['frcnn_jax'] / speed['torchvision']:.2f}x)"
+    )
+    if {r["side"] for r in same} >= set(SIDES):
+        final = {r["side"]: r["marks"][-1] for r in same}
+        text += (
+            f"; from the same initial weights, after the same {final['frcnn_jax']['steps']} "
+            f"steps: {final['frcnn_jax']['map']:.3f} vs {final['torchvision']['map']:.3f}"
+        )
+    return text
 
 
 # ---------------------------------------------------------------- main
@@ -462,11 +660,20 @@ def main():
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_time_to_map.jsonl"))
-    parser.add_argument("--recipes", help="a subset, e.g. 'adamw:0.001,sgd:0.02' (default: all)")
+    parser.add_argument("--twin", choices=sorted(TWINS), default="batchnorm")
+    parser.add_argument(
+        "--recipes", help="only these, e.g. 'adamw:0.001,sgd:0.02' (default: the grid, extended)"
+    )
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--fit-steps", type=int, default=40, help="steps timed to fit schedules")
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
+    parser.add_argument("--race-seeds", default="0,1,2")
+    parser.add_argument(
+        "--same-init",
+        action="store_true",
+        help="frcnn_jax's best recipe on both sides from the same initial weights",
+    )
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
     parser.add_argument(
         "--stop-by",
@@ -476,15 +683,13 @@ def main():
     args = parser.parse_args()
     config = config_from_file(args.config)
     config.data.workers = 2
+    check_twin_settings(config)
     marks = [60 * args.every * (i + 1) for i in range(math.ceil(args.minutes / args.every))]
-    recipes = RECIPES
-    if args.recipes:
-        recipes = [(o, float(lr)) for o, lr in (r.split(":") for r in args.recipes.split(","))]
     sides = args.sides.split(",")
     setting = (
         f"{pathlib.Path(args.config).stem} ({config.data.name}, batch "
         f"{config.train.batch_size}), {args.minutes:g} training minutes, "
-        f"{args.eval_images or 'all'} test images"
+        f"{args.eval_images or 'all'} test images, {args.twin} twin"
     )
     rows = Rows(args.rows, setting)
 
@@ -507,7 +712,7 @@ def main():
         measured again right before the race, so it matches the code and machine of then)."""
         row = rows.find(kind, side=side)
         if row is None:
-            measured = measure(side, config, args.fit_steps)
+            measured = measure(side, config, args.fit_steps, args.twin)
             # a few dozen steps of the config's optimizer run faster than 20 minutes of the
             # recipe's (AdamW's update costs more; the loaders compete with the steps): the
             # race corrects by the ratio the side's search rows with that optimizer sustained
@@ -533,8 +738,8 @@ def main():
             "warmup_steps": row["warmup_steps"],
         }
 
-    def run(kind, side, optimizer, lr):
-        if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr) is not None:
+    def run(kind, side, optimizer, lr, seed=0):
+        if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr, seed=seed):
             return
         if args.stop_by and time.time() + row_seconds(rows, args.minutes) > args.stop_by:
             print(
@@ -543,27 +748,61 @@ def main():
                 flush=True,
             )
             raise StopBy
-        fitted = fit("race-fit" if kind == "race" else "fit", side)
-        print(f"{kind}: {side}, {optimizer} lr {lr:g}, {fitted}:", flush=True)
-        measured = train_for(side, recipe_config(config, optimizer, lr, fitted), marks, evaluate)
-        rows.add(kind, side=side, optimizer=optimizer, learning_rate=lr, **fitted, **measured)
+        twin, by, run_marks = args.twin, "seconds", marks
+        if kind == "same-init":  # frcnn_jax's schedule on both sides, marks in steps
+            fitted = fit("fit", "frcnn_jax")
+            twin, by = "plain", "steps"
+            run_marks = [
+                round(fitted["num_steps"] * (i + 1) / len(marks)) for i in range(len(marks))
+            ]
+        else:
+            fitted = fit("race-fit" if kind == "race" else "fit", side)
+        recipe = recipe_config(config, optimizer, lr, fitted)
+        recipe.train.seed = seed
+        if kind == "same-init" and side == "frcnn_jax":
+            path = pathlib.Path(args.rows).parent / f"same_init_seed{seed}.npz"
+            recipe.model.init_checkpoint = str(same_init_weights(recipe, path))
+        print(f"{kind}: {side}, {optimizer} lr {lr:g}, seed {seed}, {fitted}:", flush=True)
+        measured = train_for(side, recipe, run_marks, evaluate, twin, by)
+        rows.add(
+            kind, side=side, optimizer=optimizer, learning_rate=lr, seed=seed, **fitted, **measured
+        )
 
     try:
         for side in sides if not args.report else ():  # before any training: same schedules
             fit("fit", side)
-        for optimizer, lr in recipes if not args.report else ():
-            for side in sides:
+        if args.recipes and not args.report:
+            for recipe in args.recipes.split(","):
+                optimizer, lr = recipe.split(":")
+                for side in sides:
+                    run("search", side, optimizer, float(lr))
+        while not args.recipes and not args.report:  # rounds: each side one run per optimizer
+            todo = [
+                (side, optimizer, next_rate(rows, side, optimizer))
+                for optimizer in GRID
+                for side in sides
+            ]
+            todo = [t for t in todo if t[2] is not None]
+            if not todo:
+                break
+            for side, optimizer, lr in todo:
                 run("search", side, optimizer, lr)
         if args.race and not args.report:
             tops = {side: best(rows.mine("search"), side) for side in sides}
-            for side in sides:  # both measured first, then both races back to back
+            for side in sides:  # both measured first, then the races back to back
                 fit("race-fit", side, tops[side]["optimizer"])
-            for side, top in tops.items():
-                run("race", side, top["optimizer"], top["learning_rate"])
+            for seed in (int(s) for s in args.race_seeds.split(",")):
+                for side, top in tops.items():
+                    run("race", side, top["optimizer"], top["learning_rate"], seed)
+        if args.same_init and not args.report:
+            top = best(rows.mine("search"), "frcnn_jax")
+            for side in sides:
+                run("same-init", side, top["optimizer"], top["learning_rate"])
     except StopBy:
         pass
 
-    text = tables(rows, "python experiments/time_to_map.py " + " ".join(a for a in os.sys.argv[1:]))
+    command = "python experiments/time_to_map.py " + " ".join(a for a in os.sys.argv[1:])
+    text = tables(rows, command.strip(), args.twin)
     print("\n" + text)
     pathlib.Path(args.rows).with_suffix(".md").write_text(text)
 

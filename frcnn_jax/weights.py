@@ -43,7 +43,7 @@ from frcnn_jax.errors import ConfigError, DamagedFile, MissingFile
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("vgg16", "resnet50", "resnet101", "fasterrcnn_resnet50_fpn")
+ARCHS = ("vgg16", "resnet50", "resnet101", "fasterrcnn_resnet50_fpn", "fasterrcnn_tiny_fpn")
 # The 80 COCO category ids in use, in order: TFDS coco/2017's contiguous labels 0..79.
 COCO_CATEGORY_IDS = (
     *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
@@ -130,6 +130,30 @@ def _resnet(reader, out, prefix, depth_name, stages, *, params, stats, stem=True
                 reader.batch_norm(out, f"{stats}/{ours}/downsample_bn", f"{theirs}.downsample.1")
 
 
+def _fpn_detector(reader, out, *, levels, channels, coco80):
+    """torchvision's FeaturePyramidNetwork, RPNHead, TwoMLPHead and FastRCNNPredictor."""
+    for level in range(levels):
+        reader.conv(
+            out, f"params/backbone/fpn_inner{level}", f"backbone.fpn.inner_blocks.{level}.0"
+        )
+        reader.conv(
+            out, f"params/backbone/fpn_layer{level}", f"backbone.fpn.layer_blocks.{level}.0"
+        )
+    reader.conv(out, "params/rpn_head/conv", "rpn.head.conv.0.0")
+    reader.conv(out, "params/rpn_head/cls", "rpn.head.cls_logits")
+    reader.conv(out, "params/rpn_head/bbox", "rpn.head.bbox_pred")
+    reader.linear(
+        out, "params/box_head/fc6", "roi_heads.box_head.fc6", channels_first=(channels, 7)
+    )
+    reader.linear(out, "params/box_head/fc7", "roi_heads.box_head.fc7")
+    rows = None
+    if coco80:
+        classes = np.array((0, *COCO_CATEGORY_IDS))
+        rows = classes, (classes[:, None] * 4 + np.arange(4)).reshape(-1)
+    for name, selected in zip(PREDICTOR, (None, None) if rows is None else rows, strict=True):
+        reader.linear(out, name, f"roi_heads.box_predictor.{name.rsplit('/', 1)[1]}", rows=selected)
+
+
 def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
     """frcnn_jax variables from a torchvision state dict.
 
@@ -137,8 +161,10 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
       state_dict: name -> tensor (torch or NumPy), e.g. `torchvision.models.vgg16().state_dict()`.
       arch: "vgg16" (ImageNet VGG-16: features -> backbone conv1_1..conv5_3, classifier.0/3 ->
         box_head fc6/fc7), "resnet50" / "resnet101" (ImageNet classification ResNets -> the C4
-        or FPN body, see `body`), or "fasterrcnn_resnet50_fpn" (the whole detector: backbone,
-        FPN, RPN head, box head, predictor).
+        or FPN body, see `body`), "fasterrcnn_resnet50_fpn" (the whole detector: backbone,
+        FPN, RPN head, box head, predictor), or "fasterrcnn_tiny_fpn" (torchvision's
+        `FasterRCNN` around the tiny FPN, `backbone.body.{down,conv}.<stage>` then a
+        `FeaturePyramidNetwork` on stages 2-4: the layout of experiments/time_to_map.py's twin).
       body: for ResNets, "c4" (stem + layer1-3 as the backbone, layer4 as the res5 box head:
         `resnet50_c4`) or "fpn" (stem + layer1-4 as the FPN's body: `resnet50_fpn`).
       coco80: for the detector, keep only background and the 80 used COCO categories of the
@@ -201,6 +227,14 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
             )
             covers = ["params/backbone/body", "batch_stats/backbone/body"]
         reader.used.update(k for k in reader.state if k.startswith("fc."))  # ImageNet classifier
+    elif arch == "fasterrcnn_tiny_fpn":
+        for stage in range(5):
+            for layer in ("down", "conv"):
+                reader.conv(
+                    out, f"params/backbone/body/{layer}{stage}", f"backbone.body.{layer}.{stage}"
+                )
+        _fpn_detector(reader, out, levels=3, channels=64, coco80=coco80)
+        covers = ["params"]
     else:
         _resnet(
             reader,
@@ -211,34 +245,7 @@ def from_torchvision(state_dict, *, arch, body="c4", coco80=False, report=None):
             params="params/backbone/body",
             stats="batch_stats/backbone/body",
         )
-        for level in range(4):
-            reader.conv(
-                out, f"params/backbone/fpn_inner{level}", f"backbone.fpn.inner_blocks.{level}.0"
-            )
-            reader.conv(
-                out, f"params/backbone/fpn_layer{level}", f"backbone.fpn.layer_blocks.{level}.0"
-            )
-        reader.conv(out, "params/rpn_head/conv", "rpn.head.conv.0.0")
-        reader.conv(out, "params/rpn_head/cls", "rpn.head.cls_logits")
-        reader.conv(out, "params/rpn_head/bbox", "rpn.head.bbox_pred")
-        reader.linear(out, "params/box_head/fc6", "roi_heads.box_head.fc6", channels_first=(256, 7))
-        reader.linear(out, "params/box_head/fc7", "roi_heads.box_head.fc7")
-        rows = None
-        if coco80:
-            classes = np.array((0, *COCO_CATEGORY_IDS))
-            rows = classes, (classes[:, None] * 4 + np.arange(4)).reshape(-1)
-        reader.linear(
-            out,
-            "params/predictor/cls_score",
-            "roi_heads.box_predictor.cls_score",
-            rows=None if rows is None else rows[0],
-        )
-        reader.linear(
-            out,
-            "params/predictor/bbox_pred",
-            "roi_heads.box_predictor.bbox_pred",
-            rows=None if rows is None else rows[1],
-        )
+        _fpn_detector(reader, out, levels=4, channels=256, coco80=coco80)
         covers = ["params", "batch_stats"]
     unused = sorted(set(reader.state) - reader.used)
     if unused:

@@ -155,8 +155,9 @@ def test_fit_budget_command_measures_the_loop_and_prints_overrides(data_dir, tmp
 
 def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     """experiments/time_to_map.py end to end with a tiny budget: one recipe per side, the fitted
-    schedules, the rows and tables; then the race (fitted again, the best recipes rerun), which
-    finds every search row done and trains none of them again."""
+    schedules, the rows and tables; then the race (fitted again, the best recipes rerun) and
+    the same-initialisation comparison, which find every search row done and train none of
+    them again."""
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     rows = tmp_path / "rows.jsonl"
     command = [
@@ -182,6 +183,7 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         ("search", "frcnn_jax"),
         ("search", "torchvision"),
     ]
+    assert all("batchnorm twin" in r["setting"] for r in written)
     for row in written[2:]:
         assert row["optimizer"] == "adamw" and row["learning_rate"] == 0.001
         assert [m["minutes"] for m in row["marks"]] == [0.05, 0.1]
@@ -190,18 +192,28 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         assert row["num_steps"] == fit["num_steps"]  # 6 s at the measured (rounded) speed:
         assert abs(fit["num_steps"] - max(int(6 * fit["steps_per_second"]), 1)) <= 1
     table = rows.with_suffix(".md").read_text()
+    assert table.startswith("# Time to accuracy") and "Commit " in table  # provenance
     assert "## Best against best, from the search" in table
     assert "| frcnn_jax | adamw+cosine lr 0.001 |" in table
     race = subprocess.run(
-        [*command, "--race"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900
+        [*command, "--race", "--race-seeds=0,1", "--same-init"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
     )
     assert race.returncode == 0, race.stderr[-3000:]
     added = [json.loads(line) for line in rows.read_text().splitlines()][4:]
-    assert [(r["kind"], r["side"]) for r in added] == [
-        ("race-fit", "frcnn_jax"),
-        ("race-fit", "torchvision"),
-        ("race", "frcnn_jax"),
-        ("race", "torchvision"),
+    assert [(r["kind"], r["side"], r.get("seed")) for r in added] == [
+        ("race-fit", "frcnn_jax", None),
+        ("race-fit", "torchvision", None),
+        ("race", "frcnn_jax", 0),
+        ("race", "torchvision", 0),
+        ("race", "frcnn_jax", 1),
+        ("race", "torchvision", 1),
+        ("same-init", "frcnn_jax", 0),
+        ("same-init", "torchvision", 0),
     ]
     assert "search:" not in race.stdout  # the search's rows were all done
     for fit in added[:2]:  # corrected by what the side's search run sustained
@@ -210,4 +222,39 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         ratio = search["steps_per_second"] / first["steps_per_second"] or 1.0  # 0: one step
         assert abs(fit["sustained_ratio"] - ratio) < 2e-3
         assert abs(fit["steps_per_second"] - fit["measured_steps_per_second"] * ratio) < 2e-2
-    assert "## Best against best, from the race" in rows.with_suffix(".md").read_text()
+    same = added[-2:]  # the same steps on both sides: frcnn_jax's fitted schedule
+    assert [m["steps"] for m in same[0]["marks"]] == [m["steps"] for m in same[1]["marks"]]
+    assert same[0]["marks"][-1]["steps"] == written[0]["num_steps"]
+    table = rows.with_suffix(".md").read_text()
+    assert "## Best against best: the race" in table and "+- " in table
+    assert "## Per-step learning from the same initial weights" in table
+
+
+def test_the_search_extends_its_grid_until_the_best_rate_is_inside(monkeypatch):
+    monkeypatch.setenv("FRCNN_JAX_MALLOC", "default")  # the script's import: no re-execution
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import time_to_map
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+    class Rows:
+        def __init__(self, results):
+            self.rows = [
+                {"side": "s", "optimizer": "sgd", "learning_rate": lr, "marks": [{"map": m}]}
+                for lr, m in results.items()
+            ]
+
+        def mine(self, kind):
+            return self.rows
+
+    grid = time_to_map.GRID["sgd"]
+    assert time_to_map.next_rate(Rows({}), "s", "sgd") == grid[0]
+    assert time_to_map.next_rate(Rows({0.02: 0.5}), "s", "sgd") == grid[1]
+    assert time_to_map.next_rate(Rows({0.01: 0.3, 0.02: 0.5, 0.04: 0.4}), "s", "sgd") is None
+    assert time_to_map.next_rate(Rows({0.01: 0.3, 0.02: 0.5, 0.04: 0.6}), "s", "sgd") == 0.08
+    assert time_to_map.next_rate(Rows({0.01: 0.6, 0.02: 0.5, 0.04: 0.4}), "s", "sgd") == 0.005
+    zeros = {0.01: 0.0, 0.02: 0.0, 0.04: 0.0}  # ties: the lowest rate, extended downwards
+    assert time_to_map.next_rate(Rows(zeros), "s", "sgd") == 0.005
+    six = {0.0025: 0.7, 0.005: 0.6, 0.01: 0.5, 0.02: 0.4, 0.04: 0.3, 0.08: 0.2}
+    assert time_to_map.next_rate(Rows(six), "s", "sgd") is None  # the limit

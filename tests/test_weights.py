@@ -3,6 +3,7 @@ gives its proposals and detections, loading is strict, and a weight file never r
 
 import logging
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from frcnn_jax.models import VGG16, Res5Head, ResNet
 from frcnn_jax.models.roi_heads import MLPHead
 from frcnn_jax.npz import CHECKSUM
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 torch.manual_seed(0)
 
 
@@ -348,3 +350,65 @@ def test_import_weights_converts_a_file_and_never_runs_code_from_one(tmp_path):
     assert not marker.exists() and not (tmp_path / "x.npz").exists()
     wrong = run_import("--arch=vgg16", f"--input={source}", f"--output={tmp_path / 'y.npz'}")
     assert wrong.returncode != 0 and "features.0.weight" in wrong.stderr
+
+
+def test_the_time_to_map_twin_converts_to_frcnn_jax_exactly(monkeypatch):
+    """experiments/time_to_map.py's plain twin (torchvision's FasterRCNN around the tiny FPN)
+    converted with from_torchvision(arch="fasterrcnn_tiny_fpn") is frcnn_jax's detector: the
+    same pyramid maps, RPN head outputs and box-head predictions for the same RoIs."""
+    monkeypatch.setenv("FRCNN_JAX_MALLOC", "default")  # the script's import: no re-execution
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import time_to_map
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    from frcnn_jax.config import config_from_file
+    from frcnn_jax.models import build_model
+    from frcnn_jax.training.initial import initial_variables
+
+    config = config_from_file(ROOT / "configs" / "shapes_512.py")
+    config.data.update(min_size=256, max_size=256, canvas=(256, 256))
+    torch.manual_seed(0)
+    twin = time_to_map.torch_twin(config, "plain").eval()
+    flat, covers = weights.from_torchvision(twin.state_dict(), arch="fasterrcnn_tiny_fpn")
+    model = build_model(config)
+    variables = weights.restore_into(initial_variables(config, model), flat, covers)
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    rois = np.array([[10, 20, 90, 120], [0, 0, 255, 255], [100, 30, 140, 60]], np.float32)
+
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+        x = (x - torch.tensor(twin.transform.image_mean)[:, None, None]) / torch.tensor(
+            twin.transform.image_std
+        )[:, None, None]
+        maps = list(twin.backbone(x).values())
+        objectness, deltas = twin.rpn.head(maps)
+        pooled = twin.roi_heads.box_roi_pool(
+            {str(i): m for i, m in enumerate(maps)}, [torch.from_numpy(rois)], [(256, 256)]
+        )
+        logits, box_deltas = twin.roi_heads.box_predictor(twin.roi_heads.box_head(pooled))
+
+    sizes = jnp.array([[256, 256]])
+
+    def run(module, images):
+        features, _ = module._features(images, sizes, train=False)
+        heads = [module.rpn_head(f) for f in features]
+        return (
+            features,
+            heads,
+            module._box_predictions(features, jnp.asarray(rois)[None], train=False),
+        )
+
+    with jax.default_matmul_precision("highest"):  # direct convolutions, as torch's
+        features, heads, (got_logits, got_deltas) = jax.jit(
+            lambda v, x: model.apply(v, x, method=run)
+        )(variables, jnp.asarray(image[None], jnp.float32))
+    assert len(features) == len(maps) == 3
+    for got, want in zip(features, maps, strict=True):
+        assert_close(nchw(got), want)
+    for (got_cls, got_box), want_cls, want_box in zip(heads, objectness, deltas, strict=True):
+        # torchvision [1, A, H, W] / [1, 4A, H, W]; frcnn_jax location-major, anchor minor
+        assert_close(np.ravel(got_cls), want_cls.permute(0, 2, 3, 1).reshape(-1))
+        assert_close(np.ravel(got_box), want_box.permute(0, 2, 3, 1).reshape(-1))
+    assert_close(got_logits[0], logits.numpy())
+    assert_close(got_deltas[0].reshape(3, -1), box_deltas.numpy())

@@ -2,78 +2,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.evaluation import VOCEvaluator, average_precision, voc_iou
-
-
-def _devkit_ap(dets, gts, num_classes, *, threshold=0.5, use_07=True, plus_one=False):
-    """A straightforward re-implementation of the VOC devkit (VOCevaldet.m + VOCap/11-point).
-
-    dets: list over images of (boxes, scores, classes); gts: list of (boxes, classes, difficult).
-    Returns {class: AP or None}.
-    """
-    one = 1.0 if plus_one else 0.0
-    aps = {}
-    for k in range(1, num_classes + 1):
-        records = {}
-        npos = 0
-        for i, (boxes, classes, difficult) in enumerate(gts):
-            mine = classes == k
-            records[i] = {"bb": boxes[mine], "diff": difficult[mine], "det": [False] * mine.sum()}
-            npos += int((~difficult[mine]).sum())
-        image_ids, confidence, bbs = [], [], []
-        for i, (boxes, scores, classes) in enumerate(dets):
-            for b, s, c in zip(boxes, scores, classes, strict=True):
-                if c == k:
-                    image_ids.append(i)
-                    confidence.append(s)
-                    bbs.append(b)
-        order = sorted(range(len(confidence)), key=lambda j: -confidence[j])  # stable
-        tp = np.zeros(len(order))
-        fp = np.zeros(len(order))
-        for d, j in enumerate(order):
-            r = records[image_ids[j]]
-            bb = bbs[j]
-            ovmax, jmax = -np.inf, -1
-            for g, gt in enumerate(r["bb"]):
-                iw = min(bb[2], gt[2]) - max(bb[0], gt[0]) + one
-                ih = min(bb[3], gt[3]) - max(bb[1], gt[1]) + one
-                if iw > 0 and ih > 0:
-                    ua = (
-                        (bb[2] - bb[0] + one) * (bb[3] - bb[1] + one)
-                        + (gt[2] - gt[0] + one) * (gt[3] - gt[1] + one)
-                        - iw * ih
-                    )
-                    ov = iw * ih / ua
-                    if ov > ovmax:
-                        ovmax, jmax = ov, g
-            if ovmax >= threshold:
-                if not r["diff"][jmax]:
-                    if not r["det"][jmax]:
-                        tp[d] = 1
-                        r["det"][jmax] = True
-                    else:
-                        fp[d] = 1
-            else:
-                fp[d] = 1
-        if npos == 0:
-            aps[k] = None
-            continue
-        tp, fp = np.cumsum(tp), np.cumsum(fp)
-        rec = tp / npos
-        prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        if use_07:
-            ap = 0.0
-            for t in np.arange(0.0, 1.1, 0.1):
-                p = np.max(prec[rec >= t]) if np.sum(rec >= t) else 0.0
-                ap += p / 11.0
-        else:
-            mrec = np.concatenate(([0.0], rec, [1.0]))
-            mpre = np.concatenate(([0.0], prec, [0.0]))
-            for i in range(mpre.size - 1, 0, -1):
-                mpre[i - 1] = max(mpre[i - 1], mpre[i])
-            i = np.where(mrec[1:] != mrec[:-1])[0]
-            ap = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
-        aps[k] = ap
-    return aps
+from tests import py_faster_rcnn
 
 
 def _hand_case():
@@ -240,7 +169,8 @@ def test_matches_devkit_reimplementation_on_random_data(use_07, plus_one, thresh
     for (boxes, scores, classes), (gt_boxes, gt_classes, difficult) in zip(dets, gts, strict=True):
         evaluator.add(boxes, scores, classes, gt_boxes, gt_classes, gt_difficult=difficult)
     result = evaluator.result()
-    expected = _devkit_ap(dets, gts, 20, threshold=threshold, use_07=use_07, plus_one=plus_one)
+    one = 1.0 if plus_one else 0.0
+    expected = py_faster_rcnn.voc_eval(dets, gts, 20, threshold=threshold, use_07=use_07, one=one)
     got = {k: c.ap for k, c in enumerate(result.classes, start=1)}
     assert got.keys() == expected.keys()
     for k in expected:
