@@ -9,7 +9,8 @@ Settings: `shapes_tiny` (configs/shapes_tiny.py, the offline shapes set), and `v
 fit nor the run has seen before: TFDS prepares it first). Each row: what fit_budget measured
 and predicted, and the training loop's wall time of the fitted run (`train/loop_s` in its
 metrics.jsonl: compilation, steps, loader, logging and checkpoint saves; the final evaluation
-is not training). A rerun skips finished rows; the table is written next to the rows (.md).
+is not training). A rerun skips rows measured at the current code (`CODE`'s last commit); the
+table is written next to the rows (.md).
 """
 
 import argparse
@@ -25,6 +26,7 @@ import result_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "shapes_tiny.py"
+CODE = ("frcnn_jax", "setup.cfg", "requirements.txt", "configs", "experiments/fit_check.py")
 LOGS = pathlib.Path(tempfile.gettempdir()) / "fit_check_logs"  # each command's stderr
 
 
@@ -138,13 +140,13 @@ def main():
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_fit_budget.jsonl"))
     args = parser.parse_args()
     rows = result_rows.Rows(args.rows)
-    commit = result_rows.commit()
+    code = result_rows.code_version(CODE)
     for setting in args.settings.split(","):
-        if rows.find(setting=setting, budget_minutes=args.minutes, commit=commit):
+        if rows.find(setting=setting, budget_minutes=args.minutes, code=code):
             continue
         with tempfile.TemporaryDirectory() as scratch:
             row = check(setting, args.minutes, args.probe_minutes, pathlib.Path(scratch))
-        rows.add(row)
+        rows.add({**row, "code": code})
         print(json.dumps(row), flush=True)
     command = "python experiments/fit_check.py " + " ".join(sys.argv[1:])
     text = table(rows.all, command.strip())

@@ -53,6 +53,19 @@ def commit():
     return out.stdout.strip() or None
 
 
+def code_version(paths):
+    """The last commit that changed `paths` (relative to the repository root), with "-dirty"
+    while they have uncommitted changes: what a resumable experiment keys its rows by, so a
+    rerun skips only rows measured at the code it would measure now."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args, "--", *paths], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return git("log", "-1", "--format=%h") + ("-dirty" if git("status", "--porcelain") else "")
+
+
 def machine():
     """This machine in a few words: CPU model, cores, memory."""
     model = platform.processor() or platform.machine()

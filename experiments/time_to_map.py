@@ -26,8 +26,9 @@ steps of the config's optimizer after warm-up), and `num_steps` = budget x steps
 trains until the next mark of `--every` training minutes, evaluates, and continues; a side
 keeps training at its final rate if the machine is faster than measured.
 
-Every finished run is a row of `--rows` (JSON lines): a rerun skips finished rows, so the search
-can be spread over several sittings, and a killed run loses only its own row. The two sides take
+Every finished run is a row of `--rows` (JSON lines): a rerun skips the rows finished at the
+current code (`CODE`'s last commit), so the search can be spread over several sittings, and a
+killed run loses only its own row. The two sides take
 turns, one run at a time, so that drifts in the machine's speed fall on both. `--race` then
 measures both sides' speed again (corrected by the ratio of the speed each side sustained in its
 search runs with the recipe's optimizer to the speed measured for them) and reruns each side's
@@ -65,6 +66,7 @@ from frcnn_jax.training.budget import fit_to_budget, time_steps  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIDES = ("frcnn_jax", "torchvision")
+CODE = ("frcnn_jax", "setup.cfg", "requirements.txt", "configs", "experiments/time_to_map.py")
 SCHEDULE = {"sgd": "step", "adamw": "cosine"}
 # each optimizer's starting learning rates, most promising first (`next_rate` extends them)
 GRID = {"adamw": (1e-3, 5e-4, 2e-3), "sgd": (0.02, 0.01, 0.04)}
@@ -429,21 +431,23 @@ def next_rate(rows, side, optimizer, limit=6):
 
 
 class Rows(result_rows.Rows):
-    """The finished rows of one setting (config, twin, budget, evaluation images)."""
+    """The finished rows of one setting (config, twin, budget, evaluation images) measured at
+    one version of the code (`CODE`'s last commit): a rerun at changed code starts afresh."""
 
     def __init__(self, path, setting):
         super().__init__(path)
         self.setting = setting
+        self.code = result_rows.code_version(CODE)
 
     def mine(self, kind):
-        return super().find(kind=kind, setting=self.setting)
+        return super().find(kind=kind, setting=self.setting, code=self.code)
 
     def find(self, kind, **match):
-        found = super().find(kind=kind, setting=self.setting, **match)
+        found = super().find(kind=kind, setting=self.setting, code=self.code, **match)
         return found[0] if found else None
 
     def add(self, kind, **fields):
-        return super().add({"kind": kind, "setting": self.setting, **fields})
+        return super().add({"kind": kind, "setting": self.setting, "code": self.code, **fields})
 
 
 class StopBy(Exception):
