@@ -28,6 +28,7 @@ import argparse
 import functools
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import result_rows  # noqa: E402
 from synthetic import ground_truth  # noqa: E402
 from timing import median_s  # noqa: E402
 
@@ -63,6 +65,7 @@ def rss_gb():
 
 
 BATCHES = (1, 2)  # training-step batch sizes
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = {
     "inference": "inference, batch 1",
     **{f"train{batch}": f"training step, batch {batch}" for batch in BATCHES},
@@ -442,7 +445,7 @@ def main():
         print(json.dumps(run_case(args.side, names[0], cases[0], args.repeats)))
         return
     settings = args.torchvision_malloc.split(",")
-    header = None  # printed with the first result: this process never starts JAX's backend
+    body, time_ratios, memory_ratios = [], [], []
     for name in names:
         for case in cases:
             # torchvision's children first: on a GPU they exit before JAX reserves its memory
@@ -451,21 +454,22 @@ def main():
             )
             ours = in_child("frcnn_jax", name, case, args.repeats)
             on_gpu = ours["device_gb"] is not None
-            if header is None:
+            if not body:  # with the first result: this process never starts JAX's backend
                 header = "peak device memory" if on_gpu else "peak resident memory"
-                print(
-                    f"# jax {jax.__version__} on {ours['platform']}; random weights; frcnn_jax: "
+                body += [
+                    f"jax {jax.__version__} on {ours['platform']}; random weights; frcnn_jax: "
                     f"{describe_runtime()}; torchvision: its shortest time and its lowest peak "
                     f"over the allocator settings {', '.join(settings)} (FRCNN_JAX_MALLOC, "
-                    "frcnn_jax.runtime); each side of each case in a process of its own"
-                )
-                print(
+                    "frcnn_jax.runtime); each side of each case in a process of its own; "
+                    f"medians of {args.repeats} runs.",
+                    "",
                     f"| case | frcnn_jax s | torchvision s (setting) | time ratio | frcnn_jax "
                     f"{header} GB | torchvision {header} GB (setting) | memory ratio | "
                     "frcnn_jax compiled: arguments / outputs / temporaries GB | frcnn_jax "
-                    "compile s | processes before the model: frcnn_jax / torchvision GB |"
-                )
-                print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
+                    "compile s | processes before the model: frcnn_jax / torchvision GB |",
+                    "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+                ]
+                print("\n".join(body))
             ours_gb = ours["device_gb" if on_gpu else "peak_rss_gb"]
             buffers = ours["buffers_gb"]
             compiled = (
@@ -475,18 +479,32 @@ def main():
                     f"{buffers[k]:.2f}" for k in ("arguments", "outputs", "temporaries")
                 )
             )
-            print(
+            time_ratios.append(ours["seconds"] / their_s)
+            memory_ratios.append(ours_gb / their_gb)
+            body.append(
                 f"| {name} {CASES[case]} | {ours['seconds']:.3f} | {their_s:.3f} ({fastest}) | "
                 f"{ours['seconds'] / their_s:.2f} | {ours_gb:.2f} | {their_gb:.2f} ({smallest}) | "
                 f"{ours_gb / their_gb:.2f} | {compiled} | {ours['compile_s']:.1f} | "
-                f"{ours['baseline_rss_gb']:.2f} / {their_base:.2f} |",
-                flush=True,
+                f"{ours['baseline_rss_gb']:.2f} / {their_base:.2f} |"
             )
+            print(body[-1], flush=True)
     if "r50_fpn" in names:
         convert_s, load_s, size_mb = time_import()
-        print(
-            f"# importing a fasterrcnn_resnet50_fpn file ({size_mb:.0f} MB): read, convert and "
-            f"write {convert_s:.1f} s; load into the model {load_s:.1f} s"
+        body += [
+            "",
+            f"Importing a fasterrcnn_resnet50_fpn file ({size_mb:.0f} MB): read, convert and "
+            f"write {convert_s:.1f} s; load into the model {load_s:.1f} s.",
+        ]
+        print(body[-1])
+    if names == ["vgg16", "r50_fpn"] and cases == list(CASES):  # the README's figure
+        result_rows.write_results(
+            ROOT / "experiments" / "results_model.md",
+            "The detector against torchvision's, case by case: time and peak memory",
+            body,
+            f"time {min(time_ratios):.2f}-{max(time_ratios):.2f}x torchvision's, {header} "
+            f"{min(memory_ratios):.2f}-{max(memory_ratios):.2f}x, in {len(time_ratios)} cases "
+            "(each side in a process of its own; torchvision's best time and lowest memory over "
+            "three allocator settings)",
         )
 
 

@@ -19,7 +19,8 @@ frcnn_jax's canvas is fitted to the pictures as torchvision pads its batches: th
 size rounded up to a multiple of 32 (`Detector(canvas=...)`; (800, 1088) and (608, 800),
 transposed for portraits). Time per image = median over `--repeats` passes over the folder,
 after a warm-up pass (which for frcnn_jax includes compiling). torchvision runs first, in a
-child process of its own (as in bench_model.py).
+child process of its own (as in bench_model.py). With both models (the default) the table
+goes to `experiments/results_predict.md` too.
 """
 
 import argparse
@@ -40,6 +41,7 @@ configure_runtime()  # before JAX starts: see frcnn_jax/runtime.py
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import result_rows  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from bench_model import NUM_CLASSES, SETUPS, peak_rss_gb, torchvision_model  # noqa: E402
@@ -223,18 +225,18 @@ def main():
         args.folder = pathlib.Path(directory)
         paths = write_pictures(args.folder, args.images)
         theirs = {name: time_torchvision_in_child(name, args) for name in names}
-        print(
-            f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        body = [
+            f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
             f"on {TORCH_DEVICE.type} ({torch.get_num_threads()} CPU threads); {describe_runtime()}"
             f"; {len(paths)} JPEGs (500x375 and 375x500, 3:1); random weights; seconds per "
-            f"image from file to detections, median of {args.repeats - 1} passes after a warm-up"
-        )
-        print(
+            f"image from file to detections, median of {args.repeats - 1} passes after a warm-up",
+            "",
             "| model | batch | frcnn_jax s/image | torchvision s/image | ratio | "
-            "frcnn_jax images/s | frcnn_jax warm-up s/image |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        notes = []
+            "frcnn_jax images/s | frcnn_jax warm-up s/image |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        print("\n".join(body))
+        notes, best = [], {}
         for name in names:
             ours, exported_s, prepare_s, export_s = time_ours(
                 name, paths, batch_sizes, args.repeats, args.folder
@@ -242,30 +244,41 @@ def main():
             for batch in batch_sizes:
                 our_s, warm_s = ours[batch]
                 their_s = theirs[name][0][batch]
-                print(
+                body.append(
                     f"| {name} | {batch} | {our_s:.3f} | {their_s:.3f} | "
-                    f"{our_s / their_s:.2f} | {1 / our_s:.2f} | {warm_s:.2f} |",
-                    flush=True,
+                    f"{our_s / their_s:.2f} | {1 / our_s:.2f} | {warm_s:.2f} |"
                 )
+                print(body[-1], flush=True)
             best_ours = min(s for s, _ in ours.values())
             best_theirs = min(theirs[name][0].values())
-            print(
+            best[name] = best_ours / best_theirs
+            body.append(
                 f"| {name} exported (jax.export file), 1 | 1 | {exported_s:.3f} | "
                 f"{theirs[name][0].get(1, float('nan')):.3f} | "
                 f"{exported_s / theirs[name][0].get(1, float('nan')):.2f} | "
-                f"{1 / exported_s:.2f} | |",
-                flush=True,
+                f"{1 / exported_s:.2f} | |"
             )
+            print(body[-1], flush=True)
             notes.append(
-                f"# {name}: canvas {fitted_canvas(name)}; best batch: frcnn_jax {best_ours:.3f} "
+                f"{name}: canvas {fitted_canvas(name)}; best batch: frcnn_jax {best_ours:.3f} "
                 f"s/image vs torchvision {best_theirs:.3f} (ratio {best_ours / best_theirs:.2f}); "
                 f"reading + preparing {prepare_s * 1e3:.0f} ms/image of frcnn_jax's time; "
-                f"export {export_s:.0f} s"
+                f"export {export_s:.0f} s."
             )
+        notes.append(
+            f"Peak resident memory: frcnn_jax {peak_rss_gb():.1f} GB, torchvision "
+            f"{max(t[1] for t in theirs.values()):.1f} GB."
+        )
+        body += ["", *notes]
         print("\n".join(notes))
-        print(
-            f"# peak resident memory: frcnn_jax {peak_rss_gb():.1f} GB, torchvision "
-            f"{max(t[1] for t in theirs.values()):.1f} GB"
+    if names == ["r50_fpn", "vgg16"]:  # the README's figure
+        labels = {"r50_fpn": "`fasterrcnn_resnet50_fpn` (same weights)", "vgg16": "VGG-16 twins"}
+        result_rows.write_results(
+            ROOT / "experiments" / "results_predict.md",
+            "From JPEG files to detections",
+            body,
+            "; ".join(f"{labels[n]} {r:.2f}x torchvision's time" for n, r in best.items())
+            + " (each side's best batch size)",
         )
 
 

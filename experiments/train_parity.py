@@ -16,10 +16,8 @@ them with a summary to a results file.
 """
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
+import pathlib
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import torch
 from frcnn_jax.training.optim import learning_rate_schedule
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import result_rows
 from parity_references import (
     DETECTORS,
     LOSS_NAMES,
@@ -44,6 +43,7 @@ from parity_references import (
     training_proposals,
 )
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = {
     "rpn_objectness": "rpn_obj",
     "rpn_box": "rpn_box",
@@ -224,31 +224,49 @@ def main():
         args.detector, args.steps, args.precision, args.warmup, args.clear_kinks
     )
     text = summary(rows, first_gradients, kinks_cleared)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(__file__),
-    ).stdout.strip()
     name = args.detector + ("" if args.warmup else "_no_warmup")
     name += "" if args.clear_kinks else "_kinks"
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), f"results_train_parity_{name}.md"
+    out = args.out or ROOT / "experiments" / f"results_train_parity_{name}.md"
+    body = [
+        f"Matmul precision {args.precision}, warm-up "
+        f"{'as the recipe' if args.warmup else 'off'}; torch {torch.__version__}, jax "
+        f"{jax.__version__}.",
+        "",
+        "## Summary",
+        "",
+        text,
+        "",
+        "## Per step",
+        "",
+        header(),
+        *(format_row(r) for r in rows),
+    ]
+    result_rows.write_results(
+        out,
+        f"Training side by side: {args.detector}, {args.steps} steps",
+        body,
+        readme(rows, first_gradients),
     )
-    command = " ".join(["python experiments/train_parity.py", *sys.argv[1:]])
-    with open(out, "w") as f:
-        f.write(
-            f"# Training side by side: {args.detector}, {args.steps} steps\n\n"
-            f"- command: `{command}`\n- commit: {commit}\n"
-            f"- date: {datetime.date.today()}\n- machine: {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, jax {jax.__version__}, "
-            f"matmul precision {args.precision}, "
-            f"warm-up {'as the recipe' if args.warmup else 'off'}"
-            f"\n\n## Summary\n\n{text}\n\n"
-            f"## Per step\n\n{header()}\n" + "\n".join(format_row(r) for r in rows) + "\n"
-        )
     print(text)
     print(f"wrote {out}")
+
+
+def readme(rows, first_gradients):
+    """Step 0 and the last step in a sentence."""
+
+    def loss_difference(selected):
+        return max(
+            abs(r[f"ours_{n}"] - r[f"theirs_{n}"]) / max(abs(r[f"theirs_{n}"]), 1e-30)
+            for r in selected
+            for n in LOSS_NAMES
+        )
+
+    return (
+        f"step 0: losses within {loss_difference(rows[:1]):.1e} relative, every gradient "
+        f"within {first_gradients[1]:.1e} of its tensor's largest, parameters after the update "
+        f"within {rows[0]['absolute']:.1e}; after {len(rows)} steps: losses within "
+        f"{loss_difference(rows):.1e}, parameters within {rows[-1]['absolute']:.1e}"
+    )
 
 
 if __name__ == "__main__":
