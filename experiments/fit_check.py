@@ -76,6 +76,9 @@ def check(setting, minutes, probe_minutes, scratch):
     )
     lines = fitted.strip().splitlines()
     speed = float(re.search(r"measured ([\d.]+) steps/s", lines[-3]).group(1))
+    first_s = float(re.search(r"first step ([\d.]+) s", lines[-3]).group(1))
+    save_s = float(re.search(r"([\d.]+) s per checkpoint save", lines[-3]).group(1))
+    error = float(re.search(r"standard error ([\d.]+)%", lines[-3]).group(1)) / 100
     predicted = float(re.search(r"end ([\d.]+) minutes", lines[-2]).group(1))
     flags = lines[-1].split()
     workdir = scratch / f"{setting}_run"
@@ -92,12 +95,20 @@ def check(setting, minutes, probe_minutes, scratch):
         "budget_minutes": minutes,
         "probe_minutes": probe_minutes,
         "fit_steps_per_second": speed,
+        "fit_first_step_s": first_s,
+        "fit_save_s": save_s,
+        "fit_standard_error": error,
         "fit_predicted_minutes": predicted,
         "num_steps": num_steps,
         "flags": flags,
         "loop_minutes": round(loop_s / 60, 3),
         "sustained_steps_per_second": round(num_steps / loop_s, 3),
-        "final_logged_steps_per_second": round(progress[-1]["train/steps_per_s"], 3),
+        "first_log": [progress[0]["step"], round(progress[0]["train/elapsed_s"], 1)],
+        "steps_per_second_after_first_log": round(
+            (progress[-1]["step"] - progress[0]["step"])
+            / (progress[-1]["train/elapsed_s"] - progress[0]["train/elapsed_s"]),
+            3,
+        ),
         "off_by": round(loop_s / 60 / minutes - 1, 4),
         "load_average": round(os.getloadavg()[0], 2),
     }
@@ -135,7 +146,7 @@ def table(rows, command):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--probe-minutes", type=float, default=2.0)
+    parser.add_argument("--probe-minutes", type=float, default=3.0)
     parser.add_argument("--settings", default="shapes_tiny,voc_folder")
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_fit_budget.jsonl"))
     args = parser.parse_args()

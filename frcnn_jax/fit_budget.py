@@ -3,11 +3,11 @@
 Measures what the config's training costs on this machine and prints the `python -m
 frcnn_jax.train` overrides (number of steps, decay points) that make its schedule end when the
 budget is spent. The measurement runs the training loop itself for about `--probe_minutes`
-(the model, optimizer, loader and devices, progress logging and checkpoint saves), so the
-budget is the loop's wall time: compilation, steps, waiting for data, logging and checkpoint
-saves. Building the model before it and evaluations (at the end, or every `train.eval_every`
-steps) are not in it. Training itself never reads the clock, so the fitted run stays
-deterministic and resumable.
+(the model, optimizer, loader and devices, progress logging at the config's log_every and a
+checkpoint save), so the budget is the loop's wall time: compilation, steps, waiting for data,
+logging and checkpoint saves. Building the model before it and evaluations (at the end, or
+every `train.eval_every` steps) are not in it. Training itself never reads the clock, so the
+fitted run stays deterministic and resumable.
 """
 
 import tempfile
@@ -25,7 +25,11 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_float("minutes", None, "Training budget in minutes.")
     flags.DEFINE_float(
-        "probe_minutes", 2.0, "How long to run the training loop to measure it (after compiling)."
+        "probe_minutes",
+        3.0,
+        "How long to run the training loop to measure it (after compiling): the speed of a "
+        "loop that shares its CPU with the loader's workers wanders by several percent "
+        "from minute to minute; the printed standard error says how closely it was measured.",
     )
     flags.DEFINE_string(
         "probe_dir",
@@ -61,7 +65,8 @@ def main(argv):
     print(
         f"measured {1 / speed.step_s:.3f} steps/s sustained over {speed.probed_steps} steps of "
         f"the training loop (batch {config.train.batch_size}; first step {speed.first_s:.1f} s, "
-        f"{speed.save_s:.2f} s per checkpoint save)"
+        f"{speed.save_s:.2f} s per checkpoint save; the speed's standard error "
+        f"{100 * speed.uncertainty:.1f}%: a longer --probe_minutes narrows it)"
     )
     print(
         f"{num_steps} steps with a checkpoint every {every} end "

@@ -95,21 +95,20 @@ def test_a_run_speed_adds_compilation_steps_and_checkpoint_saves():
 
 
 def test_the_probe_timeline_gives_compilation_steps_and_saves():
-    """A loop that compiles for 20 s, then steps at 0.25 s (a record every 2 steps, written
-    before that step's save), each save (after steps 32, 64, 96) costing 3 s in the next
-    interval; the last save ends the loop."""
-    times, now = [], 100.0 + 20.0 + 0.25  # step 1 ends after compiling
-    for step in range(2, 97, 2):
-        now += 0.25 if step == 2 else 0.5
-        if step - 2 in (32, 64):
-            now += 3.0
+    """A loop that compiles for 20 s, then steps at 0.25 s with a record every 12 steps, the
+    first quarter slower (the loader starting), then 3 s to write its one checkpoint."""
+    times, now = [], 100.0 + 20.0  # step 1 ends at 120.25
+    for step in range(12, 97, 12):
+        now += (0.4 if step <= 24 else 0.25) * (11 if step == 12 else 12) + (
+            0.25 if step == 12 else 0
+        )
         times.append((step, now))
     end = now + 3.0
-    speed = budget._speed_from(times, 100.0, end, 2, 32)
-    assert speed.step_s == pytest.approx(0.25)
+    speed = budget._speed_from(times, 100.0, end)
+    assert speed.step_s == pytest.approx(0.25)  # from step 24 (a quarter of 96) on
     assert speed.save_s == pytest.approx(3.0)
-    assert speed.first_s == pytest.approx(20.25)
-    assert speed.seconds(96, 32) == pytest.approx(end - 100.0)
+    assert speed.first_s == pytest.approx(times[0][1] - 100.0 - 11 * 0.25)
+    assert speed.probed_steps == 96
 
 
 def test_fit_budget_command_measures_the_loop_and_prints_overrides(data_dir, tmp_path):

@@ -8,12 +8,13 @@ frcnn_jax.fit_budget` prints them as command-line overrides.
 
 import contextlib
 import dataclasses
+import itertools
 import logging
+import math
 import pathlib
+import statistics
 import tempfile
 import time
-
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunSpeed:
     step_s: float  # each further step, sustained: waiting for data and logging included
     save_s: float  # what one checkpoint save adds (its write competes with the steps)
     probed_steps: int
+    uncertainty: float = 0.0  # the relative standard error of `step_s` (records' spread)
 
     def seconds(self, num_steps, checkpoint_every):
         saves = -(-num_steps // checkpoint_every)  # every `checkpoint_every` steps and the last
@@ -61,10 +63,9 @@ class RunSpeed:
 def probe_run(config, directory, *, seconds=120.0):
     """`RunSpeed` of `config`'s training as `python -m frcnn_jax.train` runs it: its training
     loop (`training.phase.train_phase`: the model, optimizer, loader and devices, progress
-    logging and asynchronous checkpoint saves, written to a temporary folder in `directory`
-    and deleted afterwards) for about `seconds` after its compilation, with three checkpoint
-    saves. A few steps timed first choose the probe's length; the first quarter of the probe
-    (the loader's prefetched batches being used up) is left out of the sustained speed."""
+    records at the config's `log_every` and a checkpoint save, written to a temporary folder in
+    `directory` and deleted afterwards) for about `seconds` after its compilation. A few steps
+    timed first choose the probe's length."""
     import jax
 
     from frcnn_jax import checkpointing, sharding
@@ -75,17 +76,20 @@ def probe_run(config, directory, *, seconds=120.0):
     fit_schedule(config.train, 1)  # an alternating scheme is named before anything runs
     rough = measure_steps_per_second(config, steps=5, warmup=2)
     config = config.copy_and_resolve_references()
-    log_every = max(int(rough * seconds) // 48, 1)
-    steps = 48 * log_every  # 48 progress records, a checkpoint after every 16th
-    config.train.update(
-        log_every=log_every, checkpoint_every=steps // 3, num_steps=steps, eval_every=0
-    )
+    steps = max(int(rough * seconds), 8)
+    # The run's own logging cadence (each progress record waits for the steps before it; how
+    # often that happens changes the speed of fast steps), unless the probe would then hold
+    # fewer than 8 records (slow steps, where it does not matter).
+    log_every = min(int(config.train.log_every), steps // 8)
+    steps = -(-steps // log_every) * log_every
+    # One checkpoint, at the end: its save, written before the loop returns, is timed alone.
+    config.train.update(log_every=log_every, checkpoint_every=steps, num_steps=steps, eval_every=0)
     mesh = sharding.data_mesh()
     model = build_model(config)
     state, tx = init_state(config, model)
     timeline = _Timeline()
     pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    log.info("timing the training loop: %d steps, checkpoints after %d", steps, steps // 3)
+    log.info("timing the training loop: %d steps, a progress record every %d", steps, log_every)
     training_log = logging.getLogger("frcnn_jax.training")
     level = training_log.level
     training_log.setLevel(logging.WARNING)  # the probe's progress lines are not the user's run
@@ -107,7 +111,7 @@ def probe_run(config, directory, *, seconds=120.0):
             num_steps=steps,
         )
         end = time.perf_counter()  # the last save written (train_phase waits for it)
-    return _speed_from(timeline.times, timeline.start, end, log_every, steps // 3)
+    return _speed_from(timeline.times, timeline.start, end)
 
 
 class _Timeline:
@@ -125,24 +129,27 @@ class _Timeline:
         pass
 
 
-def _speed_from(times, start, end, log_every, checkpoint_every):
-    """`RunSpeed` from the probe's progress records `times` [(step, seconds)], one every
-    `log_every` steps (each written before that step's checkpoint save), the loop's `start`
-    and its `end` (the last save written)."""
+def _speed_from(times, start, end):
+    """`RunSpeed` from the probe's progress records `times` [(step, seconds)] (evenly spaced,
+    the last at the last step, each written before that step's checkpoint save), the loop's
+    `start` and its `end` (the one checkpoint, after the last step, written). The sustained
+    speed is the records' from the first quarter of the steps on (compilation, the loader's
+    start and its first batches left out); the save is what the loop took after its last
+    record: the whole write, which a periodic save of the run overlaps with its next steps
+    (an upper bound)."""
     steps = times[-1][0]
-    marks = [(0, start), *times[:-1], (steps, end)]  # the last interval ends with the last save
-    skip = len(marks) // 4  # compilation and the prefetched batches
-    durations = [
-        (b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(marks[skip:], marks[skip + 1 :], strict=False)
-    ]
-    step_s = float(np.median(durations))  # most intervals have no save in them
-    window_steps = steps - marks[skip][0]
-    window_saves = sum(1 for s in range(marks[skip][0] + 1, steps + 1) if s % checkpoint_every == 0)
-    window_s = end - marks[skip][1]
-    save_s = max((window_s - window_steps * step_s) / max(window_saves, 1), 0.0)
+    first = next(
+        i for i, (step, _) in enumerate(times) if step >= steps // 4 or i == len(times) - 2
+    )
+    window = times[first:]
+    (from_step, from_s), (to_step, to_s) = window[0], window[-1]
+    step_s = (to_s - from_s) / (to_step - from_step)
+    per_step = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(window)]
+    spread = statistics.stdev(per_step) / math.sqrt(len(per_step)) if len(per_step) > 1 else 0.0
+    save_s = end - to_s
     # the first step: the first record's time less its other steps at the sustained speed
     first_s = max(times[0][1] - start - (times[0][0] - 1) * step_s, step_s)
-    return RunSpeed(first_s, step_s, save_s, steps)
+    return RunSpeed(first_s, step_s, save_s, steps, spread / step_s)
 
 
 def measure_steps_per_second(config, *, steps=30, warmup=3):
