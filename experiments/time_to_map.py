@@ -229,6 +229,8 @@ def check_twin_settings(config):
     """The settings the twin cannot take from `config` must be torchvision's fixed ones."""
     rpn, head = config.model.rpn, config.model.head
     fixed = {
+        "model.backbone": (config.model.backbone, "tiny_fpn"),
+        "model.rpn.channels": (rpn.channels, 64),  # torchvision's RPNHead keeps the FPN's width
         "model.rpn.objectness": (rpn.objectness, "sigmoid"),
         "model.rpn.beta": (rpn.beta, 1 / 9),
         "model.rpn.box_weight": (rpn.box_weight, 1.0),

@@ -157,7 +157,8 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     schedules, the rows and tables; then the race (fitted again, the best recipes rerun) and
     the same-initialisation comparison, which find every search row done and train none of
     them again."""
-    config_file = write_config_file(tmp_path / "cfg.py", data_dir)
+    # torchvision's RPNHead keeps the FPN's 64 channels (the tiny overrides narrow frcnn_jax's)
+    config_file = write_config_file(tmp_path / "cfg.py", data_dir, "c.model.rpn.channels = 64\n")
     rows = tmp_path / "rows.jsonl"
     command = [
         sys.executable,
