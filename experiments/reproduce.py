@@ -222,8 +222,12 @@ def readme_table():
             continue
         result = field(text, "README")
         if condition == "stale":
-            commit = (field(text, "Code") or "an unrecorded commit").split(" ")[0]
-            result += f" (measured at {commit}; the code has changed since)"
+            measured = field(text, "Code")
+            result += (
+                f" (measured at {measured.split(' ')[0]}; the code has changed since)"
+                if measured
+                else " (not yet rerun by experiments/reproduce.py)"
+            )
         lines.append(
             f"| {figure.what} | {result} | `{figure.shown_command()}` | "
             f"[`{figure.results}`]({figure.results}) |"
