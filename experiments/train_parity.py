@@ -161,6 +161,14 @@ def format_row(row):
     )
 
 
+def loss_differences(rows, name):
+    """The relative difference of loss `name` between the two sides, step by step."""
+    return [
+        abs(r[f"ours_{name}"] - r[f"theirs_{name}"]) / max(abs(r[f"theirs_{name}"]), 1e-30)
+        for r in rows
+    ]
+
+
 def summary(rows, first_gradients, kinks_cleared):
     _, relative, worst = first_gradients
     lines = [
@@ -169,10 +177,7 @@ def summary(rows, first_gradients, kinks_cleared):
         f"(parity_references.clear_relu_kinks)"
     ]
     for name in LOSS_NAMES:
-        diffs = [
-            abs(r[f"ours_{name}"] - r[f"theirs_{name}"]) / max(abs(r[f"theirs_{name}"]), 1e-30)
-            for r in rows
-        ]
+        diffs = loss_differences(rows, name)
         worst = int(np.argmax(diffs))
         lines.append(
             f"- {name}: largest relative difference {diffs[worst]:.1e} (step "
@@ -255,11 +260,7 @@ def readme(rows, first_gradients):
     """Step 0 and the last step in a sentence."""
 
     def loss_difference(selected):
-        return max(
-            abs(r[f"ours_{n}"] - r[f"theirs_{n}"]) / max(abs(r[f"theirs_{n}"]), 1e-30)
-            for r in selected
-            for n in LOSS_NAMES
-        )
+        return max(max(loss_differences(selected, name)) for name in LOSS_NAMES)
 
     return (
         f"step 0: losses within {loss_difference(rows[:1]):.1e} relative, every gradient "
