@@ -20,6 +20,10 @@ every finished row is a line of `--rows`, and a rerun skips finished rows, so a 
 completed over several sittings. A training whose weights are gone is trained again as a new
 training record, and the rows computed from it name it: an earlier row keeps its own record.
 
+The tables hold the paper's lambda whatever the config's own RPN box weight is (`paper_recipe`),
+and every row records a digest of the config's values: rows of one setting are never trained
+from different values (a config retuned since is refused with the commit to compare with).
+
 Every row but a table's reference is compared with the reference row of the same seed (paired
 differences, `compare`): the mean difference, its 95% t-interval over the seeds and the
 t-test's p-value. A difference is a finding when the interval excludes zero (wrong at most 1
@@ -201,6 +205,16 @@ def paper_alternating(config):
     )
 
 
+def paper_recipe(config):
+    """The paper's choices that a config's tuned defaults may leave (issue 36 item 5 tunes the
+    shapes configs' RPN box weight), as field pairs: the tables test the paper's recipe whatever
+    the config's defaults are. lambda = 10 with N_reg the ~2400 anchor locations; with N_reg the
+    256 sampled anchors (torchvision's normaliser, `box_normalizer` None) that is a weight of
+    about 1 (10 x 256 / 2400)."""
+    sampled = config.model.rpn.box_normalizer is None
+    return (("model.rpn.box_weight", 1.0 if sampled else 10.0),)
+
+
 TABLES = ("2", "8", "9", "10", "fig4", "schemes")
 TITLES = {
     "2": "Table 2: proposals and ablations (the paper: ZF; its rows other than shared / unshared "
@@ -245,6 +259,10 @@ def with_fields(config, pairs):
     return config
 
 
+def paper_setting(config):
+    return with_fields(config, paper_recipe(config))
+
+
 def scaled(config, steps):
     """`config` trained for `steps` steps, decays and warm-up scaled alike."""
     config = config.copy_and_resolve_references()
@@ -253,6 +271,36 @@ def scaled(config, steps):
     train.warmup_steps = round(train.warmup_steps * scale)
     train.num_steps, train.checkpoint_every = steps, max(steps // 4, 1)
     return config
+
+
+def config_digest(config):
+    """A short fingerprint of `config`'s values but its initial weights' path (the setting
+    string names those): rows trained from different values are never mixed in one table."""
+    values = config.to_dict()
+    values["model"].pop("init_checkpoint", None)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def check_digest(rows, setting, digest, config_file):
+    """Refuse to add rows to `setting` when its earlier rows came from other config values
+    (e.g. the config file's defaults were retuned since)."""
+    other = next(
+        (
+            r
+            for r in rows.all
+            if r.get("setting") == setting and r.get("config_digest", digest) != digest
+        ),
+        None,
+    )
+    if other is not None:
+        raise SystemExit(
+            f"{config_file} now gives other values (config digest {digest}) than the rows of "
+            f"setting {setting!r} were trained with ({other['config_digest']}, commit "
+            f"{other['commit']}): compare with "
+            f"`git show {other['commit']}:{repo_name(config_file)}`, restore the values, or pass "
+            "another --rows file"
+        )
 
 
 def training_name(pairs):
@@ -491,7 +539,7 @@ def main():
         parser.error(f"--table: unknown {unknown}; known: {', '.join(TABLES)} or all")
     setup_logging()
     rows = Rows(args.rows)
-    base = scaled(config_from_file(args.config), args.steps)
+    base = scaled(paper_setting(config_from_file(args.config)), args.steps)
     stem = pathlib.Path(args.config).stem
     setting = f"{stem}, {args.steps} steps"  # from scratch: the earlier rows' setting
     runs = pathlib.Path(args.runs) / stem / f"steps{args.steps}"
@@ -508,6 +556,8 @@ def main():
     else:
         setting += ", the config's init_checkpoint"
         runs = runs / "config-init"
+    digest = config_digest(base)
+    check_digest(rows, setting, digest, args.config)
     seeds = [int(s) for s in args.seeds.split(",")]
     mesh = sharding.data_mesh()
     for table in tables:
@@ -530,6 +580,7 @@ def main():
                     "setting": setting,
                     "config": args.config,
                     "steps": args.steps,
+                    "config_digest": digest,
                     **start_fields,
                     "map": result["voc"]["mAP"],
                     "paper": row.paper,

@@ -171,6 +171,30 @@ with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
     else:
         raise AssertionError("a stopped training returned a result")
     assert float((pathlib.Path(tmp) / "paper_minutes.txt").read_text()) >= 0
+# the paper's lambda stays the tables' reference when a config's own box weight is retuned
+shapes = paper_tables.scaled(config_from_file(ROOT / "configs" / "shapes_tiny.py"), 100)
+tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 10.0),))
+pinned = paper_tables.paper_setting(tuned)
+table9 = {r.label.split(" (")[0]: dict(r.train) for r in paper_tables.table_rows("9", pinned)}
+assert table9["lambda = 10"] == {} and pinned.model.rpn.box_weight == 1.0, table9
+assert table9["lambda = 100"] == {"model.rpn.box_weight": 10.0}, table9
+assert paper_tables.paper_setting(voc).model.rpn.box_weight == 10.0  # N_reg = 2400 there
+# rows of one setting never mix config values: another digest is refused, naming the commit
+digest = paper_tables.config_digest(shapes)
+assert digest != paper_tables.config_digest(tuned)
+moved = paper_tables.with_fields(shapes, (("model.init_checkpoint", "/elsewhere/weights"),))
+assert paper_tables.config_digest(moved) == digest  # the setting string names the weights
+with tempfile.TemporaryDirectory() as tmp:
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    rows.all.append({"setting": "s", "config_digest": digest, "commit": "abc1234"})
+    paper_tables.check_digest(rows, "s", digest, "configs/shapes_tiny.py")
+    paper_tables.check_digest(rows, "other", "0" * 12, "configs/shapes_tiny.py")
+    try:
+        paper_tables.check_digest(rows, "s", "0" * 12, "configs/shapes_tiny.py")
+    except SystemExit as refused:
+        assert "git show abc1234:configs/shapes_tiny.py" in str(refused), refused
+    else:
+        raise AssertionError("rows of another config digest were accepted")
 print("ok")
 """
 
