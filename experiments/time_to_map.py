@@ -8,7 +8,8 @@ same learning-rate search, schedules fitted to the same wall-clock budget, same 
 The twin (`torch_twin`) is torchvision's `FasterRCNN` around frcnn_jax's tiny FPN body written
 in torch, with torchvision's own FPN, RPN head, box head and predictor, and frcnn_jax's
 detection settings wherever torchvision takes them (anchors, RPN and RoI sampling, proposal
-counts, the minimum proposal size, RoIAlign 7x7; the ones it fixes, such as the losses' beta
+counts, the minimum proposal size, RoIAlign 7x7, the RPN box loss's weight (applied to its
+loss dict, as a torchvision user weights losses); the ones it fixes, such as the losses' beta
 1/9, are checked to be the config's). `--twin batchnorm` (the default) builds its body as
 torchvision builds a backbone trained from scratch: BatchNorm after every convolution,
 Kaiming-normal initialisation; `--twin plain` is frcnn_jax's own layers (no normalisation) with
@@ -233,7 +234,6 @@ def check_twin_settings(config):
         "model.rpn.channels": (rpn.channels, 64),  # torchvision's RPNHead keeps the FPN's width
         "model.rpn.objectness": (rpn.objectness, "sigmoid"),
         "model.rpn.beta": (rpn.beta, 1 / 9),
-        "model.rpn.box_weight": (rpn.box_weight, 1.0),
         "model.rpn.box_normalizer": (rpn.box_normalizer, None),
         "model.head.beta": (head.beta, 1 / 9),
         "model.head.background_iou[0]": (head.background_iou[0], 0.0),
@@ -243,6 +243,13 @@ def check_twin_settings(config):
     differ = {k: v for k, (v, want) in fixed.items() if v != want}
     if differ:
         raise SystemExit(f"the torchvision twin cannot follow these settings: {differ}")
+
+
+def twin_loss(losses, config):
+    """The sum of torchvision's loss dict, its RPN box loss weighted by the config's lambda (over
+    torchvision's normaliser, the sampled anchors, which `check_twin_settings` requires)."""
+    weights = {"loss_rpn_box_reg": float(config.model.rpn.box_weight)}
+    return sum(value * weights.get(name, 1.0) for name, value in losses.items())
 
 
 def theirs(config, twin="batchnorm"):
@@ -292,7 +299,7 @@ def theirs(config, twin="batchnorm"):
         for group in optimizer.param_groups:
             group["lr"] = float(schedule(steps))
         images, targets = to_torch(batch)
-        loss = sum(model(images, targets).values())
+        loss = twin_loss(model(images, targets), config)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from frcnn_jax.config import base_config
+from frcnn_jax.config import base_config, torchvision_heads
 from frcnn_jax.training import budget
 from tests.tiny import write_config_file
 
@@ -258,3 +258,14 @@ def test_the_search_extends_its_grid_until_the_best_rate_is_inside(monkeypatch):
     assert time_to_map.next_rate(Rows(zeros), "s", "sgd") == 0.005
     six = {0.0025: 0.7, 0.005: 0.6, 0.01: 0.5, 0.02: 0.4, 0.04: 0.3, 0.08: 0.2}
     assert time_to_map.next_rate(Rows(six), "s", "sgd") is None  # the limit
+    # the twin follows the config's RPN box weight on its loss dict; not another normaliser
+    config = base_config()
+    torchvision_heads(config.model)
+    config.model.update(backbone="tiny_fpn")
+    config.model.rpn.update(channels=64, box_weight=10.0)
+    time_to_map.check_twin_settings(config)
+    losses = {"loss_objectness": 0.5, "loss_rpn_box_reg": 0.25, "loss_classifier": 1.0}
+    assert time_to_map.twin_loss(losses, config) == 0.5 + 2.5 + 1.0
+    config.model.rpn.box_normalizer = 2400.0
+    with pytest.raises(SystemExit, match="box_normalizer"):
+        time_to_map.check_twin_settings(config)
