@@ -34,7 +34,7 @@ configure_runtime()
 import result_rows  # noqa: E402
 
 from frcnn_jax import pretraining, training  # noqa: E402
-from frcnn_jax.cli import setup_logging  # noqa: E402
+from frcnn_jax.cli import exit_on_sigterm, setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.pretraining.config import check_pretrain_config  # noqa: E402
 
@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--backbone", default=str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"))
     args = parser.parse_args()
     setup_logging()
+    exit_on_sigterm()
     root = pathlib.Path(args.workdir)
     seeds = [int(s) for s in args.seeds.split(",")]
 

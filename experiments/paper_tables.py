@@ -60,7 +60,7 @@ from result_rows import Rows  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from frcnn_jax import checkpointing, pretraining, sharding, training  # noqa: E402
-from frcnn_jax.cli import setup_logging  # noqa: E402
+from frcnn_jax.cli import exit_on_sigterm, setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
 
@@ -539,6 +539,7 @@ def main():
     if unknown:
         parser.error(f"--table: unknown {unknown}; known: {', '.join(TABLES)} or all")
     setup_logging()
+    exit_on_sigterm()
     rows = Rows(args.rows)
     base = scaled(paper_setting(config_from_file(args.config)), args.steps)
     stem = pathlib.Path(args.config).stem

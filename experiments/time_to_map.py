@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import result_rows  # noqa: E402
 
 from frcnn_jax import sharding, training  # noqa: E402
+from frcnn_jax.cli import exit_on_sigterm  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.data import make_batches  # noqa: E402
 from frcnn_jax.evaluation.runner import evaluate_detections  # noqa: E402
@@ -694,6 +695,7 @@ def main():
         help="HH:MM: start no run that could not end by then (estimated from the finished rows)",
     )
     args = parser.parse_args()
+    exit_on_sigterm()
     config = config_from_file(args.config)
     config.data.workers = 2
     check_twin_settings(config)

@@ -57,8 +57,15 @@ def run(main):
         except (errors.UserError, app.UsageError) as e:
             raise SystemExit(f"error: {_one_line(e)}") from None
 
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()
     app.run(guarded, flags_parser=parse)
+
+
+def exit_on_sigterm():
+    """Let SIGTERM end this process through Python's cleanup, as Ctrl-C does (the commands and
+    the long experiment scripts): without it the process dies at once and its loaders' worker
+    semaphores and shared memory are left behind."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def _exit_on_sigterm(signum, frame):
