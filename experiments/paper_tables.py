@@ -436,8 +436,61 @@ def verdict(result, paper_difference):
 # ---------------------------------------------------------------- tables
 
 
+THRESHOLDS = ("0.50", "0.60", "0.70", "0.80", "0.90")  # Figure 4's IoUs
+
+
+def summaries(table, mine):
+    """{row label: its summary over the seeds} of one setting's rows `mine` of `table`: seeds,
+    mean and range of mAP (%), the paired comparison with the reference row (`test`, `said`),
+    the paper's figure and difference, training minutes; Figure 4's rows: recall cells."""
+    reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
+    reference_weights = {r["seed"]: r["workdir"] for r in mine if is_reference(table, r["row"])}
+    paper_reference = next(
+        (r["paper"] for r in mine if is_reference(table, r["row"]) and r["paper"] is not None),
+        None,
+    )
+    out = {}
+    for label in dict.fromkeys(r["row"] for r in mine):
+        found = [r for r in mine if r["row"] == label]
+        summary = {"seeds": ",".join(str(r["seed"]) for r in found), "n": len(found)}
+        out[label] = summary
+        if table == "fig4":
+            recall = [r["recall"] for r in found]
+            summary["cells"] = [statistics.mean(x[t] for x in recall) for t in (*THRESHOLDS, "AR")]
+            continue
+        values = [100 * r["map"] for r in found]
+        paper = found[0]["paper"]
+        paper_difference = (
+            None if paper is None or paper_reference is None else paper - paper_reference
+        )
+        if is_reference(table, label):
+            test, said, paper_difference = "reference", "-", None
+        else:
+            result = compare(
+                [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference],
+                shared=all(r["workdir"] == reference_weights.get(r["seed"]) for r in found),
+            )
+            test, said = described(result), verdict(result, paper_difference)
+        summary.update(
+            mean=statistics.mean(values),
+            spread=f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-",
+            test=test,
+            said=said,
+            paper=paper,
+            paper_difference=paper_difference,
+            minutes=statistics.mean(r["train_minutes"] for r in found),
+        )
+    return out
+
+
+def setting_rows(table, rows, setting):
+    return [r for r in rows.all if r.get("table") == table and r["setting"] == setting]
+
+
 def markdown(table, rows, setting):
-    mine = [r for r in rows.all if r.get("table") == table and r["setting"] == setting]
+    """`table`'s rows in one setting: the command, each row over the seeds, its test and
+    verdict, the paper's figure, training minutes."""
+    mine = setting_rows(table, rows, setting)
     first = mine[0] if mine else {}
     seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
     start = first.get("start", "scratch")
@@ -450,12 +503,13 @@ def markdown(table, rows, setting):
         command += (
             f" --pretrain {repo_name(first['pretrain'])} --pretrain-steps {first['pretrain_steps']}"
         )
-    lines = [f"## {TITLES[table]}", "", f"{setting}: `{command}`", ""]
+    commits = list(dict.fromkeys(r.get("commit") for r in mine))
+    made = f"rows made at {commits[0]}" + (f" to {commits[-1]}" if len(commits) > 1 else "")
+    lines = [f"### {setting}", "", f"`{command}` ({made})", ""]
     if table == "fig4":
-        thresholds = ("0.50", "0.60", "0.70", "0.80", "0.90")
         lines += [
-            "| proposals | seeds | " + " | ".join(f"recall@{t}" for t in thresholds) + " | AR |",
-            "|---" * (len(thresholds) + 3) + "|",
+            "| proposals | seeds | " + " | ".join(f"recall@{t}" for t in THRESHOLDS) + " | AR |",
+            "|---" * (len(THRESHOLDS) + 3) + "|",
         ]
     else:
         lines += [
@@ -463,45 +517,71 @@ def markdown(table, rows, setting):
             "paper (%) | paper minus reference | training min |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-    reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
-    reference_weights = {r["seed"]: r["workdir"] for r in mine if is_reference(table, r["row"])}
-    paper_reference = next(
-        (r["paper"] for r in mine if is_reference(table, r["row"]) and r["paper"] is not None),
-        None,
-    )
-    for label in dict.fromkeys(r["row"] for r in mine):
-        found = [r for r in mine if r["row"] == label]
-        seeds = ",".join(str(r["seed"]) for r in found)
+    for label, x in summaries(table, mine).items():
         if table == "fig4":
-            recall = [r["recall"] for r in found]
-            cells = [statistics.mean(x[t] for x in recall) for t in thresholds]
-            cells.append(statistics.mean(x["AR"] for x in recall))
-            lines.append(
-                f"| {label.split(':')[0]} | {seeds} | "
-                + " | ".join(f"{c:.3f}" for c in cells)
-                + " |"
-            )
+            cells = " | ".join(f"{c:.3f}" for c in x["cells"])
+            lines.append(f"| {label.split(':')[0]} | {x['seeds']} | {cells} |")
             continue
-        values = [100 * r["map"] for r in found]
-        spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
-        paper = found[0]["paper"]
-        paper_difference = (
-            None if paper is None or paper_reference is None else paper - paper_reference
-        )
-        minutes = statistics.mean(r["train_minutes"] for r in found)
-        if is_reference(table, label):
-            test, said, paper_difference = "reference", "-", None
-        else:
-            result = compare(
-                [100 * r["map"] - reference[r["seed"]] for r in found if r["seed"] in reference],
-                shared=all(r["workdir"] == reference_weights.get(r["seed"]) for r in found),
-            )
-            test, said = described(result), verdict(result, paper_difference)
+        paper, paper_difference = x["paper"], x["paper_difference"]
         lines.append(
-            f"| {label} | {seeds} | {statistics.mean(values):.1f} | {spread} | {test} | {said} | "
-            f"{'-' if paper is None else f'{paper:.1f}'} | "
-            f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | {minutes:.1f} |"
+            f"| {label} | {x['seeds']} | {x['mean']:.1f} | {x['spread']} | {x['test']} | "
+            f"{x['said']} | {'-' if paper is None else f'{paper:.1f}'} | "
+            f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | "
+            f"{x['minutes']:.1f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def column_name(setting):
+    """A setting's short name for a side-by-side column: what follows '<config>, <N> steps'."""
+    rest = setting.split(" steps", 1)[-1].lstrip(", ")
+    return rest.split(" (")[0] if rest else "from scratch"
+
+
+def side_by_side(table, rows):
+    """`table` in every setting it was run in, one column pair per setting: mean mAP (seeds)
+    and the difference from the reference with its verdict; the paper's figures first."""
+    # the paper's setting first, then from scratch at the current code, then earlier code
+    columns = sorted(settings(rows, table), key=lambda s: ("pretrained" not in s, "code " in s))
+    found = {s: summaries(table, setting_rows(table, rows, s)) for s in columns}
+    labels = list(dict.fromkeys(label for s in columns for label in found[s]))
+    if table == "fig4":
+        head = "| proposals | " + " | ".join(
+            f"{column_name(s)}: recall@0.50 / 0.70 / 0.90, AR (seeds)" for s in columns
+        )
+        lines = [head + " |", "|---" * (len(columns) + 1) + "|"]
+        for label in labels:
+            cells = []
+            for s in columns:
+                x = found[s].get(label)
+                cells.append(
+                    "-"
+                    if x is None
+                    else " / ".join(f"{x['cells'][i]:.3f}" for i in (0, 2, 4))
+                    + f", {x['cells'][5]:.3f} ({x['n']})"
+                )
+            lines.append(f"| {label.split(':')[0]} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+    head = "| row | paper (%) | paper minus reference | " + " | ".join(
+        f"{column_name(s)}: mAP (seeds) | {column_name(s)}: minus reference, verdict"
+        for s in columns
+    )
+    lines = [head + " |", "|---" * (2 * len(columns) + 3) + "|"]
+    for label in labels:
+        any_row = next(found[s][label] for s in columns if label in found[s])
+        paper, difference = any_row["paper"], any_row["paper_difference"]
+        cells = [
+            "-" if paper is None else f"{paper:.1f}",
+            "-" if difference is None else f"{difference:+.1f}",
+        ]
+        for s in columns:
+            x = found[s].get(label)
+            if x is None:
+                cells += ["-", "-"]
+            else:
+                said = "" if x["said"] == "-" else f", {x['said']}"
+                cells += [f"{x['mean']:.1f} ({x['n']})", f"{x['test']}{said}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -596,17 +676,20 @@ def main():
                 rows.add(out)
                 print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {out['map']:.4f}", flush=True)
     for table in tables:
-        print("\n" + markdown(table, rows, setting))
+        print(f"\n## {TITLES[table]}\n\n" + markdown(table, rows, setting))
     write_tables(rows, pathlib.Path(args.rows).with_suffix(".md"))
 
 
 def write_tables(rows, path):
-    """Every table of `rows`, in every setting it was run in, as Markdown to `path`."""
+    """Every table of `rows` as Markdown to `path`: its settings side by side, then each
+    setting's own table with its command."""
     written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]
-    path.write_text(
-        pretraining_markdown(rows)
-        + "\n".join(markdown(t, rows, s) for t in written for s in settings(rows, t))
-    )
+    sections = []
+    for table in written:
+        parts = [f"## {TITLES[table]}\n", side_by_side(table, rows)]
+        parts += [markdown(table, rows, s) for s in settings(rows, table)]
+        sections.append("\n".join(parts))
+    path.write_text(pretraining_markdown(rows) + "\n".join(sections))
 
 
 STARTS = ("pretrained", "scratch", "config")
