@@ -182,7 +182,11 @@ def differing_proposals(ours, theirs):
     return count
 
 
-def clear_relu_kinks(hooks, run):
+POOL_MARGIN = 1e-5  # of a pool's largest input: the two libraries' inputs differ by ~3e-6
+PASSES = 20  # VGG-16's ties need about 8
+
+
+def clear_relu_kinks(hooks, run, ties=None):
     """Shift biases so that no ReLU input of a trained layer lies within 1e-6 of the layer's
     largest |input| from the kink, in one forward pass (`run`) that also applies the shifts.
 
@@ -191,12 +195,44 @@ def clear_relu_kinks(hooks, run):
     amounts to: `python experiments/train_parity.py --steps 1 --keep-kinks`). With the shifts,
     the weights are as random as before and nothing sits on a kink.
 
-    hooks: (module, [bias tensors], kind): "out" for a layer whose output a ReLU takes, "pre"
-    for a ReLU module (its input); the bias that shifts the input of the module's i-th call is
-    biases[i % len(biases)] (a ResNet block's one ReLU runs after bn1, bn2 and the residual
-    add). Returns the number of units shifted; passes repeat until one shifts nothing."""
+    The same holds for 2x2 max pooling (VGG's): a window whose two largest inputs lie within
+    float32 rounding of each other may send its gradient to one in one library and to the
+    other in the other. Such a tie cannot be moved by a bias (it shifts both), so the kernel of
+    the layer before the pool gets a small random change in that channel (1e-3 of the kernels'
+    spread), and the next pass looks again. A tie that the change leaves in place is one in
+    exact arithmetic (two identical input patches: the zero canvas outside the images), where
+    either position gives the same kernel gradient; it stays.
 
-    shifted = []  # units shifted in the current pass
+    hooks: (module, [tensors], kind): "out" for a layer whose output a ReLU takes, "pre"
+    for a ReLU module (its input), with the biases that shift them: the bias that shifts the
+    input of the module's i-th call is biases[i % len(biases)] (a ResNet block's one ReLU runs
+    after bn1, bn2 and the residual add); "pool" for a 2x2 stride-2 max pool, with the kernel of
+    the layer before it. `ties` ({pool module: windows}) keeps the exact ties found from one
+    call to the next. Returns the number of units shifted and pool channels changed; passes
+    repeat until one changes nothing."""
+
+    shifted = []  # units shifted (channels changed) in the current pass
+    ties = {} if ties is None else ties
+    generator = torch.Generator().manual_seed(2)
+
+    def separate_ties(pre, kernel, pool):
+        """Change `kernel`'s channels whose pooling windows hold near-tied maxima, but for
+        the windows of earlier passes' changes (`ties[pool]`): ties in exact arithmetic."""
+        h, w = pre.shape[2:]
+        windows = pre.detach()[:, :, : h // 2 * 2, : w // 2 * 2]
+        windows = windows.unflatten(2, (h // 2, 2)).unflatten(4, (w // 2, 2))
+        top = windows.permute(0, 1, 2, 4, 3, 5).flatten(4).topk(2, dim=-1).values
+        gap = top[..., 0] - top[..., 1]
+        near = (gap > 0) & (gap < POOL_MARGIN * pre.abs().max()) & (top[..., 0] > 0)
+        known = ties.setdefault(pool, torch.zeros_like(near))
+        near &= ~known
+        ties[pool] = known | near
+        todo = near.transpose(0, 1).flatten(1).any(1)
+        if todo.any():
+            noise = torch.randn(kernel[todo].shape, generator=generator)
+            with torch.no_grad():
+                kernel[todo] += 1e-3 * kernel[todo].std() * noise
+        shifted.append(int(todo.sum()))
 
     def shift(pre, bias):
         pre = pre.detach()
@@ -213,7 +249,7 @@ def clear_relu_kinks(hooks, run):
         view = (1, -1) + (1,) * (pre.ndim - 2)
         return pre + offset.view(view)
 
-    def hook(biases, calls):
+    def hook(module, biases, calls):
         def pre(_, inputs):
             calls.append(None)
             return (shift(inputs[0], biases[(len(calls) - 1) % len(biases)]),)
@@ -221,17 +257,22 @@ def clear_relu_kinks(hooks, run):
         def out(_, __, output):
             return shift(output, biases[0])
 
-        return pre, out
+        def pool(_, inputs):
+            separate_ties(inputs[0], biases[0], module)
+
+        return pre, out, pool
 
     handles = []
     for module, biases, kind in hooks:
-        pre, out = hook(biases, [])
+        pre, out, pool = hook(module, biases, [])
         if kind == "pre":
             handles.append(module.register_forward_pre_hook(pre))
+        elif kind == "pool":
+            handles.append(module.register_forward_pre_hook(pool))
         else:
             handles.append(module.register_forward_hook(out))
     total = 0
-    for _ in range(8):
+    for _ in range(PASSES):
         shifted.clear()
         with torch.no_grad():
             run()
@@ -239,7 +280,7 @@ def clear_relu_kinks(hooks, run):
         if not sum(shifted):
             break
     else:
-        raise AssertionError("ReLU kinks still present after 8 passes")
+        raise AssertionError(f"ReLU kinks or pool ties still present after {PASSES} passes")
     for handle in handles:
         handle.remove()
     return total
@@ -480,9 +521,13 @@ def paper_reference(num_classes):
     trained_convs = [m for m in features if isinstance(m, torch.nn.Conv2d)][4:]  # conv3_1 on
     hooks = [(conv, [conv.bias], "out") for conv in trained_convs]
     hooks += [(layer, [layer.bias], "out") for layer in (rpn["conv"], box_head[1], box_head[3])]
+    # pool3 and pool4: the pools whose gradient reaches trained layers (conv3_3, conv4_3)
+    hooks += [(features[i], [features[i - 2].weight], "pool") for i in (16, 23)]
+
+    ties = {}  # exact ties in the pools, kept from one call to the next
 
     def clear_kinks(images, targets, given=None):
-        return clear_relu_kinks(hooks, lambda: losses(images, targets, given))
+        return clear_relu_kinks(hooks, lambda: losses(images, targets, given), ties)
 
     def export():
         flat = convert({k: p.detach() for k, p in module.named_parameters()})
@@ -585,7 +630,10 @@ def reference_and_ours(name, directory, *, warmup=False, clear_kinks=True):
     if more:
         reference.kinks_cleared += more
         variables = {"params": state.params, **state.frozen}
-        variables = weights.restore_into(variables, *reference.export())
+        flat, covers = reference.export()  # copies: the reference's tensors change in place
+        variables = weights.restore_into(
+            variables, {k: np.array(v) for k, v in flat.items()}, covers
+        )
         params = variables.pop("params")
         state = state.replace(params=params, frozen=variables, opt_state=tx.init(params))
     return reference, model, state, tx
