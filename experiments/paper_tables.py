@@ -19,6 +19,9 @@ is serves Table 8's 3x3 anchors, Table 9's lambda = 10, Table 10's two-stage row
 every finished row is a line of `--rows`, and a rerun skips finished rows, so a table can be
 completed over several sittings. A training whose weights are gone is trained again as a new
 training record, and the rows computed from it name it: an earlier row keeps its own record.
+The same holds for the pretrained backbone: each weights file is recorded by its SHA-256, the
+rows trained from it carry it (`backbone`), and a seed's rows all come from one backbone (a
+seed whose rows came from a backbone that is gone is skipped, saying so; other seeds run).
 
 The tables hold the paper's lambda whatever the config's own RPN box weight is (`paper_recipe`),
 and every row records a digest of the config's values: rows of one setting are never trained
@@ -340,15 +343,20 @@ def trained_to_the_end(config, workdir):
 
 
 def pretrained_backbone(args, rows):
-    """The weights file of `args.pretrain`'s pretraining (run or resumed first, in
-    `<runs>/pretrain/<config>-steps<N>`), recorded in `rows` with its top-1 and minutes."""
+    """(the weights file of `args.pretrain`'s pretraining, run or resumed first in
+    `<runs>/pretrain/<config>-steps<N>`; its backbone id, the file's SHA-256 (12 hex)). Each
+    distinct weights file is recorded in `rows` with its top-1 and minutes: a pretraining run
+    again (its workdir gone, e.g. on another machine) gets a record of its own, `retrained`,
+    and the rows trained from it say so (`backbone`)."""
     config = pretraining_config(args)
     steps = config.train.num_steps
     name = f"{pathlib.Path(args.pretrain).stem}-steps{steps}"
     workdir = pathlib.Path(args.runs) / "pretrain" / name
     minutes, result = timed_pretraining(config, workdir)
     weights_file = workdir / pretraining.WEIGHTS_FILE
-    if not rows.find(pretrain=args.pretrain, pretrain_steps=steps):
+    backbone = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
+    records = pretraining_records(rows, args.pretrain, steps)
+    if not any(r.get("backbone") == backbone for r in records):
         rows.add(
             {
                 "pretrain": args.pretrain,
@@ -358,9 +366,22 @@ def pretrained_backbone(args, rows):
                 "examples": result["examples"],
                 "minutes": None if minutes is None else round(minutes, 2),
                 "weights": str(weights_file),
+                "backbone": backbone,
+                **({"retrained": True} if records else {}),
             }
         )
-    return weights_file
+    return weights_file, backbone
+
+
+def pretraining_records(rows, pretrain, steps):
+    return [r for r in rows.find(pretrain=pretrain, pretrain_steps=steps) if "table" not in r]
+
+
+LEGACY_BACKBONE = "unrecorded"  # rows from before backbones were recorded: the first record's
+
+
+def backbone_of(row):
+    return row.get("backbone", LEGACY_BACKBONE) if row.get("start") == "pretrained" else None
 
 
 def pretraining_config(args):
@@ -505,6 +526,14 @@ def markdown(table, rows, setting):
         )
     commits = list(dict.fromkeys(r.get("commit") for r in mine))
     made = f"rows made at {commits[0]}" + (f" to {commits[-1]}" if len(commits) > 1 else "")
+    backbones = {}
+    for r in mine:
+        if backbone_of(r):
+            backbones.setdefault(backbone_of(r), set()).add(r["seed"])
+    if len(backbones) > 1:  # each seed's rows share one (`other_backbone`)
+        made += "; backbones: " + ", ".join(
+            f"{b} (seeds {','.join(map(str, sorted(s)))})" for b, s in backbones.items()
+        )
     lines = [f"### {setting}", "", f"`{command}` ({made})", ""]
     if table == "fig4":
         lines += [
@@ -627,12 +656,13 @@ def main():
     runs = pathlib.Path(args.runs) / stem / f"steps{args.steps}"
     start_fields = {"start": args.start}
     if args.start == "pretrained":
-        weights_file = pretrained_backbone(args, rows)
+        weights_file, backbone = pretrained_backbone(args, rows)
         pretrain_steps = pretraining_config(args).train.num_steps
         base.model.init_checkpoint = str(weights_file)
         setting += f", pretrained ({pathlib.Path(args.pretrain).stem}, {pretrain_steps} steps)"
-        runs = runs / f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}"
+        runs = runs / f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}-{backbone}"
         start_fields.update(pretrain=args.pretrain, pretrain_steps=pretrain_steps)
+        start_fields.update(backbone=backbone)
     elif args.start == "scratch":
         base.model.init_checkpoint = None
     else:
@@ -646,6 +676,8 @@ def main():
         for row in table_rows(table, base):
             for seed in seeds:
                 if rows.find(table=table, row=row.label, seed=seed, setting=setting):
+                    continue
+                if other_backbone(rows, table, seed, setting, start_fields.get("backbone")):
                     continue
                 config = with_fields(base, (*row.train, ("train.seed", seed)))
                 check_config(config)
@@ -695,6 +727,22 @@ def write_tables(rows, path):
 STARTS = ("pretrained", "scratch", "config")
 
 
+def other_backbone(rows, table, seed, setting, backbone):
+    """Whether `seed`'s rows of `table` in `setting` came from another pretrained backbone than
+    this run's (`backbone`; None from scratch), which would leave the seed's differences from
+    its reference unpaired: the row is skipped, with a line saying so."""
+    earlier = {backbone_of(r) for r in setting_rows(table, rows, setting) if r["seed"] == seed}
+    if earlier <= {backbone}:
+        return False
+    print(
+        f"table {table}, seed {seed}: skipped; its rows in this setting came from backbone "
+        f"{', '.join(sorted(map(str, earlier)))}, this run's is {backbone} (a seed's rows "
+        "share one backbone; run other seeds, or restore that backbone's weights file)",
+        flush=True,
+    )
+    return True
+
+
 def training_record(rows, config, workdir):
     """The training record of `workdir` (trained or resumed first). A record whose weights
     are gone is not reused: the training runs again and gets a new record (its `id` counts the
@@ -722,14 +770,18 @@ def pretraining_markdown(rows):
     lines = [
         "## Pretraining (the paper's ImageNet step)",
         "",
-        "| pretraining config | steps | top-1 | top-5 | held-out images | minutes |",
-        "|---|---|---|---|---|---|",
+        "| pretraining config | steps | backbone (weights' SHA-256) | top-1 | top-5 | "
+        "held-out images | minutes | made at |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in found:
+        again = " (pretrained again)" if r.get("retrained") else ""
         lines.append(
-            f"| {repo_name(r['pretrain'])} | {r['pretrain_steps']} | {r['top1']:.4f} | "
+            f"| {repo_name(r['pretrain'])} | {r['pretrain_steps']} | "
+            f"{r.get('backbone', LEGACY_BACKBONE)}{again} | {r['top1']:.4f} | "
             f"{r['top5']:.4f} | {r['examples']} | "
-            f"{'-' if r['minutes'] is None else format(r['minutes'], '.1f')} |"
+            f"{'-' if r['minutes'] is None else format(r['minutes'], '.1f')} | "
+            f"{r.get('commit', '?')} |"
         )
     return "\n".join(lines) + "\n\n"
 

@@ -80,6 +80,8 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
         )
     (pretrained,) = [r for r in written if "pretrain" in r and "table" not in r]
     assert 0 <= pretrained["top1"] <= 1 and pretrained["examples"] == 8
+    assert len(pretrained["backbone"]) == 12 and "retrained" not in pretrained
+    assert all(r["backbone"] == pretrained["backbone"] for r in results)
     assert pretrained["minutes"] > 0 and pretrained["weights"].endswith("backbone.npz")
     run = json.loads((pathlib.Path(results[0]["workdir"]) / "run.json").read_text())
     assert run["config"]["model"]["init_checkpoint"] == pretrained["weights"]
@@ -179,7 +181,7 @@ with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
     assert float((pathlib.Path(tmp) / "paper_minutes.txt").read_text()) >= 0
 # the paper's lambda stays the tables' reference when a config's own box weight is retuned
 shapes = paper_tables.scaled(config_from_file(ROOT / "configs" / "shapes_tiny.py"), 100)
-tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 10.0),))
+tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 3.0),))  # any retuning
 pinned = paper_tables.paper_setting(tuned)
 table9 = {r.label.split(" (")[0]: dict(r.train) for r in paper_tables.table_rows("9", pinned)}
 assert table9["lambda = 10"] == {} and pinned.model.rpn.box_weight == 1.0, table9
@@ -201,6 +203,21 @@ with tempfile.TemporaryDirectory() as tmp:
         assert "git show abc1234:configs/shapes_tiny.py" in str(refused), refused
     else:
         raise AssertionError("rows of another config digest were accepted")
+# a seed's rows share one pretrained backbone: rows from before backbones were recorded count
+# as one ("unrecorded"), a pretraining run again is another; from scratch there is none
+with tempfile.TemporaryDirectory() as tmp:
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    old = {"table": "9", "setting": "p", "start": "pretrained", "row": "lambda = 10"}
+    rows.all += [{**old, "seed": 0}, {**old, "seed": 1, "backbone": "b" * 12}]
+    assert paper_tables.other_backbone(rows, "9", 0, "p", "a" * 12)  # the legacy seed 0
+    assert not paper_tables.other_backbone(rows, "9", 0, "p", "unrecorded")
+    assert paper_tables.other_backbone(rows, "9", 1, "p", "a" * 12)
+    assert not paper_tables.other_backbone(rows, "9", 1, "p", "b" * 12)
+    assert not paper_tables.other_backbone(rows, "9", 2, "p", "a" * 12)  # a new seed
+    assert not paper_tables.other_backbone(rows, "2", 0, "p", "a" * 12)  # another table
+    scratch = {"table": "9", "setting": "s", "start": "scratch", "row": "x", "seed": 0}
+    rows.all.append(scratch)
+    assert not paper_tables.other_backbone(rows, "9", 0, "s", None)
 print("ok")
 """
 
