@@ -156,8 +156,11 @@ def test_the_folded_convs_compute_the_trained_network(straight, rng):
         {c: v["backbone"] for c, v in variables.items()}, images, pyramid=False
     )
     plain = TinyFPN().apply({"params": {"body": folded}}, images, pyramid=False)
-    assert float(jnp.abs(trained).max()) > 0
-    np.testing.assert_allclose(plain, trained, rtol=1e-4, atol=1e-5)
+    largest = float(jnp.abs(trained).max())
+    assert largest > 0
+    # folding reorders the arithmetic: float32 rounding of the layers' magnitude, not of each
+    # output (an output near 0 among outputs near 100 differs by ~1e-5 on some CPUs)
+    np.testing.assert_allclose(plain, trained, rtol=1e-4, atol=1e-6 * largest)
 
 
 def test_a_weights_file_of_another_backbone_is_refused_naming_both(straight):
