@@ -528,8 +528,8 @@ def markdown(table, rows, setting):
     made = f"rows made at {commits[0]}" + (f" to {commits[-1]}" if len(commits) > 1 else "")
     backbones = {}
     for r in mine:
-        if backbone_of(r):
-            backbones.setdefault(backbone_of(r), set()).add(r["seed"])
+        if backbone := backbone_of(r):
+            backbones.setdefault(backbone, set()).add(r["seed"])
     if len(backbones) > 1:  # each seed's rows share one (`other_backbone`)
         made += "; backbones: " + ", ".join(
             f"{b} (seeds {','.join(map(str, sorted(s)))})" for b, s in backbones.items()
@@ -661,8 +661,9 @@ def main():
         base.model.init_checkpoint = str(weights_file)
         setting += f", pretrained ({pathlib.Path(args.pretrain).stem}, {pretrain_steps} steps)"
         runs = runs / f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}-{backbone}"
-        start_fields.update(pretrain=args.pretrain, pretrain_steps=pretrain_steps)
-        start_fields.update(backbone=backbone)
+        start_fields.update(
+            pretrain=args.pretrain, pretrain_steps=pretrain_steps, backbone=backbone
+        )
     elif args.start == "scratch":
         base.model.init_checkpoint = None
     else:
