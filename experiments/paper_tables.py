@@ -59,6 +59,7 @@ from frcnn_jax.runtime import configure_runtime
 configure_runtime()
 
 import jax  # noqa: E402
+import result_rows  # noqa: E402
 from result_rows import Rows  # noqa: E402
 from scipy import stats  # noqa: E402
 
@@ -278,12 +279,9 @@ def scaled(config, steps):
 
 
 def config_digest(config):
-    """A short fingerprint of `config`'s values but its initial weights' path (the setting
-    string names those): rows trained from different values are never mixed in one table."""
-    values = config.to_dict()
-    values["model"].pop("init_checkpoint", None)
-    text = json.dumps(values, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    """`config`'s fingerprint but its initial weights' path (the setting string names those):
+    rows trained from different values are never mixed in one table."""
+    return result_rows.config_digest(config, ignore=("model.init_checkpoint",))
 
 
 def check_digest(rows, setting, digest, config_file):

@@ -2,6 +2,7 @@
 skip what is done and a killed run loses only the row it was working on."""
 
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -64,6 +65,20 @@ def code_version(paths):
         ).stdout.strip()
 
     return git("log", "-1", "--format=%h") + ("-dirty" if git("status", "--porcelain") else "")
+
+
+def config_digest(config, ignore=()):
+    """A short fingerprint of `config`'s values but the fields named in `ignore` (dotted paths,
+    e.g. "model.init_checkpoint"): rows trained from different values are never mixed."""
+    values = config.to_dict()
+    for path in ignore:
+        *parents, name = path.split(".")
+        node = values
+        for parent in parents:
+            node = node[parent]
+        node.pop(name, None)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def machine():

@@ -28,8 +28,9 @@ trains until the next mark of `--every` training minutes, evaluates, and continu
 keeps training at its final rate if the machine is faster than measured.
 
 Every finished run is a row of `--rows` (JSON lines): a rerun skips the rows finished at the
-current code (`CODE`'s last commit), so the search can be spread over several sittings, and a
-killed run loses only its own row. The two sides take
+current code (`CODE`'s last commit) and config values (`SEARCHED` aside: the search sets those on
+every row, so retuning the config's optimizer after the search keeps its rows), so the search can
+be spread over several sittings, and a killed run loses only its own row. The two sides take
 turns, one run at a time, so that drifts in the machine's speed fall on both. `--race` then
 measures both sides' speed again (corrected by the ratio of the speed each side sustained in its
 search runs with the recipe's optimizer to the speed measured for them) and reruns each side's
@@ -68,7 +69,9 @@ from frcnn_jax.training.budget import fit_to_budget, time_steps  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIDES = ("frcnn_jax", "torchvision")
-CODE = ("frcnn_jax", "setup.cfg", "requirements.txt", "configs", "experiments/time_to_map.py")
+CODE = ("frcnn_jax", "setup.cfg", "requirements.txt", "experiments/time_to_map.py")
+# the config fields each run of the search sets itself (`recipe_config`)
+SEARCHED = ("train.optimizer", "train.lr_schedule", "train.learning_rate")
 SCHEDULE = {"sgd": "step", "adamw": "cosine"}
 # each optimizer's starting learning rates, most promising first (`next_rate` extends them)
 GRID = {"adamw": (1e-3, 5e-4, 2e-3), "sgd": (0.02, 0.01, 0.04)}
@@ -442,12 +445,14 @@ def next_rate(rows, side, optimizer, limit=6):
 
 class Rows(result_rows.Rows):
     """The finished rows of one setting (config, twin, budget, evaluation images) measured at
-    one version of the code (`CODE`'s last commit): a rerun at changed code starts afresh."""
+    one version of the code (`CODE`'s last commit) and of `config`'s values but `SEARCHED`: a
+    rerun at changed code or values starts afresh."""
 
-    def __init__(self, path, setting):
+    def __init__(self, path, setting, config):
         super().__init__(path)
         self.setting = setting
-        self.code = result_rows.code_version(CODE)
+        digest = result_rows.config_digest(config, ignore=SEARCHED)
+        self.code = f"{result_rows.code_version(CODE)} config {digest}"
 
     def mine(self, kind):
         return super().find(kind=kind, setting=self.setting, code=self.code)
@@ -706,7 +711,7 @@ def main():
         f"{config.train.batch_size}), {args.minutes:g} training minutes, "
         f"{args.eval_images or 'all'} test images, {args.twin} twin"
     )
-    rows = Rows(args.rows, setting)
+    rows = Rows(args.rows, setting, config)
 
     def evaluate(detect):
         batches, info = make_batches(

@@ -269,3 +269,24 @@ def test_the_search_extends_its_grid_until_the_best_rate_is_inside(monkeypatch):
     config.model.rpn.box_normalizer = 2400.0
     with pytest.raises(SystemExit, match="box_normalizer"):
         time_to_map.check_twin_settings(config)
+
+
+def test_time_to_map_rows_survive_a_retuned_optimizer_but_not_other_values(tmp_path, monkeypatch):
+    """The search sets optimizer, schedule and rate on every run: the config's own choice of
+    them does not key the rows; any other value does."""
+    monkeypatch.setenv("FRCNN_JAX_MALLOC", "default")  # the script's import: no re-execution
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import time_to_map
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+    def key(config):
+        return time_to_map.Rows(tmp_path / "rows.jsonl", "a setting", config).code
+
+    config = base_config()
+    first = key(config)
+    config.train.update(optimizer="adamw", lr_schedule="cosine", learning_rate=1e-3)
+    assert key(config) == first
+    config.train.warmup_steps += 1
+    assert key(config) != first
