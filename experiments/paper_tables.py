@@ -5,10 +5,13 @@ in the paper's setting: from a classification-pretrained backbone.
         [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2,3,4]
         [--start pretrained|scratch|config] [--pretrain configs/pretrain_shapes_tiny_fpn.py]
         [--pretrain-steps N] [--rows experiments/results_paper.jsonl] [--runs runs/paper_tables]
+        [--backbones experiments/backbones]
 
-The paper fine-tunes ImageNet-pretrained networks; `--start pretrained` (the default) first
-pretrains the config's backbone with `--pretrain` (`python -m frcnn_jax.pretrain`, resumable, its
-top-1 and minutes recorded as a row) and starts every detector from it; `--start scratch` trains
+The paper fine-tunes ImageNet-pretrained networks; `--start pretrained` (the default) starts
+every detector from the config's backbone pretrained with `--pretrain`: the committed file
+`<backbones>/<pretraining config>-steps<N>.npz` when there is one, otherwise a pretraining run
+first (`python -m frcnn_jax.pretrain`, resumable, its top-1 and minutes recorded as a row) whose
+file is copied there to be committed; `--start scratch` trains
 from random weights (the earlier tables' setting, kept as their second column).
 
 Each table is a list of rows; a row names a training (the config with some fields changed) and
@@ -51,6 +54,7 @@ import hashlib
 import json
 import math
 import pathlib
+import shutil
 import statistics
 import time
 
@@ -341,19 +345,32 @@ def trained_to_the_end(config, workdir):
 
 
 def pretrained_backbone(args, rows):
-    """(the weights file of `args.pretrain`'s pretraining, run or resumed first in
-    `<runs>/pretrain/<config>-steps<N>`; its backbone id, the file's SHA-256 (12 hex)). Each
-    distinct weights file is recorded in `rows` with its top-1 and minutes: a pretraining run
-    again (its workdir gone, e.g. on another machine) gets a record of its own, `retrained`,
-    and the rows trained from it say so (`backbone`)."""
+    """(the weights file of `args.pretrain`'s pretraining; its backbone id, the file's SHA-256
+    (12 hex)). The file is `<backbones>/<config>-steps<N>.npz` when that exists (committed, so
+    that every machine starts its seeds from the same backbone); otherwise the pretraining runs
+    or resumes in `<runs>/pretrain/<config>-steps<N>` and its file is copied there, to be
+    committed with its record. Each distinct weights file is recorded in `rows` with its top-1
+    and minutes: a pretraining run again (its workdir gone, e.g. on another machine) gets a
+    record of its own, `retrained`, and the rows trained from it say so (`backbone`)."""
     config = pretraining_config(args)
     steps = config.train.num_steps
     name = f"{pathlib.Path(args.pretrain).stem}-steps{steps}"
+    shipped = pathlib.Path(args.backbones) / f"{name}.npz"
+    records = pretraining_records(rows, args.pretrain, steps)
+    if shipped.is_file():
+        backbone = hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]
+        if not any(r.get("backbone") == backbone for r in records):
+            raise SystemExit(
+                f"{shipped}: no pretraining record of backbone {backbone} in {args.rows} (its "
+                "top-1 and minutes); move the file away to pretrain again"
+            )
+        return shipped, backbone
     workdir = pathlib.Path(args.runs) / "pretrain" / name
     minutes, result = timed_pretraining(config, workdir)
     weights_file = workdir / pretraining.WEIGHTS_FILE
     backbone = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
-    records = pretraining_records(rows, args.pretrain, steps)
+    shipped.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights_file, shipped)
     if not any(r.get("backbone") == backbone for r in records):
         rows.add(
             {
@@ -363,12 +380,14 @@ def pretrained_backbone(args, rows):
                 "top5": result["top5"],
                 "examples": result["examples"],
                 "minutes": None if minutes is None else round(minutes, 2),
-                "weights": str(weights_file),
+                "weights": str(
+                    shipped.relative_to(ROOT) if shipped.is_relative_to(ROOT) else shipped
+                ),
                 "backbone": backbone,
                 **({"retrained": True} if records else {}),
             }
         )
-    return weights_file, backbone
+    return shipped, backbone
 
 
 def pretraining_records(rows, pretrain, steps):
@@ -640,6 +659,11 @@ def main():
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_paper.jsonl"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "paper_tables"))
+    parser.add_argument(
+        "--backbones",
+        default=str(ROOT / "experiments" / "backbones"),
+        help="pretrained backbones, one per pretraining config and length (committed)",
+    )
     args = parser.parse_args()
     tables = TABLES if args.table == "all" else tuple(args.table.split(","))
     unknown = sorted(set(tables) - set(TABLES))

@@ -1,6 +1,10 @@
 import atexit
+import ctypes
+import ctypes.util
+import gc
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -28,3 +32,41 @@ def rng():
 def data_dir(tmp_path_factory):
     """A TFDS data_dir for the module's tests (the tiny shapes set is made in it once)."""
     return tmp_path_factory.mktemp("tfds")
+
+
+# -- running on several workers (setup.cfg: `-n auto --dist loadfile`) --------------------------
+
+WORKER_MEMORY = 8 * 2**30  # a worker grows to ~6 GB over the model tests (compiled programs)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, but no more than one per `WORKER_MEMORY` of this machine's
+    memory (2 on 2 cores and 24 GiB, as CI), so that a worker's growth plus the 10 GB child of
+    the VGG-16 parity tests fit beside the other workers."""
+    del config
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, memory // WORKER_MEMORY))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (a stable sort: each file's tests keep their order), so that
+    the workers start on whole trainings and fill the end of the run with the quick files
+    rather than one worker finishing a long file alone."""
+    del config
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_file():
+    """After a file's tests: drop JAX's compiled programs (the persistent cache above brings
+    back those a later file needs) and hand freed memory back to the system, so a worker that
+    runs many files does not keep every file's programs and buffers."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and sys.platform.startswith("linux"):
+        ctypes.CDLL(libc).malloc_trim(0)

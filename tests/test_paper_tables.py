@@ -4,6 +4,7 @@ beside the paper's numbers, and a rerun that finds every row done."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
 PRETRAIN = """
 import pathlib
+import shutil
 from frcnn_jax.config import config_from_file
 
 def get_config():
@@ -66,6 +68,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
         "--pretrain-steps=2",
         f"--rows={rows}",
         f"--runs={tmp_path / 'runs'}",
+        f"--backbones={tmp_path / 'backbones'}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
@@ -82,7 +85,8 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert 0 <= pretrained["top1"] <= 1 and pretrained["examples"] == 8
     assert len(pretrained["backbone"]) == 12 and "retrained" not in pretrained
     assert all(r["backbone"] == pretrained["backbone"] for r in results)
-    assert pretrained["minutes"] > 0 and pretrained["weights"].endswith("backbone.npz")
+    assert pretrained["minutes"] > 0
+    assert pretrained["weights"] == str(tmp_path / "backbones" / "pretrain-steps2.npz")
     run = json.loads((pathlib.Path(results[0]["workdir"]) / "run.json").read_text())
     assert run["config"]["model"]["init_checkpoint"] == pretrained["weights"]
     # one training per distinct weight-changing setting, shared between tables
@@ -102,9 +106,11 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert "| 53.9 |" in table and "| 53.8 |" in table  # the paper's one-stage rows
     # Table 10's two-stage row (side by side, then in its setting's table); the rest vs it
     assert table.count("| reference |") == 2
+    shutil.rmtree(tmp_path / "runs" / "pretrain")  # as on another machine: the file is enough
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert len(rows.read_text().splitlines()) == len(written)  # nothing rerun
+    assert not (tmp_path / "runs" / "pretrain").exists()  # nor pretrained again
     assert len({r["config_digest"] for r in results}) == 1
     # the config file retuned since: its setting's rows are not continued from other values
     write_config_file(config_file, tmp_path / "tfds", LIGHT + "c.model.rpn.nms_threshold = 0.6\n")
@@ -218,6 +224,26 @@ with tempfile.TemporaryDirectory() as tmp:
     scratch = {"table": "9", "setting": "s", "start": "scratch", "row": "x", "seed": 0}
     rows.all.append(scratch)
     assert not paper_tables.other_backbone(rows, "9", 0, "s", None)
+# a committed backbone file is used only with its pretraining record (top-1, minutes)
+import argparse
+
+with tempfile.TemporaryDirectory() as tmp:
+    pretrain = str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py")
+    args = argparse.Namespace(
+        pretrain=pretrain, pretrain_steps=None, backbones=tmp, rows="rows.jsonl", runs=tmp
+    )
+    shipped = pathlib.Path(tmp) / "pretrain_shapes_tiny_fpn-steps3000.npz"
+    shipped.write_bytes(b"weights")
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    try:
+        paper_tables.pretrained_backbone(args, rows)
+    except SystemExit as refused:
+        assert "no pretraining record of backbone" in str(refused), refused
+    else:
+        raise AssertionError("a backbone file without its record was used")
+    digest = paper_tables.hashlib.sha256(b"weights").hexdigest()[:12]
+    rows.all.append({"pretrain": pretrain, "pretrain_steps": 3000, "backbone": digest})
+    assert paper_tables.pretrained_backbone(args, rows) == (shipped, digest)
 print("ok")
 """
 
