@@ -31,10 +31,14 @@ def define_allow_model_change():
     )
 
 
-def run(main):
+def run(main, tune_cpu=True):
     """`absl.app.run(main)` for a command: a user error (`frcnn_jax.errors.UserError`, a bad
     flag, a usage error) ends it with one line, `error: ...`, on stderr and exit status 1; any
-    other exception is a programming error and keeps its traceback. SIGTERM exits cleanly."""
+    other exception is a programming error and keeps its traceback. SIGTERM exits cleanly.
+    `tune_cpu`: the CPU tuning of `frcnn_jax.runtime` first, before the flags load the config
+    file (which imports JAX), so that where the allocator setting re-executes the process it
+    restarts one that has imported little (`start()`, first in `main()`, then finds it done);
+    False for a command that runs no JAX computation."""
     from absl import app
 
     from frcnn_jax import errors
@@ -58,6 +62,10 @@ def run(main):
             raise SystemExit(f"error: {_one_line(e)}") from None
 
     exit_on_sigterm()
+    if tune_cpu:
+        from frcnn_jax.runtime import configure_runtime
+
+        configure_runtime()
     app.run(guarded, flags_parser=parse)
 
 

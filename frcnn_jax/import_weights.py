@@ -79,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, tune_cpu=False)  # torch reads the file; no JAX computation

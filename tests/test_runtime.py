@@ -1,4 +1,5 @@
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -168,6 +169,41 @@ def test_huge_pages_restart_the_process_once_where_the_system_has_them():
     assert int(result.split()[1]) < 128, result
     *starts, result = run(FRCNN_JAX_MALLOC="huge_pages", GLIBC_TUNABLES="glibc.malloc.check=0")
     assert len(starts) == 1 and result.split()[0] == "default"
+
+
+# Loaded first by the command's process (PYTHONPATH): says, at the restart, whether the
+# process had imported JAX by then.
+_EXECVE_HOOK = """
+import os, sys
+
+_execve = os.execve
+
+def _logged(path, argv, env):
+    print("restarting; jax imported:", "jax" in sys.modules, file=sys.stderr, flush=True)
+    _execve(path, argv, env)
+
+os.execve = _logged
+"""
+
+
+def test_a_command_restarts_for_huge_pages_before_it_imports_jax(tmp_path):
+    """The restart (`configure_malloc`) comes before the flags load the config file, which
+    imports JAX: the second start does not pay for a first JAX import (about 2 s a command)."""
+    from frcnn_jax import runtime
+
+    if not runtime.huge_pages_available():
+        pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+    (tmp_path / "sitecustomize.py").write_text(_EXECVE_HOOK)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    config = root / "configs" / "shapes_tiny.py"
+    bad = "--config.train.optimizer=rmsprop"  # the run ends with this error, after the restart
+    command = [sys.executable, "-m", "frcnn_jax.train", f"--config={config}", bad]
+    command += [f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "restarting; jax imported: False" in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "config.train.optimizer" in last, result.stderr
 
 
 def test_the_malloc_setting_is_checked_and_restarts_only_once(monkeypatch):

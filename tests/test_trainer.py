@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from frcnn_jax import checkpointing, sharding, training, weights
 from frcnn_jax.config import check_config, config_from_file
@@ -56,7 +57,12 @@ def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tm
     evals = [x for x in lines if "eval/num_images" in x]
     assert [x["step"] for x in evals] == [4, 6]  # periodic (validation split), then final
     assert [x["eval/num_images"] for x in evals] == [2, 6]
-    assert list((tmp_path / "tensorboard").iterdir())
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # as TensorBoard reads them
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (x["step"], pytest.approx(x["train/loss"])) for x in train_lines
+    ]
+    assert [e.step for e in events.Scalars("eval/voc/mAP")] == [4, 6]
     assert checkpointing.Checkpoints(tmp_path).all_steps() == [2, 4, 6]
     report = tmp_path / "eval" / "step_6"
     assert {"metrics.json", "table.md", "pr"} <= {p.name for p in report.iterdir()}
