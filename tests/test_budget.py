@@ -165,8 +165,8 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         str(ROOT / "experiments" / "time_to_map.py"),
         f"--config={config_file}",
         "--recipes=adamw:0.001",
-        "--minutes=0.1",
-        "--every=0.05",
+        "--minutes=0.05",
+        "--every=0.025",
         "--fit-steps=2",
         "--eval-images=4",
         f"--rows={rows}",
@@ -186,17 +186,17 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     assert all("batchnorm twin" in r["setting"] for r in written)
     for row in written[2:]:
         assert row["optimizer"] == "adamw" and row["learning_rate"] == 0.001
-        assert [m["minutes"] for m in row["marks"]] == [0.05, 0.1]
+        assert [m["minutes"] for m in row["marks"]] == [0.025, 0.05]
         assert row["marks"][-1]["steps"] >= row["marks"][0]["steps"] >= 1
         fit = next(r for r in written if r["kind"] == "fit" and r["side"] == row["side"])
-        assert row["num_steps"] == fit["num_steps"]  # 6 s at the measured (rounded) speed:
-        assert abs(fit["num_steps"] - max(int(6 * fit["steps_per_second"]), 1)) <= 1
+        assert row["num_steps"] == fit["num_steps"]  # 3 s at the measured (rounded) speed:
+        assert abs(fit["num_steps"] - max(int(3 * fit["steps_per_second"]), 1)) <= 1
     table = rows.with_suffix(".md").read_text()
     assert table.startswith("# Time to accuracy") and "Commit " in table  # provenance
     assert "## Best against best, from the search" in table
     assert "| frcnn_jax | adamw+cosine lr 0.001 |" in table
     race = subprocess.run(
-        [*command, "--race", "--race-seeds=0,1", "--same-init"],
+        [*command, "--race", "--race-seeds=0", "--same-init"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -210,8 +210,6 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         ("race-fit", "torchvision", None),
         ("race", "frcnn_jax", 0),
         ("race", "torchvision", 0),
-        ("race", "frcnn_jax", 1),
-        ("race", "torchvision", 1),
         ("same-init", "frcnn_jax", 0),
         ("same-init", "torchvision", 0),
     ]

@@ -225,7 +225,8 @@ def test_a_second_run_refuses_and_a_killed_run_leaves_no_workers_or_lock(data_di
         pass
 
 
-DEVICES_8 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+_FLAGS = os.environ.get("XLA_FLAGS", "")  # the tests' own (conftest.py)
+DEVICES_8 = {"XLA_FLAGS": f"{_FLAGS} --xla_force_host_platform_device_count=8"}
 
 
 def test_a_checkpoint_moves_between_eight_devices_and_one(data_dir, tmp_path):

@@ -49,10 +49,10 @@ def get_config():
 
 
 def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
-    """Tables 10 and Figure 4 from a pretrained backbone (the pretraining, three trainings,
-    eight evaluations: the one-stage model, the image pyramid, multi-scale training, proposal
-    recall); the other tables' rows are the same machinery with other fields (checked below
-    without training)."""
+    """Table 2 and Figure 4 from a pretrained backbone (the pretraining, two trainings: shared
+    and unshared features, twelve evaluations: proposal counts, no NMS, random ranking, no
+    regression, proposal recall); the other tables' rows are the same machinery with other
+    fields (checked below without training; their models in tests/models)."""
     config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
     pretrain_file = tmp_path / "pretrain.py"
     pretrain_file.write_text(PRETRAIN.format(root=str(ROOT), data_dir=str(tmp_path / "tfds")))
@@ -60,7 +60,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     command = [
         sys.executable,
         str(SCRIPT),
-        "--table=10,fig4",
+        "--table=2,fig4",
         f"--config={config_file}",
         "--steps=2",
         "--seeds=0",
@@ -75,7 +75,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     written = [json.loads(line) for line in rows.read_text().splitlines()]
     results = [r for r in written if "table" in r]
-    assert [r["table"] for r in results] == ["10"] * 5 + ["fig4"] * 3
+    assert [r["table"] for r in results] == ["2"] * 9 + ["fig4"] * 3
     for r in results:
         assert 0.0 <= r["map"] <= 1.0 and r["seed"] == 0
         assert r["start"] == "pretrained" and r["setting"].endswith(
@@ -91,20 +91,21 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert run["config"]["model"]["init_checkpoint"] == pretrained["weights"]
     # one training per distinct weight-changing setting, shared between tables
     trainings = [r for r in written if "training" in r]
-    assert len(trainings) == len({r["workdir"] for r in results}) == 3
+    assert len(trainings) == len({r["workdir"] for r in results}) == 2
     by_row = {r["row"]: r for r in results}
     assert (
-        by_row["two-stage, 5 test scales"]["workdir"]
+        by_row["300 proposals (shared features)"]["workdir"]
         == by_row["300 proposals: recall vs IoU"]["workdir"]
+        != by_row["unshared features, 300 proposals"]["workdir"]
     )
     assert set(by_row["300 proposals: recall vs IoU"]["recall"]) >= {"0.50", "0.90", "AR"}
     table = rows.with_suffix(".md").read_text()
     assert "## Pretraining" in table and "| 2 |" in table
-    assert "## Table 10:" in table and "## Figure 4:" in table
+    assert "## Table 2:" in table and "## Figure 4:" in table
     assert "--start pretrained --pretrain" in table
-    assert "| one-stage, 5 test scales | 0 |" in table
-    assert "| 53.9 |" in table and "| 53.8 |" in table  # the paper's one-stage rows
-    # Table 10's two-stage row (side by side, then in its setting's table); the rest vs it
+    assert "| no reg (anchors as proposals), 300 | 0 |" in table
+    assert "| 58.7 |" in table and "| 44.6 |" in table  # the paper's unshared, random rows
+    # Table 2's shared row (side by side, then in its setting's table); the rest vs it
     assert table.count("| reference |") == 2
     shutil.rmtree(tmp_path / "runs" / "pretrain")  # as on another machine: the file is enough
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

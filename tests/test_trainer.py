@@ -208,7 +208,7 @@ def test_one_device_and_eight_devices_give_the_same_step(data_dir):
     script = EQUIVALENCE_SCRIPT.format(root=str(ROOT), data_dir=str(data_dir))
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         "PYTHONPATH": str(ROOT),
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
