@@ -551,7 +551,9 @@ def race_table(race):
     lines += [
         "",
         f"Steps/s sustained: frcnn_jax {speeds[0]:.3f}, torchvision {speeds[1]:.3f} "
-        f"({speeds[0] / speeds[1]:.2f}x)." if speeds[1] > 0 else ".",
+        f"({speeds[0] / speeds[1]:.2f}x)."
+        if speeds[1] > 0
+        else ".",
     ]
     return lines
 
