@@ -548,12 +548,10 @@ def race_table(race):
         ratio = f"{means[0] / means[1]:.2f}x" if means[1] > 0 else "-"
         lines.append(f"| {mark['minutes']:g} | {cells[0]} | {cells[1]} | {ratio} |")
     speeds = [np.mean([r["steps_per_second"] for r in rows]) for rows in (ours_rows, theirs_rows)]
+    ratio = f" ({speeds[0] / speeds[1]:.2f}x)" if speeds[1] > 0 else ""
     lines += [
         "",
-        f"Steps/s sustained: frcnn_jax {speeds[0]:.3f}, torchvision {speeds[1]:.3f} "
-        f"({speeds[0] / speeds[1]:.2f}x)."
-        if speeds[1] > 0
-        else ".",
+        f"Steps/s sustained: frcnn_jax {speeds[0]:.3f}, torchvision {speeds[1]:.3f}{ratio}.",
     ]
     return lines
 
