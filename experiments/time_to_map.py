@@ -14,8 +14,9 @@ loss dict, as a torchvision user weights losses); the ones it fixes, such as the
 torchvision builds a backbone trained from scratch: BatchNorm after every convolution,
 Kaiming-normal initialisation; `--twin plain` is frcnn_jax's own layers (no normalisation) with
 PyTorch's default initialisation. Both sides read the same `shapes` training split through the
-same loader (grain, 2 workers), batch size and image size, and are evaluated with the same VOC
-evaluator on the test split; evaluation time is not counted as training time.
+same loader (grain, `--workers` processes, 2 unless given), batch size and image size, and are
+evaluated with the same VOC evaluator on the test split; evaluation time is not counted as
+training time.
 
 The search, per side and optimizer: SGD (momentum 0.9, weight decay on kernels) with a x0.1
 step at 75% of the run, and AdamW (decoupled weight decay on kernels) with a cosine to zero,
@@ -693,6 +694,9 @@ def main():
         action="store_true",
         help="frcnn_jax's best recipe on both sides from the same initial weights",
     )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="loader worker processes (both sides' loaders)"
+    )
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
     parser.add_argument(
         "--stop-by",
@@ -702,7 +706,7 @@ def main():
     args = parser.parse_args()
     exit_on_sigterm()
     config = config_from_file(args.config)
-    config.data.workers = 2
+    config.data.workers = args.workers
     check_twin_settings(config)
     marks = [60 * args.every * (i + 1) for i in range(math.ceil(args.minutes / args.every))]
     sides = args.sides.split(",")

@@ -168,6 +168,7 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         "--minutes=0.05",
         "--every=0.025",
         "--fit-steps=2",
+        "--workers=0",  # loaders in the process: no worker start-ups for 4-image evaluations
         "--eval-images=4",
         f"--rows={rows}",
     ]
