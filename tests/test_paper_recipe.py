@@ -20,7 +20,7 @@ from frcnn_jax.evaluation.voc import voc_iou
 from frcnn_jax.models import FasterRCNN, build_model
 from frcnn_jax.models.rpn import level_anchors
 from tests import paper_settings, py_faster_rcnn
-from tests.tiny import one_image, tiny_model_config
+from tests.tiny import jitted, one_image, tiny_model_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -186,10 +186,9 @@ def test_two_thousand_test_proposals_for_evaluation_and_recall():
     config.model.rpn.test_post_nms_top_n = 2000
     model = build_model(config)
     images, sizes = one_image()
-    variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
-    detections, (boxes, valid) = jax.jit(
-        lambda v, x, s: model.apply(v, x, s, return_proposals=True, method=FasterRCNN.detect)
-    )(variables, images, sizes)
+    variables = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
+    detect = jitted(model, FasterRCNN.detect, return_proposals=True)
+    detections, (boxes, valid) = detect(variables, images, sizes)
     assert boxes.shape == (1, 2000, 4) and detections.boxes.shape == (1, 100, 4)
     kept = int(valid.sum())  # what NMS leaves of a random RPN's boxes; padding after them
     assert kept > 300 and not np.asarray(valid[0, kept:]).any()
@@ -237,10 +236,9 @@ def test_rpn_min_size_counts_original_image_pixels_as_py_faster_rcnn():
         config.model.rpn.min_size_original = original
         config.model.rpn.test_post_nms_top_n = 1000
         model = build_model(config)
-        variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
-        _, (boxes, valid) = model.apply(
-            variables, images, sizes, scales, return_proposals=True, method=FasterRCNN.detect
-        )
+        variables = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
+        detect = jitted(model, FasterRCNN.detect, return_proposals=True)
+        _, (boxes, valid) = detect(variables, images, sizes, scales)
         return np.asarray(boxes), np.asarray(valid)
 
     original, resized = proposals(20.0, True), proposals(40.0, False)

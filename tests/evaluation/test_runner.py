@@ -11,6 +11,7 @@ from frcnn_jax.data import data_config, make_batches
 from frcnn_jax.evaluation.runner import evaluate_detections
 from frcnn_jax.models import FasterRCNN, build_model
 from frcnn_jax.models.roi_heads import Detections
+from tests.tiny import jitted
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,8 @@ def test_runs_the_real_model(test_split):
     model = build_model(config)
     batches, info = make_batches(test_split, "test", batch_size=4, train=False)
     images = jnp.zeros((4, 160, 160, 3))
-    variables = model.init(
-        jax.random.key(0), images, jnp.full((4, 2), 160), method=FasterRCNN.detect
-    )
+    init = jitted(model, FasterRCNN.detect, init=True)
+    variables = init(jax.random.key(0), images, jnp.full((4, 2), 160))
     detect = jax.jit(
         lambda image, size, scale: model.apply(
             variables, image, size, scale, method=FasterRCNN.detect

@@ -194,7 +194,7 @@ def test_two_models_with_different_kernels_live_in_one_process():
     CPU kernels and one with XLA's, jitted side by side, trace different programs (the CPU
     kernels pin layouts) that compute the same detections."""
     from frcnn_jax.models import FasterRCNN, build_model, with_kernels
-    from tests.tiny import one_image, tiny_model_config
+    from tests.tiny import jitted, one_image, tiny_model_config
 
     auto = build_model(tiny_model_config())
     xla = with_kernels(auto, "xla")
@@ -205,7 +205,7 @@ def test_two_models_with_different_kernels_live_in_one_process():
         "xla",
     )
     images, sizes = one_image()
-    variables = auto.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    variables = jitted(auto, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
 
     def detect(model):
         return jax.jit(lambda v, x, s: model.apply(v, x, s, method=FasterRCNN.detect))

@@ -12,7 +12,7 @@ from frcnn_jax import ops
 from frcnn_jax.config import base_config, check_config
 from frcnn_jax.models import FasterRCNN, build_model, rpn
 from tests import paper_settings
-from tests.tiny import BOXES, CLASSES, one_image, tiny_model_config
+from tests.tiny import BOXES, CLASSES, jitted, one_image, tiny_model_config
 
 # ---------------------------------------------------------------- proposals without NMS
 
@@ -94,7 +94,7 @@ def tiny():
     config = tiny_model_config()
     images, sizes = one_image()
     model = build_model(config)
-    variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    variables = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
     return config, variables, images, sizes
 
 
@@ -105,9 +105,8 @@ def _with(config, **rpn):
 
 
 def _proposals(model, variables, images, sizes):
-    _, (boxes, valid) = jax.jit(
-        lambda v, i, s: model.apply(v, i, s, return_proposals=True, method=FasterRCNN.detect)
-    )(variables, images, sizes)
+    detect = jitted(model, FasterRCNN.detect, return_proposals=True)
+    _, (boxes, valid) = detect(variables, images, sizes)
     return np.asarray(boxes[0]), np.asarray(valid[0])
 
 
@@ -123,10 +122,11 @@ def test_test_time_switches_leave_training_unchanged(tiny):
     config, variables, images, sizes = tiny
     gt = (jnp.asarray(BOXES[None]), jnp.asarray(CLASSES[None]), jnp.ones((1, 3), bool))
     key = jax.random.key(3)
-    plain = build_model(config).apply(variables, images, sizes, *gt, key, method=FasterRCNN.losses)
-    switched = _with(config, test_nms=False, test_ranking="random", test_regression=False).apply(
-        variables, images, sizes, *gt, key, method=FasterRCNN.losses
-    )
+    plain = jitted(build_model(config), FasterRCNN.losses)(variables, images, sizes, *gt, key)
+    switched = jitted(
+        _with(config, test_nms=False, test_ranking="random", test_regression=False),
+        FasterRCNN.losses,
+    )(variables, images, sizes, *gt, key)
     for name in plain:
         np.testing.assert_array_equal(plain[name], switched[name])
 
@@ -177,7 +177,7 @@ def test_unshared_features_train_the_rpn_and_the_detector_apart():
     config.model.rpn.shared_features = False
     model = build_model(config)
     images, sizes = one_image()
-    variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    variables = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
     params = variables["params"]
     assert jax.tree.structure(params["rpn_backbone"]) == jax.tree.structure(params["backbone"])
     gt = (jnp.asarray(BOXES[None]), jnp.asarray(CLASSES[None]), jnp.ones((1, 3), bool))
@@ -189,7 +189,7 @@ def test_unshared_features_train_the_rpn_and_the_detector_apart():
             )
             return sum(terms[n] for n in names)
 
-        g = jax.grad(loss)(params)
+        g = jax.jit(jax.grad(loss))(params)
         return {k: float(optax_norm(v)) for k, v in g.items()}
 
     rpn = grads(("rpn_objectness", "rpn_box"))
@@ -199,11 +199,10 @@ def test_unshared_features_train_the_rpn_and_the_detector_apart():
     # the proposals come from the RPN's own backbone: changing the detector's leaves them
     other = {**params, "backbone": jax.tree.map(lambda x: x * 0.5, params["backbone"])}
 
+    detect = jitted(model, FasterRCNN.detect, return_proposals=True)
+
     def proposals(p):
-        out = model.apply(
-            {"params": p}, images, sizes, return_proposals=True, method=FasterRCNN.detect
-        )
-        return out[1][0]
+        return detect({"params": p}, images, sizes)[1][0]
 
     np.testing.assert_array_equal(proposals(params), proposals(other))
 
@@ -217,21 +216,18 @@ def test_one_stage_classifies_every_anchor_without_an_rpn():
     config = tiny_model_config(rois="anchors")
     model = build_model(config)
     images, sizes = one_image()
-    variables = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    variables = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
     assert "rpn_head" not in variables["params"]
     gt = (jnp.asarray(BOXES[None]), jnp.asarray(CLASSES[None]), jnp.ones((1, 3), bool))
-    terms = model.apply(variables, images, sizes, *gt, jax.random.key(1), method=FasterRCNN.losses)
+    losses = jitted(model, FasterRCNN.losses)
+    terms = losses(variables, images, sizes, *gt, jax.random.key(1))
     assert float(terms["rpn_objectness"]) == 0 and float(terms["rpn_box"]) == 0
     assert float(terms["fast_rcnn_class"]) > 0 and float(terms["fast_rcnn_box"]) > 0
 
     def total(p):
-        return sum(
-            model.apply(
-                {"params": p}, images, sizes, *gt, jax.random.key(1), method=FasterRCNN.losses
-            ).values()
-        )
+        return sum(losses({"params": p}, images, sizes, *gt, jax.random.key(1)).values())
 
-    grads = jax.grad(total)(variables["params"])
+    grads = jax.jit(jax.grad(total))(variables["params"])
     assert float(optax_norm(grads["backbone"])) > 0
     detections, (rois, valid) = jax.jit(
         lambda v: model.apply(v, images, sizes, return_proposals=True, method=FasterRCNN.detect)
@@ -282,9 +278,8 @@ def test_unshared_features_start_both_backbones_from_imported_weights(tmp_path):
     config = base_config()
     config.model = tiny_model_config().model
     config.data.canvas = (128, 128)
-    imported = build_model(config).init(jax.random.key(7), *one_image(), method=FasterRCNN.detect)[
-        "params"
-    ]["backbone"]
+    init = jitted(build_model(config), FasterRCNN.detect, init=True)
+    imported = init(jax.random.key(7), *one_image())["params"]["backbone"]
     flat = {
         f"params/backbone/{k}": np.asarray(v)
         for k, v in flax.traverse_util.flatten_dict(imported, sep="/").items()

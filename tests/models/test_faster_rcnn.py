@@ -9,13 +9,13 @@ import pytest
 from frcnn_jax import ops
 from frcnn_jax.config import model_config, torchvision_heads
 from frcnn_jax.models import FasterRCNN, build_model
-from tests.tiny import BOXES, CLASSES, HEIGHT, one_image, tiny_model_config
+from tests.tiny import BOXES, CLASSES, HEIGHT, jitted, one_image, tiny_model_config
 
 
 def batch_of(model_config, *, gt_boxes, gt_valid):
     model = build_model(model_config)
     images, sizes = one_image()
-    params = model.init(jax.random.key(0), images, sizes, method=FasterRCNN.detect)
+    params = jitted(model, FasterRCNN.detect, init=True)(jax.random.key(0), images, sizes)
     gt_classes = jnp.asarray(np.resize(CLASSES, gt_valid.shape), jnp.int32)
     return model, params, (images, sizes, jnp.asarray(gt_boxes), gt_classes, jnp.asarray(gt_valid))
 
@@ -101,7 +101,7 @@ def test_proposal_gradients_reach_the_rpn_regressor():
             terms = model.apply(p, *batch, jax.random.key(0), method=FasterRCNN.losses)
             return terms["fast_rcnn_class"] + terms["fast_rcnn_box"]
 
-        grads = jax.grad(head_loss)(params)
+        grads = jax.jit(jax.grad(head_loss))(params)
         return np.abs(np.asarray(grads["params"]["rpn_head"]["bbox"]["kernel"])).sum()
 
     assert rpn_box_grad(False) == 0.0  # approximate joint training: proposals are constants
