@@ -1,6 +1,7 @@
 """torchvision weights: backbones and heads give torchvision's outputs, the whole COCO detector
 gives its proposals and detections, loading is strict, and a weight file never runs code."""
 
+import functools
 import logging
 import os
 import pathlib
@@ -59,7 +60,7 @@ def test_vgg16_features_and_fc6_fc7_equal_torchvisions():
     flat, covers = weights.from_torchvision(reference.state_dict(), arch="vgg16")
     assert covers == ["params/backbone", "params/box_head"]
     images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
-    got = VGG16().apply({"params": tree(flat, "params/backbone")}, images)
+    got = jax.jit(VGG16().apply)({"params": tree(flat, "params/backbone")}, images)
     want = reference.features[:-1](nchw(images)).permute(0, 2, 3, 1).numpy()  # conv5_3, no pool5
     assert_close(got, want)
     pooled = np.random.default_rng(1).normal(size=(5, 7, 7, 512)).astype(np.float32)
@@ -86,14 +87,15 @@ def test_resnet_c4_and_fpn_bodies_equal_torchvisions(depth):
         "params": tree(flat, "params/backbone"),
         "batch_stats": tree(flat, "batch_stats/backbone"),
     }
-    assert_close(ResNet(depth, num_stages=3).apply(variables, images), stages[2])
+    assert_close(jax.jit(ResNet(depth, num_stages=3).apply)(variables, images), stages[2])
     pooled = np.random.default_rng(1).normal(size=(3, 14, 14, 1024)).astype(np.float32)
     res5 = {
         "params": tree(flat, "params/box_head"),
         "batch_stats": tree(flat, "batch_stats/box_head"),
     }
     want = reference.layer4(nchw(pooled)).mean((2, 3)).numpy()
-    assert_close(Res5Head(depth).apply(res5, pooled, train=False), want)
+    res5_head = jax.jit(functools.partial(Res5Head(depth).apply, train=False))
+    assert_close(res5_head(res5, pooled), want)
 
     flat, covers = weights.from_torchvision(
         reference.state_dict(), arch=f"resnet{depth}", body="fpn"
@@ -103,7 +105,9 @@ def test_resnet_c4_and_fpn_bodies_equal_torchvisions(depth):
         "params": tree(flat, "params/backbone/body"),
         "batch_stats": tree(flat, "batch_stats/backbone/body"),
     }
-    got = ResNet(depth, num_stages=4).apply(variables, images, all_stages=True)
+    got = jax.jit(functools.partial(ResNet(depth, num_stages=4).apply, all_stages=True))(
+        variables, images
+    )
     for ours, theirs in zip(got, stages, strict=True):
         assert_close(ours, theirs)
 

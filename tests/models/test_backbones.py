@@ -124,7 +124,7 @@ def test_declared_frozen_parameters_are_exactly_those_without_gradient(name, fro
     parameters that get a zero gradient through the backbone's `freeze_if` cuts."""
     backbone = backbone_named(name, frozen)
     images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
-    variables = backbone.init(jax.random.key(1), images)
+    variables = jax.jit(backbone.init)(jax.random.key(1), images)
 
     def loss(params):
         out = backbone.apply({**variables, "params": params}, images)
