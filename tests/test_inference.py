@@ -16,7 +16,7 @@ from frcnn_jax import cli, errors, exported, rundir, training
 from frcnn_jax.inference import Detector, draw
 from frcnn_jax.models import FasterRCNN
 from tests.data.test_folders import _bomb_png
-from tests.tiny import ROOT, tiny_config
+from tests.tiny import ROOT, jitted, tiny_config
 
 pytestmark = pytest.mark.slow  # whole trainings and subprocess runs
 
@@ -73,12 +73,11 @@ def test_detector_keeps_the_scale_of_both_orientations_and_compiles_once_per_can
         height, width = image.shape[:2]
         boxes = result["boxes"]
         assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
-        want = detector.model.apply(
+        want = jitted(detector.model, FasterRCNN.detect)(
             detector.variables,
             jnp.asarray(canvas[None], jnp.float32),
             jnp.asarray(size[None]),
             jnp.asarray([scale]),
-            method=FasterRCNN.detect,
         )
         np.testing.assert_allclose(boxes, np.asarray(want.boxes[0]), atol=1e-3)
         np.testing.assert_allclose(result["scores"], np.asarray(want.scores[0]), atol=1e-6)
@@ -239,12 +238,11 @@ def test_exported_model_runs_with_jax_and_numpy_only_and_equals_the_detector(run
     assert "IMPORTED [] ['cpu', 'cuda', 'tpu']" in ran.stdout  # nothing but jax and numpy
     assert ran.stdout.rstrip().endswith("xla")  # traced with XLA's kernels, and says so
     got = np.load(tmp_path / "outputs.npz")
-    want = detector.model.apply(
+    want = jitted(detector.model, FasterRCNN.detect)(
         {**trained.variables},
         jnp.asarray(canvas[None], jnp.float32),
         jnp.asarray(size[None]),
         jnp.asarray([scale]),
-        method=FasterRCNN.detect,
     )
     # The exported model's score threshold is the trained config's (0.05), not this one's.
     keep = np.asarray(got["valid"][0])

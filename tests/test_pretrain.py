@@ -2,6 +2,7 @@
 offline shapes_classes set, crops, exact resume, and the backbone weights file a detector
 loads."""
 
+import functools
 import json
 import shutil
 
@@ -220,7 +221,7 @@ def test_a_pretrained_backbone_computes_the_same_in_the_detector(backbone, rng):
     config.model.backbone = backbone
     classifier = build_classifier(config)
     images = jnp.asarray(rng.uniform(0, 255, (2, 48, 64, 3)), jnp.uint8)
-    variables = classifier.init(jax.random.key(0), images)
+    variables = jax.jit(classifier.init)(jax.random.key(0), images)
 
     def moved(path, x):  # running statistics as training leaves them: not 0 and 1
         if path[-1].key == "var":
@@ -229,13 +230,14 @@ def test_a_pretrained_backbone_computes_the_same_in_the_detector(backbone, rng):
 
     stats = jax.tree_util.tree_map_with_path(moved, variables["batch_stats"])
     variables = {**variables, "batch_stats": stats}
-    trained = classifier.apply(
-        variables, images, method=lambda m, x: m.backbone(x.astype(jnp.float32) / 255)
+    features = functools.partial(
+        classifier.apply, method=lambda m, x: m.backbone(x.astype(jnp.float32) / 255)
     )
+    trained = jax.jit(features)(variables, images)
     flat, covers = backbone_weights(jax.device_get(variables))
     detector = get_backbone(backbone, dtype=jnp.float32, frozen_stages=0, kernels="xla")
     tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    plain = detector.apply(
+    plain = jax.jit(detector.apply)(
         {c: v["backbone"] for c, v in tree.items()}, images.astype(jnp.float32) / 255
     )
     assert covers == sorted({"/".join(k.split("/")[:3]) for k in flat})
