@@ -116,8 +116,9 @@ def train_alternating(config, workdir, model, mesh, writer):
         if not shared and index == 2 and train.alternating_phase2_init == "phase1":
             params = {**params, "backbone": finals[0].params["rpn_backbone"]}  # phase 1's convs
         # a copy: each phase donates its state to its step, earlier phases' arrays live on
+        opt_state = jax.jit(tx.init)(params)
         state = jax.device_put(
-            jax.tree.map(jnp.copy, initial.replace(params=params, opt_state=tx.init(params))),
+            jax.tree.map(jnp.copy, initial.replace(params=params, opt_state=opt_state)),
             replicated,
         )
         proposer = None

@@ -80,7 +80,7 @@ def start_state(train, model, variables):
         step=jnp.zeros((), jnp.int32),
         params=params,
         frozen=variables,
-        opt_state=tx.init(params),
+        opt_state=jax.jit(tx.init)(params),  # eager: a compile per parameter shape
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
     return state, tx
