@@ -22,6 +22,9 @@ is serves Table 8's 3x3 anchors, Table 9's lambda = 10, Table 10's two-stage row
 every finished row is a line of `--rows`, and a rerun skips finished rows, so a table can be
 completed over several sittings. A training whose weights are gone is trained again as a new
 training record, and the rows computed from it name it: an earlier row keeps its own record.
+A training that meets a non-finite loss stops there and is recorded as diverged (the step): its
+rows say so, carry no mAP and leave their seed out of the comparisons; a rerun does not train
+it again (it would diverge at the same step).
 The same holds for the pretrained backbone: each weights file is recorded by its SHA-256, the
 rows trained from it carry it (`backbone`), and a seed's rows all come from one backbone (a
 seed whose rows came from a backbone that is gone is skipped, saying so; other seeds run).
@@ -71,6 +74,7 @@ from frcnn_jax import checkpointing, pretraining, sharding, training  # noqa: E4
 from frcnn_jax.cli import exit_on_sigterm, setup_logging  # noqa: E402
 from frcnn_jax.config import check_config, config_from_file  # noqa: E402
 from frcnn_jax.models import build_model  # noqa: E402
+from frcnn_jax.training.phase import NonFinite  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -480,7 +484,11 @@ THRESHOLDS = ("0.50", "0.60", "0.70", "0.80", "0.90")  # Figure 4's IoUs
 def summaries(table, mine):
     """{row label: its summary over the seeds} of one setting's rows `mine` of `table`: seeds,
     mean and range of mAP (%), the paired comparison with the reference row (`test`, `said`),
-    the paper's figure and difference, training minutes; Figure 4's rows: recall cells."""
+    the paper's figure and difference, training minutes; Figure 4's rows: recall cells. Seeds
+    whose training diverged (no mAP) are named and left out of the means and comparisons."""
+    diverged = {(r["row"], r["seed"]): r["diverged_at"] for r in mine if r["map"] is None}
+    paper_of = {r["row"]: r["paper"] for r in mine}
+    mine = [r for r in mine if r["map"] is not None]
     reference = {r["seed"]: 100 * r["map"] for r in mine if is_reference(table, r["row"])}
     reference_weights = {r["seed"]: r["workdir"] for r in mine if is_reference(table, r["row"])}
     paper_reference = next(
@@ -488,10 +496,18 @@ def summaries(table, mine):
         None,
     )
     out = {}
-    for label in dict.fromkeys(r["row"] for r in mine):
+    for label in dict.fromkeys([*(r["row"] for r in mine), *(row for row, _ in diverged)]):
         found = [r for r in mine if r["row"] == label]
-        summary = {"seeds": ",".join(str(r["seed"]) for r in found), "n": len(found)}
+        seeds = ",".join(str(r["seed"]) for r in found)
+        failed = [f"{seed} (step {step})" for (row, seed), step in diverged.items() if row == label]
+        if failed:
+            seeds += f"{'; ' if seeds else ''}diverged: {', '.join(failed)}"
+        summary = {"seeds": seeds, "n": len(found), "diverged": len(failed)}
         out[label] = summary
+        if not found:  # every seed diverged
+            summary.update(cells=None, mean=None, spread="-", test="-", said="-", minutes=None)
+            summary.update(paper=paper_of[label], paper_difference=None)
+            continue
         if table == "fig4":
             recall = [r["recall"] for r in found]
             summary["cells"] = [statistics.mean(x[t] for x in recall) for t in (*THRESHOLDS, "AR")]
@@ -565,17 +581,23 @@ def markdown(table, rows, setting):
         ]
     for label, x in summaries(table, mine).items():
         if table == "fig4":
-            cells = " | ".join(f"{c:.3f}" for c in x["cells"])
+            values = x["cells"] or [None] * (len(THRESHOLDS) + 1)
+            cells = " | ".join("-" if c is None else f"{c:.3f}" for c in values)
             lines.append(f"| {label.split(':')[0]} | {x['seeds']} | {cells} |")
             continue
         paper, paper_difference = x["paper"], x["paper_difference"]
         lines.append(
-            f"| {label} | {x['seeds']} | {x['mean']:.1f} | {x['spread']} | {x['test']} | "
+            f"| {label} | {x['seeds']} | {shown(x['mean'])} | {x['spread']} | {x['test']} | "
             f"{x['said']} | {'-' if paper is None else f'{paper:.1f}'} | "
             f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | "
-            f"{x['minutes']:.1f} |"
+            f"{shown(x['minutes'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def shown(value):
+    """A mean as the tables print it: one decimal, '-' for none (every seed diverged)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def column_name(setting):
@@ -602,7 +624,7 @@ def side_by_side(table, rows):
                 x = found[s].get(label)
                 cells.append(
                     "-"
-                    if x is None
+                    if x is None or x["cells"] is None
                     else " / ".join(f"{x['cells'][i]:.3f}" for i in (0, 2, 4))
                     + f", {x['cells'][5]:.3f} ({x['n']})"
                 )
@@ -626,7 +648,8 @@ def side_by_side(table, rows):
                 cells += ["-", "-"]
             else:
                 said = "" if x["said"] == "-" else f", {x['said']}"
-                cells += [f"{x['mean']:.1f} ({x['n']})", f"{x['test']}{said}"]
+                failed = f", {x['diverged']} diverged" if x["diverged"] else ""
+                cells += [f"{shown(x['mean'])} ({x['n']}{failed})", f"{x['test']}{said}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -707,9 +730,12 @@ def main():
                 workdir = runs / training_name(row.train) / f"seed{seed}"
                 record = training_record(rows, config, workdir)
                 config = with_fields(config, row.test)
-                result = training.evaluation.evaluate(
-                    config, build_model(config), restore(workdir, mesh), mesh
-                )
+                if "diverged_at" in record:
+                    result = {"voc": {"mAP": None}}
+                else:
+                    result = training.evaluation.evaluate(
+                        config, build_model(config), restore(workdir, mesh), mesh
+                    )
                 out = {
                     "table": table,
                     "row": row.label,
@@ -725,11 +751,14 @@ def main():
                     "workdir": str(workdir),
                     "training_id": record["id"],
                 }
+                if "diverged_at" in record:
+                    out["diverged_at"] = record["diverged_at"]
                 if "recall" in result:
                     count = config.model.rpn.test_post_nms_top_n
                     out["recall"] = result["recall"][f"recall@{count}"]
                 rows.add(out)
-                print(f"{table} | {row.label} | seed {seed}: mAP@0.5 {out['map']:.4f}", flush=True)
+                said = "diverged" if out["map"] is None else f"mAP@0.5 {out['map']:.4f}"
+                print(f"{table} | {row.label} | seed {seed}: {said}", flush=True)
     for table in tables:
         print(f"\n## {TITLES[table]}\n\n" + markdown(table, rows, setting))
     write_tables(rows, pathlib.Path(args.rows).with_suffix(".md"))
@@ -767,20 +796,30 @@ def other_backbone(rows, table, seed, setting, backbone):
 
 
 def training_record(rows, config, workdir):
-    """The training record of `workdir` (trained or resumed first). A record whose weights
-    are gone is not reused: the training runs again and gets a new record (its `id` counts the
-    earlier ones), so rows computed before keep theirs."""
+    """The training record of `workdir` (trained or resumed first; `diverged_at`: the step
+    of a non-finite loss that stopped it). A record whose weights are gone is not reused: the
+    training runs again and gets a new record (its `id` counts the earlier ones), so rows
+    computed before keep theirs. A diverged training is not run again."""
     earlier = rows.find(training=str(workdir))
+    if earlier and "diverged_at" in earlier[-1]:
+        return earlier[-1]
     if earlier and trained_to_the_end(config, workdir):
         training.train_and_evaluate(config, workdir)  # the final evaluation, if it is missing
         return earlier[-1] if "id" in earlier[-1] else {**earlier[-1], "id": str(workdir)}
-    minutes, _ = train(config, workdir)
+    outcome = {}
+    try:
+        minutes, _ = train(config, workdir)
+    except NonFinite as error:
+        minutes = float((pathlib.Path(workdir) / "paper_minutes.txt").read_text())
+        outcome = {"diverged_at": error.step}
+        print(f"{workdir}: diverged ({error})", flush=True)
     number = len(earlier)
     return rows.add(
         {
             "training": str(workdir),
             "id": f"{workdir}#{number}" if number else str(workdir),
             "minutes": round(minutes, 2),
+            **outcome,
             **({"retrained": True} if number else {}),
         }
     )

@@ -173,6 +173,7 @@ unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswi
 assert ("train.alternating_phases", 2) in unshared.train  # the paper's: stop after phase 2
 # a training stopped by a signal (train_and_evaluate returns None) ends the script: no row from
 # its last checkpoint; the minutes it trained are kept for the next sitting
+import argparse
 import tempfile
 from unittest import mock
 
@@ -186,6 +187,40 @@ with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
     else:
         raise AssertionError("a stopped training returned a result")
     assert float((pathlib.Path(tmp) / "paper_minutes.txt").read_text()) >= 0
+# a training that diverges is recorded with its step, once: a rerun does not train it again
+def diverging(config, workdir):
+    raise paper_tables.NonFinite("non-finite loss at step 66", step=66)
+
+
+with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
+    paper_tables.training, "train_and_evaluate", diverging
+):
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    record = paper_tables.training_record(rows, base, pathlib.Path(tmp) / "run")
+    assert record["diverged_at"] == 66 and record["minutes"] >= 0, record
+    assert paper_tables.training_record(rows, base, pathlib.Path(tmp) / "run") == record
+    assert len(rows.all) == 1
+# its rows carry no mAP: their seed is named and left out of the means and the comparisons
+def row(label, seed, value, **more):
+    return {"row": label, "seed": seed, "map": value, "paper": None, "workdir": f"{label}{seed}",
+            "train_minutes": 1.0, **more}
+
+
+ten, one, hundred = "lambda = 10 (w 1)", "lambda = 1 (w 0.1)", "lambda = 100 (w 10)"
+mine = [row(ten, s, v) for s, v in ((0, 0.70), (2, 0.72))]
+mine.append(row(ten, 1, None, diverged_at=66))
+mine += [row(one, s, v) for s, v in ((0, 0.68), (1, 0.50), (2, 0.69))]
+mine.append(row(hundred, 0, None, diverged_at=9))
+found = paper_tables.summaries("9", mine)
+assert found[ten]["seeds"] == "0,2; diverged: 1 (step 66)", found
+assert abs(found[ten]["mean"] - 71.0) < 1e-9
+assert abs(found[one]["mean"] - 187 / 3) < 1e-9  # seed 1 counts in its own mean
+assert found[one]["test"].startswith("-2.5 [")  # but pairs only with seeds 0 and 2
+assert found[hundred]["mean"] is None and found[hundred]["diverged"] == 1
+every = argparse.Namespace(all=[{**r, "table": "9", "setting": "s"} for r in mine])
+text = paper_tables.markdown("9", every, "s")
+assert f"| {hundred} | diverged: 0 (step 9) | - |" in text, text
+assert "| - (0, 1 diverged) |" in paper_tables.side_by_side("9", every)
 # the paper's lambda stays the tables' reference when a config's own box weight is retuned
 shapes = paper_tables.scaled(config_from_file(ROOT / "configs" / "shapes_tiny.py"), 100)
 tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 3.0),))  # any retuning
@@ -226,8 +261,6 @@ with tempfile.TemporaryDirectory() as tmp:
     rows.all.append(scratch)
     assert not paper_tables.other_backbone(rows, "9", 0, "s", None)
 # a committed backbone file is used only with its pretraining record (top-1, minutes)
-import argparse
-
 with tempfile.TemporaryDirectory() as tmp:
     pretrain = str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py")
     args = argparse.Namespace(

@@ -116,6 +116,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
     message = str(e.value)
     assert "fast_rcnn_class" in message or "metrics.jsonl" in message
     bad_step = int(message.split("at step ")[1].split()[0])
+    assert e.value.step == bad_step  # for callers that record it (experiments/paper_tables.py)
     saved = checkpointing.Checkpoints(tmp_path).all_steps()
     assert all(step <= bad_step for step in saved)  # nothing saved after the bad step
 

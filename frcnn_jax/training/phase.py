@@ -141,7 +141,12 @@ def run_steps(
 
 
 class NonFinite(UserError, FloatingPointError):
-    """Training met a non-finite loss or gradient (a learning rate too high, bad input)."""
+    """Training met a non-finite loss or gradient (a learning rate too high, bad input) at
+    `step`, whose update was skipped."""
+
+    def __init__(self, message, step=None):
+        super().__init__(message)
+        self.step = step
 
 
 class _Stop:
@@ -183,5 +188,6 @@ def _check_finite(state, pending, checkpoints):
     raise NonFinite(
         f"non-finite loss or gradient at step {bad} (loss terms: {terms or 'see metrics.jsonl'});"
         f" that update was skipped and training stopped; the last good checkpoint is step "
-        f"{checkpoints.latest_step()} in {checkpoints.directory}"
+        f"{checkpoints.latest_step()} in {checkpoints.directory}",
+        step=bad,
     )
