@@ -211,7 +211,13 @@ def test_the_coco_detector_gives_torchvisions_proposals_and_detections():
     ranks, tied = ours[matched], want_scores[matched]
     out_of_order = (np.diff(ranks) < 0) & (np.abs(np.diff(tied)) >= 1e-5)
     assert not out_of_order.any(), np.flatnonzero(out_of_order)
-    np.testing.assert_array_equal(ours[:50], np.arange(50))  # the best, well apart: exact
+    # the best 50 in exactly the reference's order, but where two of them tie within float32
+    # noise (scores near 1: the sigmoid packs them within 1e-7; which ranks first depends on
+    # the compiler's rounding, e.g. XLA's optimisation level)
+    gaps = np.abs(np.diff(want_scores[:51])) >= 1e-6
+    apart = np.concatenate([[True], gaps[:49]]) & gaps
+    assert apart.sum() >= 10  # 18 of the 50 here
+    np.testing.assert_array_equal(ours[:50][apart], np.arange(50)[apart])
     keep = np.asarray(detections.valid[0])
     count = len(want["scores"])
     assert keep.sum() == count > 10
