@@ -125,7 +125,8 @@ def main():
         *result_rows.provenance(command),
         f"{paper_tables.repo_name(args.config)}, {args.steps} steps, from the pretrained backbone "
         f"`{pathlib.Path(args.backbone).name}` (`paper_tables`' setting); gradient norms before "
-        "clipping, as the training logs them.",
+        "clipping, as the training logs them. Each row: `python experiments/stability.py "
+        "--seeds <seed> --change '<change>'`.",
         "",
         *table(rows),
         "",
