@@ -76,6 +76,7 @@ def main():
     parser.add_argument(
         "--backbone",
         default=str(ROOT / "experiments" / "backbones" / "pretrain_shapes_tiny_fpn-steps3000.npz"),
+        help="the pretrained backbone's weights file; 'none': from random weights",
     )
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_stability.jsonl"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "stability"))
@@ -83,7 +84,7 @@ def main():
     change = parse_change(args.change)
     base = paper_tables.paper_setting(config_from_file(args.config))
     base = paper_tables.scaled(base, args.steps)
-    base.model.init_checkpoint = args.backbone
+    base.model.init_checkpoint = None if args.backbone == "none" else args.backbone
     digest = paper_tables.config_digest(base)
     rows = Rows(args.rows)
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -118,13 +119,18 @@ def main():
             }
         )
         print(json.dumps(row), flush=True)
+    start = (
+        "random weights"
+        if args.backbone == "none"
+        else f"the pretrained backbone `{pathlib.Path(args.backbone).name}`"
+    )
     command = shlex.join(["python", "experiments/stability.py", *sys.argv[1:]])
     lines = [
         "# Training stability in the paper tables' setting",
         "",
         *result_rows.provenance(command),
-        f"{paper_tables.repo_name(args.config)}, {args.steps} steps, from the pretrained backbone "
-        f"`{pathlib.Path(args.backbone).name}` (`paper_tables`' setting); gradient norms before "
+        f"{paper_tables.repo_name(args.config)}, {args.steps} steps, from {start} "
+        "(`paper_tables`' setting); gradient norms before "
         "clipping, as the training logs them. Each row: `python experiments/stability.py "
         "--seeds <seed> --change '<change>'`.",
         "",

@@ -316,3 +316,36 @@ def test_stage_times_prints_every_stage(tmp_path):
     times = [float(cell) for cell in row[3:9]]  # four stages, their sum, the one program
     assert all(t > 0 for t in times)
     assert abs(sum(times[:4]) - times[4]) < 0.2
+
+
+@pytest.mark.slow
+def test_stability_records_a_divergence_and_a_finished_training(tmp_path):
+    """experiments/stability.py end to end on the tiny setting: a learning rate that diverges is
+    recorded with its step, a sane one with its mAP; a rerun trains neither again."""
+    config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
+    rows = tmp_path / "rows.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(change):
+        command = [
+            sys.executable,
+            str(ROOT / "experiments" / "stability.py"),
+            f"--config={config_file}",
+            "--steps=4",
+            "--seeds=0",
+            "--backbone=none",  # from random weights (the committed one is a tiny FPN's)
+            f"--change={change}",
+            f"--rows={rows}",
+            f"--runs={tmp_path / 'runs'}",
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run("train.learning_rate=1e12,train.warmup_steps=0")
+    run("")
+    run("")  # done: skipped
+    diverged, finished = (json.loads(line) for line in rows.read_text().splitlines())
+    assert diverged["diverged_at"] >= 0 and "map" not in diverged
+    assert 0 <= finished["map"] <= 1 and "diverged_at" not in finished
+    table = rows.with_suffix(".md").read_text()
+    assert "| 0 | none | finished |" in table and "diverged at step" in table
