@@ -325,21 +325,27 @@ def training_name(pairs):
 
 
 def train(config, workdir):
-    """Train (or resume) `config` in `workdir`; the minutes its training took, summed over the
-    sittings that trained it (`<workdir>/paper_minutes.txt`), and whether this call trained."""
+    """Train (or resume) `config` in `workdir`: (the minutes its training took, summed over the
+    sittings that trained it (`<workdir>/paper_minutes.txt`), its final evaluation's metrics,
+    the step of a non-finite loss that stopped it); metrics None when it diverged, the step
+    None when it did not."""
     record = pathlib.Path(workdir) / "paper_minutes.txt"
     before = float(record.read_text()) if record.is_file() else 0.0
     done = trained_to_the_end(config, workdir)
     start = time.perf_counter()
+    diverged_at = None
     try:
         result = training.train_and_evaluate(config, workdir)
+    except NonFinite as error:
+        result, diverged_at = None, error.step
+        print(f"{workdir}: diverged ({error})", flush=True)
     finally:
         if not done:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(f"{before + (time.perf_counter() - start) / 60:.3f}")
-    if result is None:  # stopped by a signal: no row from an unfinished training
+    if result is None and diverged_at is None:  # stopped by a signal: no row from it
         raise SystemExit(f"stopped while training {workdir}; rerun the same command to resume")
-    return float(record.read_text()) if record.is_file() else 0.0, not done
+    return float(record.read_text()) if record.is_file() else 0.0, result, diverged_at
 
 
 def trained_to_the_end(config, workdir):
@@ -806,13 +812,8 @@ def training_record(rows, config, workdir):
     if earlier and trained_to_the_end(config, workdir):
         training.train_and_evaluate(config, workdir)  # the final evaluation, if it is missing
         return earlier[-1] if "id" in earlier[-1] else {**earlier[-1], "id": str(workdir)}
-    outcome = {}
-    try:
-        minutes, _ = train(config, workdir)
-    except NonFinite as error:
-        minutes = float((pathlib.Path(workdir) / "paper_minutes.txt").read_text())
-        outcome = {"diverged_at": error.step}
-        print(f"{workdir}: diverged ({error})", flush=True)
+    minutes, _, diverged_at = train(config, workdir)
+    outcome = {} if diverged_at is None else {"diverged_at": diverged_at}
     number = len(earlier)
     return rows.add(
         {

@@ -19,9 +19,7 @@ import paper_tables  # sets up the CPU runtime before JAX is imported
 import result_rows
 from result_rows import Rows
 
-from frcnn_jax import training
 from frcnn_jax.config import check_config, config_from_file
-from frcnn_jax.training.phase import NonFinite
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EARLY = 200  # steps whose gradient norms a row keeps
@@ -95,14 +93,8 @@ def main():
         check_config(config)
         name = paper_tables.training_name(change)
         workdir = pathlib.Path(args.runs) / f"steps{args.steps}-{digest}" / name / f"seed{seed}"
-        outcome = {}
-        try:
-            minutes, _ = paper_tables.train(config, workdir)
-            result = training.train_and_evaluate(config, workdir)  # finished: its evaluation
-            outcome["map"] = result["voc"]["mAP"]
-        except NonFinite as error:
-            minutes = float((workdir / "paper_minutes.txt").read_text())
-            outcome["diverged_at"] = error.step
+        minutes, result, diverged_at = paper_tables.train(config, workdir)
+        outcome = {"map": result["voc"]["mAP"]} if result else {"diverged_at": diverged_at}
         largest, over = early_gradients(workdir)
         row = rows.add(
             {
