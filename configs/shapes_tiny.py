@@ -41,6 +41,11 @@ def get_config(arg=None):
     c.train.lr_steps = (3000,)
     c.train.warmup_steps = 100
     c.train.weight_decay = 1e-4
+    # from the pretrained backbone (experiments/paper_tables.py) seed 1's training diverged at
+    # step 66 unclipped; clipped at 10 it finishes (76.6 mAP), and seed 2's norm never reaches
+    # 10, so its clipped training is bit-identical to the unclipped one
+    # (experiments/results_stability.md); from scratch the logged norm stays near 1
+    c.train.grad_clip_norm = 10.0
     c.train.log_every = 100
     c.train.checkpoint_every = 500
     c.eval.batch_size = 4

@@ -57,6 +57,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 import shutil
 import statistics
 import time
@@ -607,9 +608,12 @@ def shown(value):
 
 
 def column_name(setting):
-    """A setting's short name for a side-by-side column: what follows '<config>, <N> steps'."""
+    """A setting's short name for a side-by-side column: its start ('pretrained', 'from
+    scratch', ...) and, for rows of earlier code, 'code before <commit>'."""
     rest = setting.split(" steps", 1)[-1].lstrip(", ")
-    return rest.split(" (")[0] if rest else "from scratch"
+    start = "from scratch" if not rest or rest.startswith("code before") else rest.split(" (")[0]
+    code = re.search(r"code before \w+", rest)
+    return start + (f", {code.group()}" if code else "")
 
 
 def side_by_side(table, rows):
@@ -704,14 +708,14 @@ def main():
     base = scaled(paper_setting(config_from_file(args.config)), args.steps)
     stem = pathlib.Path(args.config).stem
     setting = f"{stem}, {args.steps} steps"  # from scratch: the earlier rows' setting
-    runs = pathlib.Path(args.runs) / stem / f"steps{args.steps}"
+    start_dir = ""  # from scratch
     start_fields = {"start": args.start}
     if args.start == "pretrained":
         weights_file, backbone = pretrained_backbone(args, rows)
         pretrain_steps = pretraining_config(args).train.num_steps
         base.model.init_checkpoint = str(weights_file)
         setting += f", pretrained ({pathlib.Path(args.pretrain).stem}, {pretrain_steps} steps)"
-        runs = runs / f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}-{backbone}"
+        start_dir = f"pretrained-{pathlib.Path(args.pretrain).stem}-{pretrain_steps}-{backbone}"
         start_fields.update(
             pretrain=args.pretrain, pretrain_steps=pretrain_steps, backbone=backbone
         )
@@ -719,9 +723,11 @@ def main():
         base.model.init_checkpoint = None
     else:
         setting += ", the config's init_checkpoint"
-        runs = runs / "config-init"
+        start_dir = "config-init"
     digest = config_digest(base)
     check_digest(rows, setting, digest, args.config)
+    # the config's values in the path: a retuned config never resumes the earlier trainings
+    runs = pathlib.Path(args.runs) / stem / f"steps{args.steps}-{digest}" / start_dir
     seeds = [int(s) for s in args.seeds.split(",")]
     mesh = sharding.data_mesh()
     for table in tables:

@@ -261,7 +261,7 @@ def theirs(config, twin="batchnorm"):
     """(step, evaluate, block) of a fresh torchvision twin (`torch_twin(config, twin)`, its
     initialisation from `config.train.seed`) run of `config`'s recipe: the same optimizer rule
     and schedule (`training.optim.learning_rate_schedule`), weight decay on weights (ndim > 1)
-    only."""
+    only, the gradient clipped to the config's global norm."""
     import torch
 
     from frcnn_jax.models.roi_heads import Detections
@@ -307,6 +307,8 @@ def theirs(config, twin="batchnorm"):
         loss = twin_loss(model(images, targets), config)
         optimizer.zero_grad()
         loss.backward()
+        if train.grad_clip_norm:  # the global norm over every parameter, as optax's
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip_norm)
         optimizer.step()
         steps += 1
         return loss
