@@ -583,9 +583,10 @@ def markdown(table, rows, setting):
     else:
         lines += [
             "| row | seeds | ours mAP@0.5 (%) | range | minus reference, 95% CI (p) | verdict | "
-            "paper (%) | paper minus reference | training min |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "paper (%) | paper minus reference | training min | RPN box / objectness loss, end |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+    balances = rpn_balances(rows, mine)
     for label, x in summaries(table, mine).items():
         if table == "fig4":
             values = x["cells"] or [None] * (len(THRESHOLDS) + 1)
@@ -597,9 +598,26 @@ def markdown(table, rows, setting):
             f"| {label} | {x['seeds']} | {shown(x['mean'])} | {x['spread']} | {x['test']} | "
             f"{x['said']} | {'-' if paper is None else f'{paper:.1f}'} | "
             f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | "
-            f"{shown(x['minutes'])} |"
+            f"{shown(x['minutes'])} | {balances.get(label, '-')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def rpn_balances(rows, mine):
+    """{row label: the ratio of the RPN's box loss (weighted, as in the objective) to its
+    objectness loss at the end of each seed's training, mean (range) over the seeds} for the
+    rows whose trainings recorded their final losses and have an RPN: whether the two terms
+    are about equally weighted, the paper's rule for lambda."""
+    losses = {r["id"]: r["final_losses"] for r in rows.all if "final_losses" in r}
+    ratios = {}
+    for r in mine:
+        final = losses.get(r.get("training_id")) or {}
+        if final.get("rpn_objectness"):
+            ratios.setdefault(r["row"], []).append(final["rpn_box"] / final["rpn_objectness"])
+    return {
+        label: f"{statistics.mean(x):.2f}" + (f" ({min(x):.2f}-{max(x):.2f})" if len(x) > 1 else "")
+        for label, x in ratios.items()
+    }
 
 
 def shown(value):
@@ -820,6 +838,8 @@ def training_record(rows, config, workdir):
         return earlier[-1] if "id" in earlier[-1] else {**earlier[-1], "id": str(workdir)}
     minutes, _, diverged_at = train(config, workdir)
     outcome = {} if diverged_at is None else {"diverged_at": diverged_at}
+    if diverged_at is None:
+        outcome["final_losses"] = final_losses(workdir)
     number = len(earlier)
     return rows.add(
         {
@@ -830,6 +850,22 @@ def training_record(rows, config, workdir):
             **({"retrained": True} if number else {}),
         }
     )
+
+
+def final_losses(workdir):
+    """The loss terms and gradient norm of `workdir`'s last progress record (their means over
+    its last `log_every` steps; the RPN box term weighted as in the objective), named without
+    their prefix (an alternating scheme's: its last phase's)."""
+    last = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if any(k.startswith("train/") and k.endswith("/loss") for k in record):
+            last = record
+    return {
+        k.rsplit("/", 1)[-1]: round(v, 6)
+        for k, v in last.items()
+        if k.startswith("train/") and not k.endswith(("steps_per_s", "learning_rate", "_s"))
+    }
 
 
 def pretraining_markdown(rows):

@@ -2,6 +2,7 @@
 skip what is done and a killed run loses only the row it was working on."""
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ class Rows:
         self.path = pathlib.Path(path)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         self.all = [json.loads(line) for line in lines if line.strip()]
+        commit()  # rows added later are stamped with the code this process started from
 
     def find(self, **match):
         """The rows whose fields equal `match`'s, in the order they were added."""
@@ -39,8 +41,10 @@ class Rows:
         return row
 
 
+@functools.cache
 def commit():
-    """The checkout's short commit hash (None outside a git checkout)."""
+    """The checkout's short commit hash when this process first asked (None outside a git
+    checkout): the code a long run imported, not a commit made while it ran."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -92,6 +92,11 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     # one training per distinct weight-changing setting, shared between tables
     trainings = [r for r in written if "training" in r]
     assert len(trainings) == len({r["workdir"] for r in results}) == 2
+    # each training records its final losses (the RPN's two terms: the lambda column)
+    for record in trainings:
+        final = record["final_losses"]
+        assert {"loss", "rpn_box", "rpn_objectness", "grad_norm"} <= set(final), final
+        assert "steps_per_s" not in final and "elapsed_s" not in final
     by_row = {r["row"]: r for r in results}
     assert (
         by_row["300 proposals (shared features)"]["workdir"]
@@ -104,6 +109,8 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert "## Table 2:" in table and "## Figure 4:" in table
     assert "--start pretrained --pretrain" in table
     assert "| no reg (anchors as proposals), 300 | 0 |" in table
+    ratio = trainings[0]["final_losses"]["rpn_box"] / trainings[0]["final_losses"]["rpn_objectness"]
+    assert f"| {ratio:.2f} |" in table  # the RPN box / objectness column
     assert "| 58.7 |" in table and "| 44.6 |" in table  # the paper's unshared, random rows
     # Table 2's shared row (side by side, then in its setting's table); the rest vs it
     assert table.count("| reference |") == 2

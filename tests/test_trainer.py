@@ -54,6 +54,8 @@ def test_end_to_end_run_writes_everything_and_a_rerun_exits_at_once(data_dir, tm
     train_lines = [x for x in lines if "train/loss" in x]
     assert [x["step"] for x in train_lines] == [2, 4, 6]
     assert all(np.isfinite(x["train/loss"]) and x["train/steps_per_s"] > 0 for x in train_lines)
+    # each record: the mean gradient norm of its steps and the largest (a spike between records)
+    assert all(x["train/grad_norm_max"] >= x["train/grad_norm"] > 0 for x in train_lines)
     evals = [x for x in lines if "eval/num_images" in x]
     assert [x["step"] for x in evals] == [4, 6]  # periodic (validation split), then final
     assert [x["eval/num_images"] for x in evals] == [2, 6]

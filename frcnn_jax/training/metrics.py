@@ -88,13 +88,15 @@ def flat_scalars(metrics, prefix=""):
 def log_progress(step, num_steps, train, pending, start, start_step, writer, name="", lr_fn=None):
     values = jax.device_get(pending)
     mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    if "grad_norm" in mean:  # a spike between progress records shows in its largest norm
+        mean["grad_norm_max"] = float(np.max([v["grad_norm"] for v in values]))
     elapsed = time.perf_counter() - start
     rate = (step - start_step) / max(elapsed, 1e-9)
     eta = (num_steps - step) / max(rate, 1e-9)
     lr = float((lr_fn or learning_rate_schedule(train))(step))
     scalars = {**mean, "steps_per_s": rate, "learning_rate": lr, "elapsed_s": elapsed}
     writer.write(step, scalars, prefix=f"train/{name}")
-    terms = " ".join(f"{k}={v:.4f}" for k, v in mean.items() if k not in ("loss", "grad_norm"))
+    terms = " ".join(f"{k}={v:.4f}" for k, v in mean.items() if not k.startswith(("loss", "grad")))
     log.info(
         "%sstep %d/%d (%.0f%%) %.2f steps/s %.1f images/s ETA %s loss=%.4f %s lr=%.2g",
         name,
