@@ -293,6 +293,45 @@ def logging_shared_memory(tmp_path):
     return env, lambda: set(log.read_text().split())
 
 
+_EVALUATE_IN_PROCESS = """
+import pathlib, sys
+from frcnn_jax import sharding
+from frcnn_jax.models import build_model
+from frcnn_jax.training.evaluation import evaluate
+from frcnn_jax.training.initial import init_state
+from tests.tiny import tiny_config
+
+if __name__ == "__main__":
+    config = tiny_config(pathlib.Path(sys.argv[1]))
+    config.data.workers = 2
+    model = build_model(config)
+    state, _ = init_state(config, model)
+    evaluate(config, model, {"params": state.params, **state.frozen}, sharding.data_mesh())
+    print("evaluated")
+"""
+
+
+def test_an_evaluation_called_in_a_users_process_frees_its_shared_memory(data_dir, tmp_path):
+    """`evaluate` from a script or notebook (as experiments/paper_tables.py calls it): its pass
+    ends inside grain's prefetch threads; the examples they still hold are freed when the
+    loader closes, not left to Python's resource tracker at exit."""
+    sources.prepare_all(config(data_dir).data)
+    env, created = logging_shared_memory(tmp_path)
+    script = tmp_path / "evaluate_here.py"
+    script.write_text(_EVALUATE_IN_PROCESS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(data_dir)],
+        env={**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0 and "evaluated" in done.stdout, done.stderr[-3000:]
+    assert created(), "the hook logged no segment: the check below would prove nothing"
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]
+
+
 def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path):
     """Two runs with grain workers, side by side: one ends in an error (a non-finite loss,
     after its workers started), the other by SIGTERM mid-training. Neither leaves a worker

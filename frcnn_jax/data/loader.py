@@ -15,6 +15,7 @@ per epoch.
 """
 
 import atexit
+import gc
 import logging
 import weakref
 from typing import NamedTuple
@@ -103,6 +104,11 @@ class Closing:
         iterator = getattr(self._iter, "_iterator", None)  # grain's DataLoaderIterator
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()
+        # grain's prefetch threads keep the pass's ending (StopIteration and its traceback) in
+        # a reference cycle with their buffers: the shared memory of the examples still in
+        # them is unlinked only when that cycle is collected (otherwise at exit Python's
+        # resource tracker warns of "leaked shared_memory objects")
+        gc.collect()
 
 
 class Batches(Closing):
