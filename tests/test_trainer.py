@@ -2,6 +2,7 @@
 devices, two processes, and the paper config on TFDS mock data."""
 
 import collections
+import functools
 import json
 import os
 import signal
@@ -296,6 +297,85 @@ def test_alternating_training_runs_four_resumable_phases(data_dir, tmp_path):
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert training.train_and_evaluate(config, tmp_path) == result  # finished: nothing runs again
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_step_computes_no_gradient_for_what_it_does_not_train():
+    """Phase 3 of alternating training trains the RPN head alone: the step's gradient norm (and
+    so its clipping) is the head's alone, the fixed layers are untouched, and XLA is given no
+    backward pass through them (their gradients are constants)."""
+    config = tiny_config(grad_clip_norm=1e-3, warmup_steps=0)  # a clip that always acts
+    model = build_model(config)
+    state, _ = training.initial.init_state(config, model)
+    phase3 = jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key == "rpn_head", state.params
+    )
+    tx = training.optim.make_optimizer(config.train, phase3)
+    state = state.replace(opt_state=jax.jit(tx.init)(state.params))
+    batch = Inputs(
+        image=jax.random.uniform(jax.random.key(1), (2, 128, 128, 3), maxval=255.0),
+        image_size=jnp.full((2, 2), 128),
+        scale=jnp.ones(2),
+        gt_boxes=jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
+        gt_classes=jnp.ones((2, 16), jnp.int32),
+        gt_valid=jnp.ones((2, 16), bool),
+        gt_difficult=jnp.zeros((2, 16), bool),
+        valid=jnp.ones(2, bool),
+    )
+    key = jax.random.key(0)
+
+    def rpn_loss(params):  # the step's objective, as train_step computes it at step 0
+        sample_key = jax.random.split(jax.random.fold_in(key, 0))[0]
+        terms = model.apply(
+            {"params": params, **state.frozen},
+            *(batch.image, batch.image_size, batch.gt_boxes, batch.gt_classes, batch.gt_valid),
+            sample_key,
+            method=FasterRCNN.rpn_losses,
+        )
+        return sum(terms.values())
+
+    grads = jax.jit(jax.grad(rpn_loss))(state.params)
+
+    def norm(tree):
+        return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(tree))))
+
+    head_norm = norm(grads["rpn_head"])
+    assert norm(grads) > (1 + 1e-3) * head_norm  # the fixed layers' gradient: not counted below
+
+    def step(trainable):
+        return jax.jit(
+            functools.partial(
+                training.step.train_step, model=model, tx=tx, objective="rpn", trainable=trainable
+            )
+        )
+
+    # no backward pass through the fixed layers: a much smaller program than with all trained
+    size = {
+        name: len(step(mask).lower(state, batch, key).as_text())
+        for name, mask in (("phase 3", phase3), ("all", None))
+    }
+    assert size["phase 3"] < 0.8 * size["all"], size
+    before = jax.device_get(state.params)
+    new, metrics = step(phase3)(state, batch, key)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), head_norm, rtol=1e-4)
+    moved = jax.device_get(new.params)
+    for name in before:
+        unchanged = all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(before[name]), jax.tree.leaves(moved[name]), strict=True
+            )
+        )
+        assert unchanged == (name != "rpn_head"), name
+    # SGD's first step, the gradient clipped by the head's own norm, then weight decay
+    lr, decay = config.train.learning_rate, config.train.weight_decay
+    old = before["rpn_head"]["conv"]["kernel"]
+    clipped = np.asarray(grads["rpn_head"]["conv"]["kernel"]) * 1e-3 / head_norm
+    np.testing.assert_allclose(
+        moved["rpn_head"]["conv"]["kernel"],
+        old - lr * (clipped + decay * old),
+        rtol=2e-4,
+        atol=1e-9,
+    )
 
 
 @pytest.mark.slow

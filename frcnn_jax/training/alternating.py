@@ -144,6 +144,7 @@ def train_alternating(config, workdir, model, mesh, writer):
             seed_offset=index,
             name=f"phase{index}/",
             lr_fn=learning_rate_schedule(phase_train),
+            trainable=mask,
         )
         if state is None:
             return None

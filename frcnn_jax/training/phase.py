@@ -35,10 +35,12 @@ def train_phase(
     seed_offset=0,
     name="",
     lr_fn=None,
+    trainable=None,
 ):
     """Run detector training steps until `num_steps` from the latest checkpoint in
     `checkpoints` (or `state`), saving periodically; returns the final state, or None when
-    stopped by a signal. `lr_fn` is the phase's learning-rate schedule, for the logs."""
+    stopped by a signal. `lr_fn` is the phase's learning-rate schedule, for the logs;
+    `trainable` the parameters it trains (`step.train_step`; None: all)."""
     train = config.train
     batches, info = make_batches(
         config.data,
@@ -50,7 +52,7 @@ def train_phase(
         shard_count=jax.process_count(),
         agree=sharding.hosts_agree(),
     )
-    step_fn = jit_train_step(model, tx, mesh, objective=objective)
+    step_fn = jit_train_step(model, tx, mesh, objective=objective, trainable=trainable)
     key = jax.random.key(train.seed + seed_offset)
 
     def step(state, batch):

@@ -25,13 +25,17 @@ class TrainState(flax.struct.PyTreeNode):
     nonfinite_step: jax.Array
 
 
-def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"):
+def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint", trainable=None):
     """One SGD step on a (global) batch, the `Inputs` of a `frcnn_jax.data.loader.Batch` as
     global arrays; returns (state, metrics of this step).
 
     objective: "joint" (all four terms, `FasterRCNN.losses`), "rpn" (the RPN's terms) or
     "head" (Fast R-CNN's terms on fixed proposals from `proposer`, a variables dict, or from the
     state's own network when None): the pieces of the paper's alternating training.
+    trainable: a bool pytree shaped like the parameters (None: all), e.g. an alternating
+    phase's; the others are constants of the step, so their gradients are zero and never
+    computed (phases 3 and 4 run no backward pass through the fixed shared layers, as Caffe
+    does for the paper), and the gradient norm and its clipping count only the trained ones.
     """
     step_key = jax.random.fold_in(key, state.step)
     sample_key, dropout_key = jax.random.split(step_key)
@@ -44,6 +48,10 @@ def train_step(state, batch, key, proposer=None, *, model, tx, objective="joint"
     scales = (batch.scale,) if objective == "joint" else ()  # rpn_losses: no proposals
 
     def loss_fn(params):
+        if trainable is not None:
+            params = jax.tree.map(
+                lambda p, on: p if on else jax.lax.stop_gradient(p), params, trainable
+            )
         variables = {"params": params, **state.frozen}
         rngs = {"dropout": dropout_key}
         if objective == "head":
@@ -87,13 +95,13 @@ def apply_gradients(state, tx, loss, grads, terms):
     return state, metrics
 
 
-def jit_train_step(model, tx, mesh, *, objective="joint"):
+def jit_train_step(model, tx, mesh, *, objective="joint", trainable=None):
     """`train_step` jitted as training runs it: (state, batch, key, proposer) -> (state,
     metrics), state and proposer replicated over `mesh`, the batch split along it, the state
     donated."""
     replicated = sharding.replicated(mesh)
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, objective=objective),
+        functools.partial(train_step, model=model, tx=tx, objective=objective, trainable=trainable),
         in_shardings=(replicated, sharding.batch_sharding(mesh), None, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
