@@ -839,7 +839,7 @@ def training_record(rows, config, workdir):
     minutes, _, diverged_at = train(config, workdir)
     outcome = {} if diverged_at is None else {"diverged_at": diverged_at}
     if diverged_at is None:
-        outcome["final_losses"] = final_losses(workdir)
+        outcome.update(training_summary(workdir))
     number = len(earlier)
     return rows.add(
         {
@@ -852,20 +852,27 @@ def training_record(rows, config, workdir):
     )
 
 
-def final_losses(workdir):
-    """The loss terms and gradient norm of `workdir`'s last progress record (their means over
-    its last `log_every` steps; the RPN box term weighted as in the objective), named without
-    their prefix (an alternating scheme's: its last phase's)."""
-    last = {}
+def training_summary(workdir):
+    """From `workdir`'s metrics.jsonl: `final_losses`, the loss terms and gradient norm of its
+    last progress record (their means over its last `log_every` steps; the RPN box term
+    weighted as in the objective; an alternating scheme's: its last phase's), and
+    `loop_seconds`, each phase's training loop time, summed over the sittings that trained it
+    ({"": s} for joint training)."""
+    last, loops = {}, {}
     for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if any(k.startswith("train/") and k.endswith("/loss") for k in record):
             last = record
-    return {
+        for k, v in record.items():
+            if k.startswith("train/") and k.endswith("loop_s"):  # one per sitting
+                phase = k.removeprefix("train/").removesuffix("loop_s")
+                loops[phase] = round(loops.get(phase, 0.0) + v, 1)
+    final = {
         k.rsplit("/", 1)[-1]: round(v, 6)
         for k, v in last.items()
         if k.startswith("train/") and not k.endswith(("steps_per_s", "learning_rate", "_s"))
     }
+    return {"final_losses": final, "loop_seconds": loops}
 
 
 def pretraining_markdown(rows):

@@ -97,6 +97,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
         final = record["final_losses"]
         assert {"loss", "rpn_box", "rpn_objectness", "grad_norm"} <= set(final), final
         assert "steps_per_s" not in final and "elapsed_s" not in final
+        assert list(record["loop_seconds"]) == [""] and record["loop_seconds"][""] > 0
     by_row = {r["row"]: r for r in results}
     assert (
         by_row["300 proposals (shared features)"]["workdir"]
