@@ -91,13 +91,10 @@ def test_frozen_parameters_do_not_move(data_dir, tmp_path):
     assert float(jnp.abs(updates["backbone"]["conv3_1"]["kernel"]).max()) > 0.0
 
 
-@pytest.mark.slow
-def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
-    config = tiny_config(data_dir)
-    model = build_model(config)
-    state, tx = training.initial.init_state(config, model)
-    batch = Inputs(
-        image=jnp.full((2, 128, 128, 3), jnp.nan),
+def two_images(image):
+    """A batch of two 128x128 `image`s, each with one ground-truth box of class 1."""
+    return Inputs(
+        image=image,
         image_size=jnp.full((2, 2), 128),
         scale=jnp.ones(2),
         gt_boxes=jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
@@ -106,6 +103,14 @@ def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
         gt_difficult=jnp.zeros((2, 16), bool),
         valid=jnp.ones(2, bool),
     )
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_the_update_and_stops_the_run(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    model = build_model(config)
+    state, tx = training.initial.init_state(config, model)
+    batch = two_images(jnp.full((2, 128, 128, 3), jnp.nan))
     before = jax.device_get(state.params)  # the jitted step donates `state`
     step = training.step.jit_train_step(model, tx, sharding.data_mesh(jax.devices()[:1]))
     new, metrics = step(state, batch, jax.random.key(0), None)  # jitted: op by op takes minutes
@@ -311,16 +316,7 @@ def test_a_step_computes_no_gradient_for_what_it_does_not_train():
     )
     tx = training.optim.make_optimizer(config.train, phase3)
     state = state.replace(opt_state=jax.jit(tx.init)(state.params))
-    batch = Inputs(
-        image=jax.random.uniform(jax.random.key(1), (2, 128, 128, 3), maxval=255.0),
-        image_size=jnp.full((2, 2), 128),
-        scale=jnp.ones(2),
-        gt_boxes=jnp.tile(jnp.array([[10.0, 10, 60, 60]]), (2, 16, 1)),
-        gt_classes=jnp.ones((2, 16), jnp.int32),
-        gt_valid=jnp.ones((2, 16), bool),
-        gt_difficult=jnp.zeros((2, 16), bool),
-        valid=jnp.ones(2, bool),
-    )
+    batch = two_images(jax.random.uniform(jax.random.key(1), (2, 128, 128, 3), maxval=255.0))
     key = jax.random.key(0)
 
     def rpn_loss(params):  # the step's objective, as train_step computes it at step 0
