@@ -29,7 +29,8 @@ The same holds for the pretrained backbone: each weights file is recorded by its
 rows trained from it carry it (`backbone`), and a seed's rows all come from one backbone (a
 seed whose rows came from a backbone that is gone is skipped, saying so; other seeds run).
 
-The tables hold the paper's lambda whatever the config's own RPN box weight is (`paper_recipe`),
+The tables hold the paper's lambda and optimizer (SGD, momentum 0.9, step decays) whatever the
+config's own RPN box weight and optimizer are (`paper_recipe`),
 and every row records a digest of the config's values: rows of one setting are never trained
 from different values (a config retuned since is refused with the commit to compare with).
 
@@ -221,12 +222,20 @@ def paper_alternating(config):
 
 def paper_recipe(config):
     """The paper's choices that a config's tuned defaults may leave (issue 36 item 5 tunes the
-    shapes configs' RPN box weight), as field pairs: the tables test the paper's recipe whatever
-    the config's defaults are. lambda = 10 with N_reg the ~2400 anchor locations; with N_reg the
-    256 sampled anchors (torchvision's normaliser, `box_normalizer` None) that is a weight of
-    about 1 (10 x 256 / 2400)."""
+    shapes configs' RPN box weight and optimizer), as field pairs: the tables test the paper's
+    recipe whatever the config's defaults are. lambda = 10 with N_reg the ~2400 anchor
+    locations; with N_reg the 256 sampled anchors (torchvision's normaliser, `box_normalizer`
+    None) that is a weight of about 1 (10 x 256 / 2400). SGD with momentum 0.9 and step decays;
+    the rate, its decay steps and the weight decay stay the config's (they depend on its batch
+    and length), so a config moved to another optimizer must keep an SGD rate in
+    `learning_rate` or the tables' digest check refuses its rows."""
     sampled = config.model.rpn.box_normalizer is None
-    return (("model.rpn.box_weight", 1.0 if sampled else 10.0),)
+    return (
+        ("model.rpn.box_weight", 1.0 if sampled else 10.0),
+        ("train.optimizer", "sgd"),
+        ("train.momentum", 0.9),
+        ("train.lr_schedule", "step"),
+    )
 
 
 TABLES = ("2", "8", "9", "10", "fig4", "schemes")

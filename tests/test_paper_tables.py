@@ -237,6 +237,13 @@ table9 = {r.label.split(" (")[0]: dict(r.train) for r in paper_tables.table_rows
 assert table9["lambda = 10"] == {} and pinned.model.rpn.box_weight == 1.0, table9
 assert table9["lambda = 100"] == {"model.rpn.box_weight": 10.0}, table9
 assert paper_tables.paper_setting(voc).model.rpn.box_weight == 10.0  # N_reg = 2400 there
+# and the paper's optimizer (SGD, momentum 0.9, step decays) when a config's own is retuned
+adamw = (("train.optimizer", "adamw"), ("train.lr_schedule", "cosine"), ("train.momentum", 0.0))
+optimizer = paper_tables.paper_setting(paper_tables.with_fields(shapes, adamw)).train
+assert (optimizer.optimizer, optimizer.momentum, optimizer.lr_schedule) == ("sgd", 0.9, "step")
+assert paper_tables.config_digest(paper_tables.paper_setting(shapes)) == paper_tables.config_digest(
+    paper_tables.with_fields(shapes, paper_tables.paper_recipe(shapes))
+)
 # rows of one setting never mix config values: another digest is refused, naming the commit
 digest = paper_tables.config_digest(shapes)
 assert digest != paper_tables.config_digest(tuned)
