@@ -13,8 +13,10 @@ other YNN fusion stays).
 XLA's default CPU schedule orders a step for concurrency: independent kernels run side by side,
 which on a few cores makes the large ones fight over threads and memory bandwidth. The plain
 schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`) made the ResNet-50-FPN
-and VGG-16 training steps 12-17% faster on 2 cores, with inference unchanged
-(`experiments/benchmarks.md`).
+and VGG-16 training steps 12-17% faster on 2 cores, with inference unchanged (2026-11-26; that
+A/B's raw output was not kept: `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true
+python experiments/step_time.py --config configs/voc07_vgg16.py` against the same command
+without it measures it again, since a flag the user set is left alone).
 
 XLA aborts on a flag it does not know, so the flags are only added for jaxlib versions they
 were measured with.

@@ -25,7 +25,7 @@ backend only; everything else is XLA's convolution, untouched):
   of the output's magnitude (cuDNN's Winograd kernels make the same trade).
 
 The thresholds are where each kernel measured faster than XLA's on a 2-core x86 CPU;
-`experiments/bench_convs.py` measures them again (results in `experiments/benchmarks.md`).
+`experiments/bench_convs.py` measures them again (its runs: `experiments/results_cpu.txt`).
 """
 
 import functools
