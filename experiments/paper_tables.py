@@ -592,10 +592,11 @@ def markdown(table, rows, setting):
     else:
         lines += [
             "| row | seeds | ours mAP@0.5 (%) | range | minus reference, 95% CI (p) | verdict | "
-            "paper (%) | paper minus reference | training min | RPN box / objectness loss, end |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "paper (%) | paper minus reference | training min | RPN box / objectness loss, end "
+            f"| {RECALL_COLUMN} |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-    balances = rpn_balances(rows, mine)
+    balances, recalls = rpn_balances(rows, mine), proposal_recalls(mine)
     for label, x in summaries(table, mine).items():
         if table == "fig4":
             values = x["cells"] or [None] * (len(THRESHOLDS) + 1)
@@ -607,9 +608,31 @@ def markdown(table, rows, setting):
             f"| {label} | {x['seeds']} | {shown(x['mean'])} | {x['spread']} | {x['test']} | "
             f"{x['said']} | {'-' if paper is None else f'{paper:.1f}'} | "
             f"{'-' if paper_difference is None else f'{paper_difference:+.1f}'} | "
-            f"{shown(x['minutes'])} | {balances.get(label, '-')} |"
+            f"{shown(x['minutes'])} | {balances.get(label, '-')} | {recalls.get(label, '-')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+RECALL_COLUMN = "RPN recall@0.70, top 300 proposals"
+
+
+def proposal_recalls(mine):
+    """{row label: the recall at IoU 0.7 of the RPN's top 300 test proposals, mean over the
+    seeds that measured it (rows made before every row measured it have none; the count is
+    shown when it is not every seed)}: whether a row's mAP moved with its proposals."""
+    found = {}
+    for r in mine:
+        if "proposal_recall" in r:
+            found.setdefault(r["row"], []).append(r["proposal_recall"]["recall@300"]["0.70"])
+    seeds = {}
+    for r in mine:
+        if r["map"] is not None:
+            seeds[r["row"]] = seeds.get(r["row"], 0) + 1
+    return {
+        label: f"{statistics.mean(x):.3f}"
+        + ("" if len(x) == seeds.get(label) else f" ({len(x)} seeds)")
+        for label, x in found.items()
+    }
 
 
 def rpn_balances(rows, mine):
@@ -768,7 +791,9 @@ def main():
                 check_config(config)
                 workdir = runs / training_name(row.train) / f"seed{seed}"
                 record = training_record(rows, config, workdir)
-                config = with_fields(config, row.test)
+                # every row also measures its RPN's proposal recall (a host-side count over the
+                # proposals the evaluation computes anyway): the check behind RPN verdicts
+                config = with_fields(config, (*row.test, ("eval.proposal_recall", True)))
                 if "diverged_at" in record:
                     result = {"voc": {"mAP": None}}
                 else:
@@ -792,9 +817,11 @@ def main():
                 }
                 if "diverged_at" in record:
                     out["diverged_at"] = record["diverged_at"]
-                if "recall" in result:
+                if table == "fig4":
                     count = config.model.rpn.test_post_nms_top_n
                     out["recall"] = result["recall"][f"recall@{count}"]
+                elif "recall" in result and config.model.head.rois != "anchors":
+                    out["proposal_recall"] = result["recall"]  # one-stage: anchors, no RPN
                 rows.add(out)
                 said = "diverged" if out["map"] is None else f"mAP@0.5 {out['map']:.4f}"
                 print(f"{table} | {row.label} | seed {seed}: {said}", flush=True)

@@ -112,6 +112,12 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert "| no reg (anchors as proposals), 300 | 0 |" in table
     ratio = trainings[0]["final_losses"]["rpn_box"] / trainings[0]["final_losses"]["rpn_objectness"]
     assert f"| {ratio:.2f} |" in table  # the RPN box / objectness column
+    # every row of a table but Figure 4's also measures its RPN's proposal recall
+    recall = {r["row"]: r["proposal_recall"]["recall@300"]["0.70"] for r in results[:9]}
+    assert all(0.0 <= x <= 1.0 for x in recall.values()) and "recall" not in results[0]
+    assert "| RPN recall@0.70, top 300 proposals |" in table
+    shared = recall["300 proposals (shared features)"]
+    assert f"| {shared:.3f} |" in table
     assert "| 58.7 |" in table and "| 44.6 |" in table  # the paper's unshared, random rows
     # Table 2's shared row (side by side, then in its setting's table); the rest vs it
     assert table.count("| reference |") == 2
