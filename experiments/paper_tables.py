@@ -709,11 +709,14 @@ def column_name(setting):
     return start + (f", {code.group()}" if code else "")
 
 
-def side_by_side(table, rows):
-    """`table` in every setting it was run in, one column pair per setting: mean mAP (seeds)
-    and the difference from the reference with its verdict; the paper's figures first."""
+def side_by_side(table, rows, columns=None):
+    """`table` in the settings `columns` (default: every setting it was run in), one column
+    pair per setting: mean mAP (seeds) and the difference from the reference with its
+    verdict; the paper's figures first."""
     # the paper's setting first, then from scratch at the current code, then earlier code
-    columns = sorted(settings(rows, table), key=lambda s: ("pretrained" not in s, "code " in s))
+    columns = columns or sorted(
+        settings(rows, table), key=lambda s: ("pretrained" not in s, "code " in s)
+    )
     found = {s: summaries(table, setting_rows(table, rows, s)) for s in columns}
     labels = list(dict.fromkeys(label for s in columns for label in found[s]))
     if table == "fig4":
@@ -875,7 +878,8 @@ def main():
 
 def write_tables(rows, path):
     """Every table of `rows` as Markdown to `path`: its settings side by side, then each
-    setting's own table with its command."""
+    setting's own table with its command. A RESULTS.md beside `path` gets its generated
+    blocks rewritten (`write_results_blocks`)."""
     written = [t for t in TABLES if any(r.get("table") == t for r in rows.all)]
     sections = []
     for table in written:
@@ -883,6 +887,46 @@ def write_tables(rows, path):
         parts += [markdown(table, rows, s) for s in settings(rows, table)]
         sections.append("\n".join(parts))
     path.write_text(pretraining_markdown(rows) + "\n".join(sections))
+    write_results_blocks(rows, path.parent / "RESULTS.md")
+
+
+BLOCK = re.compile(r"(<!-- paper_tables: (\w+) -->\n).*?(<!-- /paper_tables -->)", re.S)
+
+
+def latest_settings(rows, table):
+    """The settings RESULTS.md shows for `table`: for each start (pretrained, from scratch),
+    the one its newest row belongs to (earlier code's settings stay in results_paper.md)."""
+    latest = {}
+    for r in rows.all:
+        if r.get("table") == table:
+            latest[column_name(r["setting"]).split(",")[0]] = r["setting"]
+    return [latest[start] for start in ("pretrained", "from scratch") if start in latest]
+
+
+def results_block(table, rows):
+    """RESULTS.md's generated block of `table`: the paper beside the latest pretrained and
+    from-scratch settings, and for the schemes each setting's time comparison."""
+    columns = latest_settings(rows, table)
+    text = side_by_side(table, rows, columns)
+    if table == "schemes":
+        for setting in columns:
+            if saving := time_saving(setting_rows(table, rows, setting)):
+                text += f"\n{column_name(setting)}: {saving}\n"
+    return text
+
+
+def write_results_blocks(rows, path):
+    """Rewrite each `<!-- paper_tables: T -->` ... `<!-- /paper_tables -->` block of `path`
+    (if it exists) with `results_block(T)`: RESULTS.md's tables always equal the rows."""
+    if path.is_file():
+        text = path.read_text()
+        path.write_text(BLOCK.sub(lambda m: m[1] + block_body(m[2], rows) + m[3], text))
+
+
+def block_body(table, rows):
+    """What RESULTS.md holds between `table`'s markers (blank lines keep the table apart from
+    the HTML comments in every Markdown renderer)."""
+    return "\n" + results_block(table, rows) + "\n"
 
 
 STARTS = ("pretrained", "scratch", "config")
