@@ -15,6 +15,7 @@ import pathlib
 import shlex
 import sys
 
+import paper_report
 import paper_tables  # sets up the CPU runtime before JAX is imported
 import result_rows
 from result_rows import Rows
@@ -121,7 +122,7 @@ def main():
         "# Training stability in the paper tables' setting",
         "",
         *result_rows.provenance(command),
-        f"{paper_tables.repo_name(args.config)}, {args.steps} steps, from {start} "
+        f"{paper_report.repo_name(args.config)}, {args.steps} steps, from {start} "
         "(`paper_tables`' setting); gradient norms before "
         "clipping, as the training logs them. Each row: `python experiments/stability.py "
         "--seeds <seed> --change '<change>'`.",

@@ -136,6 +136,7 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
 
 
 ROW_CHECK = """
+import paper_report
 import paper_tables
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.models import build_model
@@ -144,7 +145,7 @@ from frcnn_jax.models import build_model
 for name in ("shapes_tiny.py", "voc07_vgg16.py"):
     base = paper_tables.scaled(config_from_file(ROOT / "configs" / name), 100)
     trainings = set()
-    for table in paper_tables.TABLES:
+    for table in paper_report.TABLES:
         rows = paper_tables.table_rows(table, base)
         assert len({r.label for r in rows}) == len(rows), table
         for row in rows:
@@ -152,30 +153,10 @@ for name in ("shapes_tiny.py", "voc07_vgg16.py"):
             check_config(config)
             build_model(config)
             trainings.add(paper_tables.training_name(row.train))
-        references = [r for r in rows if paper_tables.is_reference(table, r.label)]
+        references = [r for r in rows if paper_report.is_reference(table, r.label)]
         assert len(references) == (table != "fig4"), (table, references)
         assert not any(r.train or r.test for r in references[:1] if table != "2"), references
     assert len(trainings) == 14, trainings
-# paired differences, hand-worked: +1, +2, +3 points: mean 2, sd 1, se 1/sqrt(3), t(0.975, 2)
-# = 4.3027: the interval 2 -+ 2.484; t = 3.464, p = 0.0742
-result = paper_tables.compare([1.0, 2.0, 3.0], shared=True)
-assert abs(result["low"] - (2 - 4.302653 / 3 ** 0.5)) < 1e-4, result
-assert abs(result["p"] - 0.07418) < 1e-4 and not result["finding"], result
-result = paper_tables.compare([2.0, 2.5, 3.0], shared=True)  # [+1.26, +3.74]: a finding
-assert result["finding"] and result["low"] > 0
-assert paper_tables.verdict(result, 1.2) == "agrees in sign"
-assert paper_tables.verdict(result, -0.8) == "disagrees in sign"
-assert paper_tables.verdict(result, None) == "finding (the paper has no figure)"
-# a row with its own training needs 5 seeds, however clear its 3 are
-assert not paper_tables.compare([2.0, 2.5, 3.0], shared=False)["finding"]
-assert paper_tables.compare([2.0, 2.5, 3.0, 2.2, 2.8], shared=False)["finding"]
-assert paper_tables.verdict(paper_tables.compare([-1.0, 1.0, 0.5], shared=True), 2.0) == (
-    "no difference found"
-)
-assert paper_tables.verdict(paper_tables.compare([2.0, 2.5, 3.0], shared=False), 2.0) == (
-    "too few seeds (3 of 5)"
-)
-assert paper_tables.compare([4.0], shared=True)["low"] is None  # one seed: no interval
 # the paper's alternating lengths against 700 joint steps: 800/400/800/400, decays at 3/4
 pairs = dict(paper_tables.paper_alternating(paper_tables.scaled(config_from_file(
     ROOT / "configs" / "shapes_tiny.py"), 700)))
@@ -214,27 +195,6 @@ with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
     assert record["diverged_at"] == 66 and record["minutes"] >= 0, record
     assert paper_tables.training_record(rows, base, pathlib.Path(tmp) / "run") == record
     assert len(rows.all) == 1
-# its rows carry no mAP: their seed is named and left out of the means and the comparisons
-def row(label, seed, value, **more):
-    return {"row": label, "seed": seed, "map": value, "paper": None, "workdir": f"{label}{seed}",
-            "train_minutes": 1.0, **more}
-
-
-ten, one, hundred = "lambda = 10 (w 1)", "lambda = 1 (w 0.1)", "lambda = 100 (w 10)"
-mine = [row(ten, s, v) for s, v in ((0, 0.70), (2, 0.72))]
-mine.append(row(ten, 1, None, diverged_at=66))
-mine += [row(one, s, v) for s, v in ((0, 0.68), (1, 0.50), (2, 0.69))]
-mine.append(row(hundred, 0, None, diverged_at=9))
-found = paper_tables.summaries("9", mine)
-assert found[ten]["seeds"] == "0,2; diverged: 1 (step 66)", found
-assert abs(found[ten]["mean"] - 71.0) < 1e-9
-assert abs(found[one]["mean"] - 187 / 3) < 1e-9  # seed 1 counts in its own mean
-assert found[one]["test"].startswith("-2.5 [")  # but pairs only with seeds 0 and 2
-assert found[hundred]["mean"] is None and found[hundred]["diverged"] == 1
-every = argparse.Namespace(all=[{**r, "table": "9", "setting": "s"} for r in mine])
-text = paper_tables.markdown("9", every, "s")
-assert f"| {hundred} | diverged: 0 (step 9) | - |" in text, text
-assert "| - (0, 1 diverged) |" in paper_tables.side_by_side("9", every)
 # the paper's lambda stays the tables' reference when a config's own box weight is retuned
 shapes = paper_tables.scaled(config_from_file(ROOT / "configs" / "shapes_tiny.py"), 100)
 tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 3.0),))  # any retuning
@@ -299,26 +259,6 @@ with tempfile.TemporaryDirectory() as tmp:
     digest = paper_tables.hashlib.sha256(b"weights").hexdigest()[:12]
     rows.all.append({"pretrain": pretrain, "pretrain_steps": 3000, "backbone": digest})
     assert paper_tables.pretrained_backbone(args, rows) == (shipped, digest)
-# the schemes' time claim: joint's minutes against the paper-length alternating row's, by seed
-def timed(pairs):  # rows of (joint, alternating) training minutes, one pair per seed
-    label = paper_tables.PAPER_ALTERNATING + " (80k/40k/80k/40k per 70k joint)"
-    out = []
-    for seed, (joint, alternating) in enumerate(pairs):
-        out.append({"row": "approximate joint", "seed": seed, "map": 0.5, "train_minutes": joint})
-        out.append({"row": label, "seed": seed, "map": 0.5, "train_minutes": alternating})
-    return out
-inside = timed([(10.0, 16.0), (10.0, 15.0), (11.0, 16.0), (10.0, 14.0), (10.5, 15.5)])
-own_length = {"row": "4-step alternating", "seed": 0, "map": 0.5, "train_minutes": 5.0}
-said = paper_tables.time_saving([*inside, own_length])  # 28.6-37.5% less by seed
-assert said.startswith("Training time: approximate joint took 32.6% less [28.") and said.endswith(
-    "; inside the paper's 25-50%."
-), said
-assert "too few seeds (4 of 5)" in paper_tables.time_saving(inside[2:])
-below = timed([(10.0, 11.0), (10.0, 11.5), (10.0, 11.2), (10.0, 10.8), (10.0, 11.1)])
-assert paper_tables.time_saving(below).endswith("; below the paper's 25-50%.")
-edge = timed([(10.0, 18.0), (10.0, 22.0), (10.0, 19.0), (10.0, 21.0), (10.0, 20.0)])  # 44-55%
-assert "not decided: the interval crosses an edge" in paper_tables.time_saving(edge)
-assert paper_tables.time_saving(inside[::2]) == ""  # no paper-length alternating training
 print("ok")
 """
 

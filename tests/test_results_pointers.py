@@ -2,14 +2,11 @@
 section of `experiments/benchmarks.md`, `experiments/RESULTS.md` or the README (outside code)
 must be, rounded as quoted, a number of a results file cited in that section or in the
 document's preamble (in seconds or milliseconds, as a fraction or a percentage). The few
-decimals that are settings, not measurements, are listed with their reason. RESULTS.md's
-tables are generated from the paper tables' rows and must equal them."""
+decimals that are settings, not measurements, are listed with their reason (RESULTS.md's
+generated tables are checked against the rows in tests/test_paper_report.py)."""
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -87,31 +84,3 @@ def test_a_figure_no_cited_file_holds_is_found(tmp_path):
     )
     missing = unbacked(page)
     assert missing == ["'## b': 0.777", "'## b': 0.0102"], missing
-
-
-def test_the_results_pages_tables_are_the_rows():
-    """RESULTS.md's generated blocks equal what `paper_tables` makes of the committed rows (in
-    a subprocess: the script sets up the CPU runtime when imported)."""
-    check = (
-        "import pathlib, paper_tables as p\n"
-        f"page = pathlib.Path({str(ROOT / 'experiments' / 'RESULTS.md')!r}).read_text()\n"
-        f"rows = p.Rows({str(ROOT / 'experiments' / 'results_paper.jsonl')!r})\n"
-        "blocks = p.BLOCK.findall(page)\n"
-        "assert sorted(t for _, t, _ in blocks) == sorted(p.TABLES), blocks\n"
-        "for table in dict.fromkeys(t for _, t, _ in blocks):\n"
-        "    start = page.index(f'<!-- paper_tables: {table} -->')\n"
-        "    body = page[start:].split('\\n', 1)[1].split('<!-- /paper_tables -->', 1)[0]\n"
-        "    assert body == p.block_body(table, rows), table\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", check],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"},
-        timeout=600,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (
-        "RESULTS.md's tables differ from results_paper.jsonl: regenerate them with "
-        "paper_tables.write_tables (see experiments/paper_tables.py)\n" + out.stderr[-3000:]
-    )
