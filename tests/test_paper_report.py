@@ -128,3 +128,19 @@ def test_the_results_page_rewrites_only_its_blocks(tmp_path):
     assert "| lambda = 1 (w 0.1) | - | - | 60.0 (1) | -10.0 (1 seed), too few seeds" in text, text
     paper_report.write_results_blocks(rows, tmp_path / "missing.md")  # no page: nothing written
     assert not (tmp_path / "missing.md").exists()
+
+
+def test_the_command_rewrites_the_rows_markdown_and_the_results_page_beside_them(
+    tmp_path, monkeypatch
+):
+    rows = Rows(tmp_path / "rows.jsonl")
+    for r in [row("lambda = 10 (w 1)", 0, 0.7), row("lambda = 1 (w 0.1)", 0, 0.6)]:
+        rows.add({**r, "table": "9", "setting": "s, 2 steps", "config": "configs/x.py"})
+    (tmp_path / "RESULTS.md").write_text("<!-- paper_tables: 9 -->\n<!-- /paper_tables -->\n")
+    monkeypatch.setattr(sys, "argv", ["paper_report.py", f"--rows={tmp_path / 'rows.jsonl'}"])
+    paper_report.main()
+    assert (
+        "| lambda = 1 (w 0.1) | 0 | 60.0 | - | -10.0 (1 seed) |"
+        in (tmp_path / "rows.md").read_text()
+    )
+    assert "| 60.0 (1) | -10.0 (1 seed), too few seeds" in (tmp_path / "RESULTS.md").read_text()
