@@ -270,6 +270,8 @@ def time_saving(mine, records=()):
             minutes = [joint[seed]["train_minutes"], alternating[seed]["train_minutes"]]
             measured.add("whole trainings")
         savings.append(100 * (1 - minutes[0] / minutes[1]))
+    if not savings:
+        return ""
     result = compare(savings, shared=False)
     low, high = PAPER_SAVING
     if result["n"] < result["needed"]:
@@ -281,8 +283,6 @@ def time_saving(mine, records=()):
         said = f"{side} the paper's {low:.0f}-{high:.0f}%"
     else:
         said = f"not decided: the interval crosses an edge of the paper's {low:.0f}-{high:.0f}%"
-    if not result["n"]:
-        return ""
     if result["low"] is None:
         figure = f"{result['mean']:.1f}% less (1 seed)"
     else:
