@@ -251,7 +251,11 @@ def time_saving(mine, records=()):
     training's time is its training loops' (`loop_seconds` of its record among `records`:
     compilation, steps and checkpoints, not the data's preparation or the final evaluation)
     when both of a seed's trainings have one, otherwise the rows' `train_minutes`."""
-    loops = {r["id"]: sum(r["loop_seconds"].values()) / 60 for r in records if "loop_seconds" in r}
+    loops = {
+        i: sum(x["loop_seconds"].values()) / 60
+        for i, x in training_summaries(records).items()
+        if x.get("loop_seconds")
+    }
     joint, alternating = {}, {}
     for r in mine:
         if r["map"] is None:
@@ -315,19 +319,36 @@ def proposal_recalls(mine):
     }
 
 
+def training_summaries(records):
+    """{training id: its summary (`final_losses`, `loop_seconds`)}, from the training records
+    that carry one and from summary records (`summary_of`: a training recorded before
+    summaries existed, summarised later from its metrics.jsonl)."""
+    out = {}
+    for r in records:
+        key = r.get("summary_of") or r.get("id")
+        summary = {k: r[k] for k in ("final_losses", "loop_seconds") if k in r}
+        if key and summary:
+            out[key] = summary
+    return out
+
+
 def rpn_balances(rows, mine):
     """{row label: the ratio of the RPN's box loss (weighted, as in the objective) to its
     objectness loss at the end of each seed's training, mean (range) over the seeds} for the
-    rows whose trainings recorded their final losses and have an RPN: whether the two terms
-    are about equally weighted, the paper's rule for lambda."""
-    losses = {r["id"]: r["final_losses"] for r in rows.all if "final_losses" in r}
-    ratios = {}
+    rows whose trainings recorded their final losses and have an RPN (the count of seeds shown
+    when it is not every seed's): whether the two terms are about equally weighted, the
+    paper's rule for lambda."""
+    losses = {i: x.get("final_losses") for i, x in training_summaries(rows.all).items()}
+    ratios, seeds = {}, {}
     for r in mine:
         final = losses.get(r.get("training_id")) or {}
+        seeds[r["row"]] = seeds.get(r["row"], 0) + (r["map"] is not None)
         if final.get("rpn_objectness"):
             ratios.setdefault(r["row"], []).append(final["rpn_box"] / final["rpn_objectness"])
     return {
-        label: f"{statistics.mean(x):.2f}" + (f" ({min(x):.2f}-{max(x):.2f})" if len(x) > 1 else "")
+        label: f"{statistics.mean(x):.2f}"
+        + (f" ({min(x):.2f}-{max(x):.2f})" if len(x) > 1 else "")
+        + ("" if len(x) == seeds[label] else f" ({len(x)} seeds)")
         for label, x in ratios.items()
     }
 

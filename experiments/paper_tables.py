@@ -74,6 +74,7 @@ from paper_report import (  # noqa: E402
     markdown,
     repo_name,
     setting_rows,
+    training_summaries,
     write_tables,
 )
 from result_rows import Rows  # noqa: E402
@@ -419,7 +420,13 @@ def timed_pretraining(config, workdir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", required=True, help=f"one or more of {TABLES} (a,b), or all")
+    parser.add_argument("--table", help=f"one or more of {TABLES} (a,b), or all")
+    parser.add_argument(
+        "--summaries",
+        action="store_true",
+        help="only add a summary (final losses, loop times) of every recorded training that has "
+        "none and whose metrics.jsonl is still here, then exit",
+    )
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_tiny.py"))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -434,6 +441,14 @@ def main():
         help="pretrained backbones, one per pretraining config and length (committed)",
     )
     args = parser.parse_args()
+    if args.summaries:
+        rows = Rows(args.rows)
+        for record in add_summaries(rows):
+            print(f"summarised {record['summary_of']}: {record['final_losses']}", flush=True)
+        write_tables(rows, pathlib.Path(args.rows).with_suffix(".md"))
+        return
+    if not args.table:
+        parser.error("--table is required (or --summaries)")
     tables = TABLES if args.table == "all" else tuple(args.table.split(","))
     unknown = sorted(set(tables) - set(TABLES))
     if unknown:
@@ -560,6 +575,25 @@ def training_record(rows, config, workdir):
             **({"retrained": True} if number else {}),
         }
     )
+
+
+def add_summaries(rows):
+    """Append a summary record (`summary_of`: the training's id; `training_summary`'s
+    fields) for each training recorded without one whose metrics.jsonl is still on this
+    machine (trainings recorded before summaries existed; of a folder trained again, only its
+    latest record: the folder's metrics are that training's); returns the records added."""
+    summarised = {i for i, x in training_summaries(rows.all).items() if "final_losses" in x}
+    latest = {r["training"]: r for r in rows.all if "training" in r}  # a retrained folder's
+    added = []
+    for r in list(latest.values()):
+        key = r.get("id") or r["training"]
+        metrics = pathlib.Path(r["training"]) / "metrics.jsonl"
+        if key not in summarised and metrics.is_file():
+            summary = training_summary(r["training"])
+            if summary["final_losses"]:
+                added.append(rows.add({"summary_of": key, **summary, "from": str(metrics)}))
+                summarised.add(key)
+    return added
 
 
 def training_summary(workdir):

@@ -144,3 +144,11 @@ def test_the_command_rewrites_the_rows_markdown_and_the_results_page_beside_them
         in (tmp_path / "rows.md").read_text()
     )
     assert "| 60.0 (1) | -10.0 (1 seed), too few seeds" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_summary_record_gives_an_earlier_training_its_rpn_balance():
+    mine = [{**row("lambda = 10 (w 1)", s, 0.7), "training_id": f"t{s}"} for s in (0, 1)]
+    final = {"rpn_box": 0.01, "rpn_objectness": 0.05}
+    summary = {"summary_of": "t0", "final_losses": final, "from": "t0/metrics.jsonl"}
+    rows = argparse.Namespace(all=[*mine, {"training": "t0", "id": "t0"}, summary])
+    assert paper_report.rpn_balances(rows, mine) == {"lambda = 10 (w 1)": "0.20 (1 seeds)"}

@@ -136,6 +136,8 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
 
 
 ROW_CHECK = """
+import json
+
 import paper_report
 import paper_tables
 from frcnn_jax.config import check_config, config_from_file
@@ -259,6 +261,22 @@ with tempfile.TemporaryDirectory() as tmp:
     digest = paper_tables.hashlib.sha256(b"weights").hexdigest()[:12]
     rows.all.append({"pretrain": pretrain, "pretrain_steps": 3000, "backbone": digest})
     assert paper_tables.pretrained_backbone(args, rows) == (shipped, digest)
+# trainings recorded before summaries existed get one from their metrics.jsonl, once; of a
+# folder trained again only the latest record (the folder's metrics are that training's)
+with tempfile.TemporaryDirectory() as tmp:
+    run, gone = pathlib.Path(tmp) / "run", pathlib.Path(tmp) / "gone"
+    run.mkdir()
+    progress = {"step": 20, "train/loss": 1.0, "train/rpn_box": 0.01, "train/rpn_objectness": 0.05}
+    lines = [progress, {"step": 20, "train/loop_s": 12.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    rows.add({"training": str(run), "minutes": 1.0})  # before ids: its id is the folder
+    rows.add({"training": str(run), "id": f"{run}#1", "minutes": 1.0, "retrained": True})
+    rows.add({"training": str(gone), "id": str(gone), "minutes": 1.0})  # no metrics here
+    (added,) = paper_tables.add_summaries(rows)
+    assert added["summary_of"] == f"{run}#1" and added["loop_seconds"] == {"": 12.5}, added
+    assert added["final_losses"] == {"loss": 1.0, "rpn_box": 0.01, "rpn_objectness": 0.05}
+    assert paper_tables.add_summaries(rows) == []  # once
 print("ok")
 """
 
