@@ -13,6 +13,7 @@ and trains nothing.
 """
 
 import argparse
+import collections
 import math
 import pathlib
 import re
@@ -308,15 +309,20 @@ def proposal_recalls(mine):
     for r in mine:
         if "proposal_recall" in r:
             found.setdefault(r["row"], []).append(r["proposal_recall"]["recall@300"]["0.70"])
-    seeds = {}
-    for r in mine:
-        if r["map"] is not None:
-            seeds[r["row"]] = seeds.get(r["row"], 0) + 1
+    seeds = evaluated_seeds(mine)
     return {
-        label: f"{statistics.mean(x):.3f}"
-        + ("" if len(x) == seeds.get(label) else f" ({len(x)} seeds)")
-        for label, x in found.items()
+        label: f"{statistics.mean(x):.3f}{of_seeds(x, seeds[label])}" for label, x in found.items()
     }
+
+
+def evaluated_seeds(mine):
+    """{row label: how many of its seeds have an mAP (their training did not diverge)}."""
+    return collections.Counter(r["row"] for r in mine if r["map"] is not None)
+
+
+def of_seeds(values, total):
+    """' (k seeds)' when a column's `values` come from fewer seeds than the row's `total`."""
+    return "" if len(values) == total else f" ({len(values)} seeds)"
 
 
 def training_summaries(records):
@@ -339,16 +345,15 @@ def rpn_balances(rows, mine):
     when it is not every seed's): whether the two terms are about equally weighted, the
     paper's rule for lambda."""
     losses = {i: x.get("final_losses") for i, x in training_summaries(rows.all).items()}
-    ratios, seeds = {}, {}
+    ratios, seeds = {}, evaluated_seeds(mine)
     for r in mine:
         final = losses.get(r.get("training_id")) or {}
-        seeds[r["row"]] = seeds.get(r["row"], 0) + (r["map"] is not None)
         if final.get("rpn_objectness"):
             ratios.setdefault(r["row"], []).append(final["rpn_box"] / final["rpn_objectness"])
     return {
         label: f"{statistics.mean(x):.2f}"
         + (f" ({min(x):.2f}-{max(x):.2f})" if len(x) > 1 else "")
-        + ("" if len(x) == seeds[label] else f" ({len(x)} seeds)")
+        + of_seeds(x, seeds[label])
         for label, x in ratios.items()
     }
 
