@@ -1,4 +1,5 @@
 import atexit
+import collections
 import ctypes
 import ctypes.util
 import gc
@@ -58,12 +59,13 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first (a stable sort: each file's tests keep their order), so that
-    the workers start on whole trainings and fill the end of the run with the quick files
-    rather than one worker finishing a long file alone."""
+    """Files with the most slow tests first (a stable sort: each file's tests keep their order),
+    so that the workers start on the longest files (whole trainings) and fill the end of the
+    run with the quick ones rather than one worker finishing a long file alone (`--dist
+    loadfile` hands out whole files in this order: the longest first keeps the tail short)."""
     del config
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="module", autouse=True)
