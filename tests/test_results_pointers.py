@@ -35,21 +35,23 @@ def sections(text):
     return preamble, [(part.splitlines()[0], part) for part in parts]
 
 
-def numbers_of(names):
+def numbers_of(names, root=ROOT):
     found = set()
     for name in names:
-        path = ROOT / "experiments" / name
+        path = root / "experiments" / name
         assert path.exists(), f"a cited results file does not exist: {path}"
         found.update(float(m.group(0)) for m in re.finditer(r"\d+\.\d+|\d+", path.read_text()))
     return found
 
 
-def unbacked(document):
-    """The quoted decimals of `document` that no results file it cites holds."""
-    preamble, parts = sections((ROOT / document).read_text())
+def unbacked(document, root=ROOT):
+    """The quoted decimals of `document` (relative to `root`) that no results file it cites
+    holds."""
+    preamble, parts = sections((root / document).read_text())
     missing = []
     for heading, text in parts:
-        available = numbers_of(set(CITED.findall(preamble)) | set(CITED.findall(text)))
+        cited = set(CITED.findall(preamble)) | set(CITED.findall(text))
+        available = numbers_of(cited, root)
         prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
         for match in DECIMAL.finditer(prose):
             whole, decimals = match.groups()
@@ -77,10 +79,11 @@ def test_the_settings_listed_as_not_measured_are_still_quoted():
 
 
 def test_a_figure_no_cited_file_holds_is_found(tmp_path):
-    page = tmp_path / "page.md"
-    page.write_text(
-        "# t\n\nIntro.\n\n## a\n\nOps (`experiments/results_ops.md`): 3.530 ms, 0.42x, 3.53, 3.5.\n"
-        "\n## b\n\nA ratio of 0.777 (`experiments/results_ops.md`), and 0.0102 s uncited.\n"
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "results_x.md").write_text("| op | 0.00353 | 0.4213 | 7 |\n")
+    (tmp_path / "page.md").write_text(
+        "# t\n\nIntro.\n\n## a\n\nOps (`experiments/results_x.md`): 3.530 ms, 0.42x, 42.1%, 3.5.\n"
+        "\n## b\n\nA ratio of 0.777 (`experiments/results_x.md`), and 0.0102 s uncited.\n"
     )
-    missing = unbacked(page)
+    missing = unbacked("page.md", tmp_path)
     assert missing == ["'## b': 0.777", "'## b': 0.0102"], missing
