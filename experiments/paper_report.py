@@ -238,7 +238,7 @@ def markdown(table, rows, setting):
     return "\n".join(lines) + "\n"
 
 
-PAPER_ALTERNATING = "4-step alternating, the paper's phase lengths"
+PAPER_ALTERNATING = "4-step alternating, the paper's phase lengths and batch sizes"
 
 
 PAPER_SAVING = (25.0, 50.0)  # % less training time for approximate joint (section 3.2)
@@ -246,9 +246,9 @@ PAPER_SAVING = (25.0, 50.0)  # % less training time for approximate joint (secti
 
 def time_saving(mine, records=()):
     """The paper's time claim, tested: how much less training time (%) approximate joint
-    training took than 4-step alternating training with the paper's phase lengths, paired by
-    seed (both on this machine in one setting), with the 95% t-interval, and whether that
-    interval lies inside the paper's 25-50% ("" when no seed has both trainings). A
+    training took than 4-step alternating training with the paper's phase lengths and batch
+    sizes, paired by seed (both on this machine in one setting), with the 95% t-interval, and
+    whether that interval lies inside the paper's 25-50% ("" when no seed has both trainings). A
     training's time is its training loops' (`loop_seconds` of its record among `records`:
     compilation, steps and checkpoints, not the data's preparation or the final evaluation)
     when both of a seed's trainings have one, otherwise the rows' `train_minutes`."""
@@ -294,7 +294,8 @@ def time_saving(mine, records=()):
         figure = f"{result['mean']:.1f}% less [{result['low']:.1f}, {result['high']:.1f}]"
     return (
         f"Training time ({' and '.join(sorted(measured))}): approximate joint took {figure} "
-        f"than 4-step alternating with the paper's phase lengths, paired by seed; {said}."
+        f"than 4-step alternating with the paper's phase lengths and batch sizes, paired by "
+        f"seed; {said}."
     )
 
 

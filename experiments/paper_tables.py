@@ -44,9 +44,10 @@ minutes, the command) are printed and written next to the rows (`.md`); the stat
 the Markdown are `experiments/paper_report.py`'s.
 
 `--steps` sets every joint training's length (decay and warm-up scaled alike); 4-step
-alternating training runs the paper's phase lengths relative to it (80k/40k/80k/40k against
-70k joint iterations: 3.43x in all, each phase's rate decayed after 3/4 of it, phases 1 and 2
-from the pretrained weights). The default suits the shapes configs on a 2-core CPU (a few
+alternating training runs the paper's phase lengths and batch sizes relative to it
+(80k/40k/80k/40k iterations of 1/2/1/2 images against 70k joint iterations of 2: 3.43x the
+steps, 2.29x the images, each phase's rate decayed after 3/4 of it, phases 1 and 2 from the
+pretrained weights). The default suits the shapes configs on a 2-core CPU (a few
 minutes per joint training). On VOC, pass the VOC config and its own length (`--steps 70000`)
 on a GPU/TPU, with `--pretrain` an ImageNet pretraining config of the backbone, or `--start
 config` to keep the config's own `model.init_checkpoint` (e.g. imported torchvision weights).
@@ -205,7 +206,8 @@ def table_rows(table, config):
                 ),
             ),
             Row(
-                "4-step alternating, the paper's phase lengths (80k/40k/80k/40k per 70k joint)",
+                "4-step alternating, the paper's phase lengths and batch sizes (80k/40k/80k/40k "
+                "steps of 1/2/1/2 images per 70k of 2)",
                 paper_alternating(config),
             ),
             # the paper's steps 1-4 are phases 1-4 in frcnn_jax (the names key saved rows)
@@ -215,15 +217,19 @@ def table_rows(table, config):
 
 
 def paper_alternating(config):
-    """The fields of 4-step alternating training with the paper's phase lengths relative to
-    `config`'s joint training (py-faster-rcnn: 80k, 40k, 80k, 40k iterations against 70k for
-    end-to-end training, each phase's rate x0.1 after 60k / 30k)."""
-    steps = int(config.train.num_steps)
+    """The fields of 4-step alternating training with the paper's phase lengths and batch sizes
+    relative to `config`'s joint training (py-faster-rcnn: 80k, 40k, 80k, 40k iterations of 1,
+    2, 1, 2 images (its RPN stages one image each) against 70k iterations of 2 images for
+    end-to-end training, each phase's rate x0.1 after 60k / 30k, the same rate in every
+    phase): the RPN phases take half the joint batch, the Fast R-CNN phases all of it."""
+    steps, batch = int(config.train.num_steps), int(config.train.batch_size)
     phases = tuple(max(1, round(steps * n / 70)) for n in (80, 40, 80, 40))
+    half = max(1, batch // 2)
     return (
         ("train.scheme", "alternating"),
         ("train.alternating_phase_steps", phases),
         ("train.alternating_phase_lr_steps", tuple(max(1, round(n * 3 / 4)) for n in phases)),
+        ("train.alternating_phase_batch_sizes", (half, batch, half, batch)),
     )
 
 

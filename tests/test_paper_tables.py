@@ -164,6 +164,7 @@ pairs = dict(paper_tables.paper_alternating(paper_tables.scaled(config_from_file
     ROOT / "configs" / "shapes_tiny.py"), 700)))
 assert pairs["train.alternating_phase_steps"] == (800, 400, 800, 400)
 assert pairs["train.alternating_phase_lr_steps"] == (600, 300, 600, 300)
+assert pairs["train.alternating_phase_batch_sizes"] == (2, 4, 2, 4)  # RPN phases: half the batch
 voc = config_from_file(ROOT / "configs" / "voc07_vgg16.py")
 voc.train.scheme = "alternating"
 unshared = next(r for r in paper_tables.table_rows("2", voc) if r.label.startswith("unshared"))
