@@ -98,6 +98,13 @@ def test_the_schemes_time_claim_is_tested_by_seed_against_the_papers_range():
     assert said.startswith("Training time (training loops): approximate joint took 50.0% less (1")
     said = paper_report.time_saving(looped[:2], records[:1])  # one record lacks them: the rows'
     assert said.startswith("Training time (whole trainings): approximate joint took 37.5% less")
+    # one line per paper-length row (the batch sizes came later): each paired with joint
+    later = [
+        {**r, "row": r["row"] + ", batch sizes"} for r in inside if r["row"] != "approximate joint"
+    ]
+    lines = paper_report.time_saving([*inside, *later[:2]]).split("\n\n")
+    assert len(lines) == 2 and "too few seeds (2 of 5)" in lines[1], lines
+    assert "per 70k joint), batch sizes, paired by seed" in lines[1]
 
 
 def test_the_results_pages_tables_are_the_rows():
