@@ -14,6 +14,7 @@ and trains nothing.
 
 import argparse
 import collections
+import datetime
 import math
 import pathlib
 import re
@@ -254,12 +255,24 @@ def time_saving(mine, records=()):
     named), "" when no seed has both trainings. A training's time is its training loops'
     (`loop_seconds` of its record among `records`: compilation, steps and checkpoints, not the
     data's preparation or the final evaluation) when both of a seed's trainings have one,
-    otherwise the rows' `train_minutes`."""
+    otherwise the rows' `train_minutes`. A joint training trained again (on another machine,
+    its weights gone) has several records: the one finished nearest the alternating training
+    is timed, so that both sides of a pair ran on one machine."""
     loops = {
         i: sum(x["loop_seconds"].values()) / 60
         for i, x in training_summaries(records).items()
         if x.get("loop_seconds")
     }
+    trained = {r.get("id") or r["training"]: r for r in records if "training" in r}
+
+    def nearest(joint_id, alternating_id):
+        folder = trained.get(joint_id, {}).get("training")
+        when = trained.get(alternating_id, {}).get("finished")
+        same = [i for i, r in trained.items() if r["training"] == folder and i in loops]
+        if not (when and same):
+            return joint_id
+        return min(same, key=lambda i: abs(moment(trained[i]["finished"]) - moment(when)))
+
     joint, alternating = {}, {}
     for r in mine:
         if r["map"] is None:
@@ -272,7 +285,8 @@ def time_saving(mine, records=()):
     for label, by_seed in alternating.items():
         savings, measured = [], set()
         for seed in sorted(joint.keys() & by_seed.keys()):
-            pair = joint[seed].get("training_id"), by_seed[seed].get("training_id")
+            alternating_id = by_seed[seed].get("training_id")
+            pair = nearest(joint[seed].get("training_id"), alternating_id), alternating_id
             if all(p in loops for p in pair):
                 minutes = [loops[p] for p in pair]
                 measured.add("training loops")
@@ -283,6 +297,11 @@ def time_saving(mine, records=()):
         if savings:
             lines.append(saving_line(savings, measured, label))
     return "\n\n".join(lines)
+
+
+def moment(stamp):
+    """Seconds since the epoch of an ISO timestamp (a record's `finished`)."""
+    return datetime.datetime.fromisoformat(stamp).timestamp()
 
 
 def saving_line(savings, measured, label):
