@@ -248,16 +248,21 @@ PAPER_SAVING = (25.0, 50.0)  # % less training time for approximate joint (secti
 
 
 def time_saving(mine, records=()):
+    """`time_savings`' lines as one paragraph per line ("" when there is none)."""
+    return "\n\n".join(time_savings(mine, records))
+
+
+def time_savings(mine, records=()):
     """The paper's time claim, tested: how much less training time (%) approximate joint
     training took than 4-step alternating training with the paper's phase lengths, paired by
     seed (both on this machine in one setting), with the 95% t-interval, and whether that
     interval lies inside the paper's 25-50%: one line per such row of `mine` (its label
-    named), "" when no seed has both trainings. A training's time is its training loops'
-    (`loop_seconds` of its record among `records`: compilation, steps and checkpoints, not the
-    data's preparation or the final evaluation) when both of a seed's trainings have one,
-    otherwise the rows' `train_minutes`. A joint training trained again (on another machine,
-    its weights gone) has several records: the one finished nearest the alternating training
-    is timed, so that both sides of a pair ran on one machine."""
+    named), none for a row without a seed that has both trainings. A training's time is its
+    training loops' (`loop_seconds` of its record among `records`: compilation, steps and
+    checkpoints, not the data's preparation or the final evaluation) when both of a seed's
+    trainings have one, otherwise the rows' `train_minutes`. A joint training trained again
+    (on another machine, its weights gone) has several records: the one finished nearest the
+    alternating training is timed, so that both sides of a pair ran on one machine."""
     loops = {
         i: sum(x["loop_seconds"].values()) / 60
         for i, x in training_summaries(records).items()
@@ -296,7 +301,7 @@ def time_saving(mine, records=()):
             savings.append(100 * (1 - minutes[0] / minutes[1]))
         if savings:
             lines.append(saving_line(savings, measured, label))
-    return "\n\n".join(lines)
+    return lines
 
 
 def moment(stamp):
@@ -505,8 +510,7 @@ def results_block(table, rows):
     text = side_by_side(table, rows, columns)
     if table == "schemes":
         for setting in columns:
-            saving = time_saving(setting_rows(table, rows, setting), rows.all)
-            for line in filter(None, saving.split("\n\n")):
+            for line in time_savings(setting_rows(table, rows, setting), rows.all):
                 text += f"\n{column_name(setting)}: {line}\n"
     return text
 
