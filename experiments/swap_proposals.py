@@ -21,18 +21,8 @@ are gone, so its hybrids could not be checked against the row).
 import argparse
 import pathlib
 
-from frcnn_jax.runtime import configure_runtime
-
-configure_runtime()
-
-import jax  # noqa: E402
-import paper_tables  # noqa: E402
-import result_rows  # noqa: E402
-from result_rows import Rows  # noqa: E402
-
-from frcnn_jax import sharding, training  # noqa: E402
-from frcnn_jax.config import config_from_file  # noqa: E402
-from frcnn_jax.models import build_model  # noqa: E402
+import result_rows
+from result_rows import Rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the rows whose trainings are swapped (the training-schemes table's labels), short names
@@ -88,6 +78,18 @@ def markdown(found, command):
 
 
 def main():
+    # the runtime first, before JAX starts (importing paper_tables does it too); here rather
+    # than at import, so that tests can import `hybrid` without it
+    from frcnn_jax.runtime import configure_runtime
+
+    configure_runtime()
+    import jax
+    import paper_tables
+
+    from frcnn_jax import sharding, training
+    from frcnn_jax.config import config_from_file
+    from frcnn_jax.models import build_model
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_tiny.py"))
     parser.add_argument("--steps", type=int, default=2000)
