@@ -1,21 +1,23 @@
-"""Which half of a detector holds it back: the RPN of one training scheme's detector feeding the
-Fast R-CNN of another's, on the paper tables' trained weights.
+"""Which half of a detector holds it back: the RPN of one training feeding the Fast R-CNN of
+another, on the paper tables' trained weights.
 
-    python experiments/swap_proposals.py [--seeds 0,1,2,3,4] [--config configs/shapes_tiny.py]
-        [--steps 2000] [--start pretrained] [--rows experiments/results_paper.jsonl]
-        [--out experiments/results_swap_proposals.jsonl]
+    python experiments/swap_proposals.py [--table schemes] [--swap NAME=ROW LABEL ...]
+        [--seeds 1,2,3,4] [--setting SETTING] [--config configs/shapes_tiny.py] [--steps 2000]
+        [--rows experiments/results_paper.jsonl] [--out experiments/results_swap_proposals.jsonl]
 
-For each seed and each ordered pair of the training-schemes table's rows (`SCHEMES`), the hybrid
-detector takes the proposals of one training (its backbone and RPN head, as an RPN with its own
-features: `model.rpn.shared_features` False) and the detection network of the other (its
-backbone, box head and predictor), and is evaluated as the tables evaluate (mAP@0.5 and the
-RPN's recall on the test split). A hybrid of a training with itself is that training's own
-detector: its mAP must equal the table's row (checked). If swapping in approximate joint's
+For each seed and each ordered pair of the swapped rows of `--table` (default: the training
+schemes' approximate joint, 4-step alternating at the paper's lengths and batch sizes and
+non-approximate joint, `SCHEMES`), the hybrid detector takes the proposals of one row's training
+(its backbone and RPN head, as an RPN with its own features: `model.rpn.shared_features` False)
+and the detection network of the other's (its backbone, box head and predictor), and is
+evaluated as the tables evaluate (mAP@0.5 and the RPN's recall on the test split). The rows must
+agree on their model and test-time fields. A hybrid of a training with itself is that training's
+own detector: its mAP must equal the row's (checked). If swapping in approximate joint's
 proposals lifts another scheme's detection network to joint's mAP, the gap between them is the
 proposals'; if not, the detection network's. Every evaluation is a line of `--out` (a rerun
-skips the finished ones); the table goes next to it (`.md`). Seed 0 is left out by default: its
-joint detector was trained again on another machine after its schemes row (the row's weights
-are gone, so its hybrids could not be checked against the row).
+skips the finished ones); the table goes next to it (`.md`). Seed 0 is left out by default:
+its joint detector was trained again on another machine after its schemes row (the row's
+weights are gone, so its hybrids could not be checked against the row).
 """
 
 import argparse
@@ -33,6 +35,7 @@ SCHEMES = {
     "non-approximate joint": "non-approximate",
 }
 DETECTION = ("backbone", "box_head", "predictor")
+SHARED = "model.rpn.shared_features"
 
 
 def hybrid(rpn_variables, detector_variables):
@@ -40,18 +43,49 @@ def hybrid(rpn_variables, detector_variables):
     `rpn_variables`, the detection network from `detector_variables`."""
     rpn, det = rpn_variables["params"], detector_variables["params"]
     params = {k: det[k] for k in DETECTION}
-    params["rpn_backbone"], params["rpn_head"] = rpn["backbone"], rpn["rpn_head"]
+    params["rpn_backbone"] = rpn.get("rpn_backbone", rpn["backbone"])  # unshared: its own
+    params["rpn_head"] = rpn["rpn_head"]
     return {"params": params}
 
 
+def parse_swaps(pairs):
+    """`NAME=ROW LABEL` pairs -> {label: name}."""
+    swaps = {}
+    for pair in pairs:
+        name, sep, label = pair.partition("=")
+        if not sep or not name or not label:
+            raise SystemExit(f"--swap wants NAME=ROW LABEL, got {pair!r}")
+        swaps[label] = name
+    return swaps
+
+
+def hybrid_fields(rows):
+    """The config fields every hybrid of `rows` (the tables' `Row`s) is evaluated with: their
+    model and test-time fields, which must agree (an RPN trained with other anchors than the
+    detection network it feeds is no comparison), features unshared, proposal recall on."""
+    fields = {
+        label: {
+            (k, v)
+            for k, v in (*row.train, *row.test)
+            if (k.startswith("model.") or k.startswith("eval.")) and k != SHARED
+        }
+        for label, row in rows.items()
+    }
+    first, *others = fields.values()
+    if any(other != first for other in others):
+        raise SystemExit(f"the rows differ in model or test fields, no hybrid of them: {fields}")
+    return (*sorted(first), (SHARED, False), ("eval.proposal_recall", True))
+
+
 def markdown(found, command):
-    lines = ["# Swapping proposals between training schemes", ""]
+    lines = ["# Swapping proposals between trainings", ""]
     lines += result_rows.provenance(command)
-    names = list(SCHEMES.values())
+    names = list(dict.fromkeys(r["detector"] for r in found))
+    count = found[0]["proposals"] if found else 0
     lines += [
         "mAP@0.5 (%) of the detection network of the row's training on the proposals of the "
         "column's training, mean over the seeds (their count); the diagonal is each training's "
-        "own detector. RPN recall@0.7 of the top 300 proposals in brackets (the column's RPN).",
+        f"own detector. In brackets: the RPN's recall at IoU 0.7 of its top {count} proposals.",
         "",
         "| detection network \\ proposals from | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
@@ -99,59 +133,65 @@ def main():
         default="shapes_tiny, 2000 steps, pretrained (pretrain_shapes_tiny_fpn, 3000 steps)",
         help="the paper tables' setting whose trainings are swapped",
     )
+    parser.add_argument("--table", default="schemes")
+    parser.add_argument(
+        "--swap",
+        action="append",
+        help="NAME=ROW LABEL, once per row swapped (default: the training schemes' rows)",
+    )
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_paper.jsonl"))
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results_swap_proposals.jsonl"))
     args = parser.parse_args()
+    swaps = parse_swaps(args.swap) if args.swap else SCHEMES
     paper_rows, out = Rows(args.rows), Rows(args.out)
     base = paper_tables.scaled(
         paper_tables.paper_setting(config_from_file(args.config)), args.steps
     )
+    defined = {row.label: row for row in paper_tables.table_rows(args.table, base)}
+    unknown = sorted(set(swaps) - set(defined))
+    if unknown:
+        raise SystemExit(f"--swap: no such row of table {args.table}: {unknown}")
+    fields = hybrid_fields({label: defined[label] for label in swaps})
     mesh = sharding.data_mesh()
-    label = {short: long for long, short in SCHEMES.items()}
     for seed in (int(s) for s in args.seeds.split(",")):
-        table = {}
-        for long, short in SCHEMES.items():
-            row = paper_rows.find(table="schemes", row=long, seed=seed, setting=args.setting)
-            if row and row[-1]["map"] is not None:
-                table[short] = row[-1]
-        for det in table:
-            for rpn in table:
-                if out.find(seed=seed, detector=det, rpn=rpn, setting=args.setting):
+        trained = {}
+        for label, name in swaps.items():
+            found = paper_rows.find(table=args.table, row=label, seed=seed, setting=args.setting)
+            if found and found[-1]["map"] is not None:
+                trained[name] = found[-1]
+        for det in trained:
+            for rpn in trained:
+                done = dict(seed=seed, detector=det, rpn=rpn, setting=args.setting)
+                if out.find(table=args.table, **done):
                     continue
-                config = paper_tables.with_fields(
-                    base,
-                    (
-                        ("train.seed", seed),
-                        ("model.rpn.shared_features", False),
-                        ("eval.proposal_recall", True),
-                    ),
-                )
+                config = paper_tables.with_fields(base, (*fields, ("train.seed", seed)))
                 variables = hybrid(
-                    paper_tables.restore(table[rpn]["workdir"], mesh),
-                    paper_tables.restore(table[det]["workdir"], mesh),
+                    paper_tables.restore(trained[rpn]["workdir"], mesh),
+                    paper_tables.restore(trained[det]["workdir"], mesh),
                 )
                 result = training.evaluation.evaluate(
                     config, build_model(config), jax.device_put(variables), mesh
                 )
-                found = {
-                    "seed": seed,
-                    "detector": det,
-                    "rpn": rpn,
-                    "setting": args.setting,
+                count = config.model.rpn.test_post_nms_top_n
+                row = {
+                    "table": args.table,
+                    **done,
                     "map": result["voc"]["mAP"],
-                    "recall_0.70": result["recall"]["recall@300"]["0.70"],
-                    "detector_training": table[det]["training_id"],
-                    "rpn_training": table[rpn]["training_id"],
+                    "proposals": count,
+                    "recall_0.70": result["recall"][f"recall@{count}"]["0.70"],
+                    "detector_training": trained[det]["training_id"],
+                    "rpn_training": trained[rpn]["training_id"],
                 }
-                if det == rpn and abs(found["map"] - table[det]["map"]) > 1e-6:
+                if det == rpn and abs(row["map"] - trained[det]["map"]) > 1e-6:
                     raise SystemExit(
-                        f"seed {seed}: {label[det]}'s own detector as a hybrid gives "
-                        f"{found['map']:.6f}, its row {table[det]['map']:.6f}"
+                        f"seed {seed}: {det}'s own detector as a hybrid gives "
+                        f"{row['map']:.6f}, its row {trained[det]['map']:.6f}"
                     )
-                out.add(found)
-                print(f"seed {seed}: {det} on {rpn}'s proposals: {found['map']:.4f}", flush=True)
+                out.add(row)
+                print(f"seed {seed}: {det} on {rpn}'s proposals: {row['map']:.4f}", flush=True)
     command = "python experiments/swap_proposals.py"
-    pathlib.Path(args.out).with_suffix(".md").write_text(markdown(out.all, command))
+    mine = [r for r in out.all if r.get("setting") == args.setting]
+    pathlib.Path(args.out).with_suffix(".md").write_text(markdown(mine, command))
 
 
 if __name__ == "__main__":
