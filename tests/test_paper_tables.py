@@ -121,6 +121,34 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert "| 58.7 |" in table and "| 44.6 |" in table  # the paper's unshared, random rows
     # Table 2's shared row (side by side, then in its setting's table); the rest vs it
     assert table.count("| reference |") == 2
+    # experiments/swap_proposals.py on these trainings: each one's RPN feeding the other's
+    # Fast R-CNN (its hybrid of a training with itself is checked against the row)
+    swapped = tmp_path / "swap.jsonl"
+    swap = [
+        sys.executable,
+        str(ROOT / "experiments" / "swap_proposals.py"),
+        "--table=2",
+        "--swap=shared=300 proposals (shared features)",
+        "--swap=unshared=unshared features, 300 proposals",
+        f"--config={config_file}",
+        "--steps=2",
+        "--seeds=0",
+        f"--setting={results[0]['setting']}",
+        f"--rows={rows}",
+        f"--out={swapped}",
+    ]
+    out = subprocess.run(swap, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    hybrids = {
+        (r["detector"], r["rpn"]): r for r in map(json.loads, swapped.read_text().splitlines())
+    }
+    assert set(hybrids) == {(d, r) for d in ("shared", "unshared") for r in ("shared", "unshared")}
+    for name, label in (
+        ("shared", "300 proposals (shared features)"),
+        ("unshared", "unshared features, 300 proposals"),
+    ):
+        assert hybrids[name, name]["map"] == pytest.approx(by_row[label]["map"], abs=1e-6)
+    assert "| shared | unshared |" in swapped.with_suffix(".md").read_text()
     shutil.rmtree(tmp_path / "runs" / "pretrain")  # as on another machine: the file is enough
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
