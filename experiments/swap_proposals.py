@@ -41,6 +41,9 @@ SHARED = "model.rpn.shared_features"
 def hybrid(rpn_variables, detector_variables):
     """Variables of an unshared-features detector: the RPN (its own backbone and head) from
     `rpn_variables`, the detection network from `detector_variables`."""
+    other = (set(rpn_variables) | set(detector_variables)) - {"params"}
+    if other:  # e.g. BatchNorm statistics: which half's would be a choice this does not make
+        raise SystemExit(f"hybrid: variables other than params ({sorted(other)}) not supported")
     rpn, det = rpn_variables["params"], detector_variables["params"]
     params = {k: det[k] for k in DETECTION}
     params["rpn_backbone"] = rpn.get("rpn_backbone", rpn["backbone"])  # unshared: its own

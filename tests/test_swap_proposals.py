@@ -5,6 +5,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from frcnn_jax.models import FasterRCNN, build_model
 from tests.tiny import ROOT, jitted, one_image, tiny_model_config
@@ -42,3 +43,9 @@ def test_a_hybrid_has_one_weights_proposals_and_the_others_detection_network():
     )
     built = swap_proposals.hybrid(a, b)
     assert jax.tree.structure(shapes) == jax.tree.structure(built)
+
+
+def test_a_hybrid_refuses_variables_it_cannot_split():
+    params = {"params": {k: {} for k in ("backbone", "box_head", "predictor", "rpn_head")}}
+    with pytest.raises(SystemExit, match="batch_stats"):
+        swap_proposals.hybrid({**params, "batch_stats": {}}, params)
