@@ -162,36 +162,40 @@ def main():
             found = paper_rows.find(table=args.table, row=label, seed=seed, setting=args.setting)
             if found and found[-1]["map"] is not None:
                 trained[name] = found[-1]
-        for det in trained:
-            for rpn in trained:
-                done = dict(seed=seed, detector=det, rpn=rpn, setting=args.setting)
-                if out.find(table=args.table, **done):
-                    continue
-                config = paper_tables.with_fields(base, (*fields, ("train.seed", seed)))
-                variables = hybrid(
-                    paper_tables.restore(trained[rpn]["workdir"], mesh),
-                    paper_tables.restore(trained[det]["workdir"], mesh),
+        todo = [
+            (det, rpn)
+            for det in trained
+            for rpn in trained
+            if not out.find(
+                table=args.table, seed=seed, detector=det, rpn=rpn, setting=args.setting
+            )
+        ]
+        if not todo:
+            continue
+        config = paper_tables.with_fields(base, (*fields, ("train.seed", seed)))
+        model = build_model(config)
+        weights = {name: paper_tables.restore(t["workdir"], mesh) for name, t in trained.items()}
+        for det, rpn in todo:
+            done = dict(seed=seed, detector=det, rpn=rpn, setting=args.setting)
+            variables = hybrid(weights[rpn], weights[det])
+            result = training.evaluation.evaluate(config, model, jax.device_put(variables), mesh)
+            count = config.model.rpn.test_post_nms_top_n
+            row = {
+                "table": args.table,
+                **done,
+                "map": result["voc"]["mAP"],
+                "proposals": count,
+                "recall_0.70": result["recall"][f"recall@{count}"]["0.70"],
+                "detector_training": trained[det]["training_id"],
+                "rpn_training": trained[rpn]["training_id"],
+            }
+            if det == rpn and abs(row["map"] - trained[det]["map"]) > 1e-6:
+                raise SystemExit(
+                    f"seed {seed}: {det}'s own detector as a hybrid gives "
+                    f"{row['map']:.6f}, its row {trained[det]['map']:.6f}"
                 )
-                result = training.evaluation.evaluate(
-                    config, build_model(config), jax.device_put(variables), mesh
-                )
-                count = config.model.rpn.test_post_nms_top_n
-                row = {
-                    "table": args.table,
-                    **done,
-                    "map": result["voc"]["mAP"],
-                    "proposals": count,
-                    "recall_0.70": result["recall"][f"recall@{count}"]["0.70"],
-                    "detector_training": trained[det]["training_id"],
-                    "rpn_training": trained[rpn]["training_id"],
-                }
-                if det == rpn and abs(row["map"] - trained[det]["map"]) > 1e-6:
-                    raise SystemExit(
-                        f"seed {seed}: {det}'s own detector as a hybrid gives "
-                        f"{row['map']:.6f}, its row {trained[det]['map']:.6f}"
-                    )
-                out.add(row)
-                print(f"seed {seed}: {det} on {rpn}'s proposals: {row['map']:.4f}", flush=True)
+            out.add(row)
+            print(f"seed {seed}: {det} on {rpn}'s proposals: {row['map']:.4f}", flush=True)
     command = "python experiments/swap_proposals.py"
     mine = [r for r in out.all if r.get("setting") == args.setting]
     pathlib.Path(args.out).with_suffix(".md").write_text(markdown(mine, command))
