@@ -1,7 +1,8 @@
 """Rerun the README's figures on this machine and rewrite the README's results table from the
 results files.
 
-    python experiments/reproduce.py [--only NAME,...] [--list] [--readme] [--stop-by HH:MM]
+    python experiments/reproduce.py [--only NAME,...] [--rerun] [--list] [--readme]
+        [--stop-by HH:MM]
 
 Each figure (`FIGURES`) is a command that writes its own results file. The file starts with
 the command, the commit, the date and the machine (`result_rows.provenance`) and holds one
@@ -10,7 +11,9 @@ this script adds `Code: <hash>` to its file: the last commit that changed the co
 measures (its `code` paths). A figure is run again when its file is missing, has no README
 line, or has another `Code:` than the checkout's (its code changed since); otherwise it is
 skipped, so a rerun resumes where a killed or `--stop-by` sitting stopped, and commands that
-are resumable themselves (time_to_map.py, fit_check.py) continue their own rows. Figures that
+are resumable themselves (time_to_map.py, fit_check.py) continue their own rows. `--rerun`
+runs the chosen figures even when current (a timing measured beside other work, say; the
+resumable commands still keep the rows they have at the current code). Figures that
 need a GPU are not run here: their files say the commit and date they were measured at.
 
 Every run (and `--readme` alone) rewrites the README's results table, between the lines
@@ -259,6 +262,7 @@ def main():
     parser.add_argument("--only", help="figure names, comma-separated (default: all)")
     parser.add_argument("--list", action="store_true", help="each figure's state; run nothing")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README's table")
+    parser.add_argument("--rerun", action="store_true", help="run current figures too")
     parser.add_argument("--stop-by", help="HH:MM: start no figure that could not end by then")
     args = parser.parse_args()
     figures = FIGURES
@@ -278,7 +282,7 @@ def main():
         deadline = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0)
     for figure in figures if not args.readme else ():
         condition, _ = state(figure)
-        if condition in ("current", "gpu"):
+        if condition == "gpu" or (condition == "current" and not args.rerun):
             print(f"{figure.name}: {condition}, skipped", flush=True)
             continue
         ends = datetime.datetime.now() + datetime.timedelta(minutes=figure.minutes)
