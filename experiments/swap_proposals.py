@@ -3,7 +3,7 @@ another, on the paper tables' trained weights.
 
     python experiments/swap_proposals.py [--table schemes] [--swap NAME=ROW LABEL ...]
         [--seeds 1,2,3,4] [--setting SETTING] [--config configs/shapes_tiny.py] [--steps 2000]
-        [--rows experiments/results_paper.jsonl] [--out experiments/results_swap_proposals.jsonl]
+        [--rows experiments/results_paper.jsonl] [--out OUT.jsonl]
 
 For each seed and each ordered pair of the swapped rows of `--table` (default: the training
 schemes' approximate joint, 4-step alternating at the paper's lengths and batch sizes and
@@ -11,17 +11,22 @@ non-approximate joint, `SCHEMES`), the hybrid detector takes the proposals of on
 (its backbone and RPN head, as an RPN with its own features: `model.rpn.shared_features` False)
 and the detection network of the other's (its backbone, box head and predictor), and is
 evaluated as the tables evaluate (mAP@0.5 and the RPN's recall on the test split). The rows must
-agree on their model and test-time fields. A hybrid of a training with itself is that training's
+agree on their test-time fields and the model fields that shape the weights (they may differ in
+training alone, e.g. Table 9's loss weight). A hybrid of a training with itself is that training's
 own detector: its mAP must equal the row's (checked). If swapping in approximate joint's
 proposals lifts another scheme's detection network to joint's mAP, the gap between them is the
 proposals'; if not, the detection network's. Every evaluation is a line of `--out` (a rerun
-skips the finished ones); the table goes next to it (`.md`). Seed 0 is left out by default:
-its joint detector was trained again on another machine after its schemes row (the row's
-weights are gone, so its hybrids could not be checked against the row).
+skips the finished ones; default `experiments/results_swap_proposals.jsonl` for the schemes,
+`results_swap_proposals_table<N>.jsonl` for another table); the table goes next to it (`.md`).
+Seed 0 is left out by default: its joint detector was trained again on another machine after
+its schemes row (the row's weights are gone, so its hybrids could not be checked against the
+row).
 """
 
 import argparse
 import pathlib
+import shlex
+import sys
 
 import result_rows
 from result_rows import Rows
@@ -64,14 +69,17 @@ def parse_swaps(pairs):
 
 def hybrid_fields(rows):
     """The config fields every hybrid of `rows` (the tables' `Row`s) is evaluated with: their
-    model and test-time fields, which must agree (an RPN trained with other anchors than the
-    detection network it feeds is no comparison), features unshared, proposal recall on."""
+    test-time fields and the model fields that shape what the weights compute
+    (`frcnn_jax.rundir.MODEL_FIELDS`: anchors, heads, ...), which must agree (an RPN trained
+    with other anchors than the detection network it feeds is no comparison), features
+    unshared, proposal recall on. Fields that only change training (a loss weight, Table 9's
+    `model.rpn.box_weight`, the sampling) may differ: they are the rows' difference."""
+    from frcnn_jax.rundir import MODEL_FIELDS
+
+    shaping = {f"model.{field}" for field in MODEL_FIELDS} - {SHARED}
     fields = {
-        label: {
-            (k, v)
-            for k, v in (*row.train, *row.test)
-            if (k.startswith("model.") or k.startswith("eval.")) and k != SHARED
-        }
+        label: {(k, v) for k, v in row.train if k in shaping}
+        | {(k, v) for k, v in row.test if k != SHARED}
         for label, row in rows.items()
     }
     first, *others = fields.values()
@@ -80,8 +88,8 @@ def hybrid_fields(rows):
     return (*sorted(first), (SHARED, False), ("eval.proposal_recall", True))
 
 
-def markdown(found, command):
-    lines = ["# Swapping proposals between trainings", ""]
+def markdown(found, table, command):
+    lines = [f"# Swapping proposals between trainings (table {table})", ""]
     lines += result_rows.provenance(command)
     names = list(dict.fromkeys(r["detector"] for r in found))
     count = found[0]["proposals"] if found else 0
@@ -143,9 +151,12 @@ def main():
         help="NAME=ROW LABEL, once per row swapped (default: the training schemes' rows)",
     )
     parser.add_argument("--rows", default=str(ROOT / "experiments" / "results_paper.jsonl"))
-    parser.add_argument("--out", default=str(ROOT / "experiments" / "results_swap_proposals.jsonl"))
+    parser.add_argument("--out", help="rows written (default: by --table)")
     args = parser.parse_args()
     swaps = parse_swaps(args.swap) if args.swap else SCHEMES
+    if args.out is None:
+        suffix = "" if args.table == "schemes" else f"_table{args.table}"
+        args.out = str(ROOT / "experiments" / f"results_swap_proposals{suffix}.jsonl")
     paper_rows, out = Rows(args.rows), Rows(args.out)
     base = paper_tables.scaled(
         paper_tables.paper_setting(config_from_file(args.config)), args.steps
@@ -196,9 +207,9 @@ def main():
                 )
             out.add(row)
             print(f"seed {seed}: {det} on {rpn}'s proposals: {row['map']:.4f}", flush=True)
-    command = "python experiments/swap_proposals.py"
-    mine = [r for r in out.all if r.get("setting") == args.setting]
-    pathlib.Path(args.out).with_suffix(".md").write_text(markdown(mine, command))
+    command = shlex.join(["python", "experiments/swap_proposals.py", *sys.argv[1:]])
+    mine = [r for r in out.all if r.get("setting") == args.setting and r["table"] == args.table]
+    pathlib.Path(args.out).with_suffix(".md").write_text(markdown(mine, args.table, command))
 
 
 if __name__ == "__main__":

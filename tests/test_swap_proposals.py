@@ -2,6 +2,7 @@
 detection network of another, as an unshared-features model."""
 
 import sys
+import types
 
 import jax
 import numpy as np
@@ -49,3 +50,24 @@ def test_a_hybrid_refuses_variables_it_cannot_split():
     params = {"params": {k: {} for k in ("backbone", "box_head", "predictor", "rpn_head")}}
     with pytest.raises(SystemExit, match="batch_stats"):
         swap_proposals.hybrid({**params, "batch_stats": {}}, params)
+
+
+def test_hybrids_of_rows_that_differ_in_training_alone():
+    def row(train=(), test=()):
+        return types.SimpleNamespace(train=train, test=test)
+
+    weight = row((("model.rpn.box_weight", 10.0),))  # Table 9: a loss weight, training only
+    fields = swap_proposals.hybrid_fields({"a": row(), "b": weight})
+    assert ("model.rpn.box_weight", 10.0) not in fields  # each training keeps its own
+    assert ("model.rpn.shared_features", False) in fields
+    # the anchors shape what the weights compute: an RPN and a detection network trained
+    # with other anchors are no hybrid
+    anchors = row((("model.rpn.aspect_ratios", (1.0,)),))
+    with pytest.raises(SystemExit, match="differ in model or test fields"):
+        swap_proposals.hybrid_fields({"a": row(), "b": anchors})
+    # nor are rows evaluated differently
+    count = row(test=(("model.rpn.test_post_nms_top_n", 100),))
+    with pytest.raises(SystemExit, match="differ in model or test fields"):
+        swap_proposals.hybrid_fields({"a": row(), "b": count})
+    same = swap_proposals.hybrid_fields({"a": count, "b": count})
+    assert ("model.rpn.test_post_nms_top_n", 100) in same
