@@ -170,3 +170,32 @@ def test_a_summary_record_gives_an_earlier_training_its_rpn_balance():
     summary = {"summary_of": "t0", "final_losses": final, "from": "t0/metrics.jsonl"}
     rows = argparse.Namespace(all=[*mine, {"training": "t0", "id": "t0"}, summary])
     assert paper_report.rpn_balances(rows, mine) == {"lambda = 10 (w 1)": "0.20 (1 seeds)"}
+
+
+def test_table_2s_selective_search_rows_take_the_papers_difference_from_its_56_8():
+    """The paper's rows other than shared / unshared features test a detector trained on
+    Selective Search proposals (56.8 at 300 RPN proposals): their difference is from that, not
+    from the jointly trained RPN's 59.9 that is our reference row."""
+    figures = {
+        "300 proposals (shared features)": 59.9,
+        "1000 proposals": 56.3,
+        "unshared features, 300 proposals": 58.7,
+        "no NMS, 3000 proposals": 55.2,
+    }
+    mine = [
+        {**row(label, seed, 0.7 + 0.01 * seed), "paper": paper}
+        for label, paper in figures.items()
+        for seed in range(3)
+    ]
+    found = paper_report.summaries("2", mine)
+    assert found["300 proposals (shared features)"]["paper_difference"] is None  # reference
+    assert abs(found["1000 proposals"]["paper_difference"] - (56.3 - 56.8)) < 1e-9
+    assert abs(found["no NMS, 3000 proposals"]["paper_difference"] - (55.2 - 56.8)) < 1e-9
+    assert abs(found["unshared features, 300 proposals"]["paper_difference"] - (58.7 - 59.9)) < 1e-9
+    # other tables: the paper's figure for the reference row
+    nine = [{**row("lambda = 10 (w 1)", 0, 0.7), "paper": 69.9}]
+    nine.append({**row("lambda = 1 (w 0.1)", 0, 0.6), "paper": 68.9})
+    assert (
+        abs(paper_report.summaries("9", nine)["lambda = 1 (w 0.1)"]["paper_difference"] + 1.0)
+        < 1e-9
+    )
