@@ -2,7 +2,7 @@
 in the paper's setting: from a classification-pretrained backbone.
 
     python experiments/paper_tables.py --table 2|8|9|10|fig4|schemes[,...]|all
-        [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2,3,4]
+        [--config configs/shapes_tiny.py] [--steps 2000] [--seeds 0,1,2,3,4] [--row TEXT ...]
         [--start pretrained|scratch|config] [--pretrain configs/pretrain_shapes_tiny_fpn.py]
         [--pretrain-steps N] [--rows experiments/results_paper.jsonl] [--runs runs/paper_tables]
         [--backbones experiments/backbones]
@@ -20,8 +20,9 @@ test-time settings (more fields changed, weights unchanged), and carries the pap
 is serves Table 8's 3x3 anchors, Table 9's lambda = 10, Table 10's two-stage row and Figure
 4) and resumable (`runs/.../<training>/seed<k>`, `frcnn_jax.training.train_and_evaluate`);
 every finished row is a line of `--rows`, and a rerun skips finished rows, so a table can be
-completed over several sittings. A training whose weights are gone is trained again as a new
-training record, and the rows computed from it name it: an earlier row keeps its own record.
+completed over several sittings (`--row TEXT`: only the rows whose label contains it). A
+training whose weights are gone is trained again as a new training record, and the rows
+computed from it name it: an earlier row keeps its own record.
 A training that meets a non-finite loss stops there and is recorded as diverged (the step): its
 rows say so, carry no mAP and leave their seed out of the comparisons; a rerun does not train
 it again (it would diverge at the same step).
@@ -114,6 +115,11 @@ def anchor_rows(config):
         Row("3 scales, 1 ratio", (("model.rpn.aspect_ratios", (1.0,)),), paper=69.8),
         Row(f"3 scales, 3 ratios (the config's: {len(ratios)} ratios)", (), paper=69.9),
     ]
+
+
+def chosen_rows(rows, texts):
+    """`rows` whose label contains any of `texts` (all of them when `texts` is empty)."""
+    return [r for r in rows if not texts or any(text in r.label for text in texts)]
 
 
 def table_rows(table, config):
@@ -436,6 +442,12 @@ def main():
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_tiny.py"))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        help="only the rows whose label contains this text (repeatable: any of them)",
+    )
     parser.add_argument("--start", choices=STARTS, default="pretrained")
     parser.add_argument("--pretrain", default=str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"))
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
@@ -463,6 +475,15 @@ def main():
     exit_on_sigterm()
     rows = Rows(args.rows)
     base = scaled(paper_setting(config_from_file(args.config)), args.steps)
+    selected = {table: chosen_rows(table_rows(table, base), args.row) for table in tables}
+    unmatched = [
+        text
+        for text in args.row
+        if not any(chosen_rows(table_rows(t, base), [text]) for t in tables)
+    ]
+    if unmatched:
+        labels = [r.label for t in tables for r in table_rows(t, base)]
+        parser.error(f"--row {unmatched} matches no row of --table {args.table}; rows: {labels}")
     stem = pathlib.Path(args.config).stem
     setting = f"{stem}, {args.steps} steps"  # from scratch: the earlier rows' setting
     start_dir = ""  # from scratch
@@ -488,7 +509,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     mesh = sharding.data_mesh()
     for table in tables:
-        for row in table_rows(table, base):
+        for row in selected[table]:
             for seed in seeds:
                 if rows.find(table=table, row=row.label, seed=seed, setting=setting):
                     continue
@@ -533,7 +554,8 @@ def main():
                 said = "diverged" if out["map"] is None else f"mAP@0.5 {out['map']:.4f}"
                 print(f"{table} | {row.label} | seed {seed}: {said}", flush=True)
     for table in tables:
-        print(f"\n## {TITLES[table]}\n\n" + markdown(table, rows, setting))
+        if setting_rows(table, rows, setting):  # none: every row of it left out by --row
+            print(f"\n## {TITLES[table]}\n\n" + markdown(table, rows, setting))
     write_tables(rows, pathlib.Path(args.rows).with_suffix(".md"))
 
 

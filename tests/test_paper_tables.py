@@ -155,6 +155,15 @@ def test_tables_run_end_to_end_and_a_rerun_skips_finished_rows(tmp_path):
     assert len(rows.read_text().splitlines()) == len(written)  # nothing rerun
     assert not (tmp_path / "runs" / "pretrain").exists()  # nor pretrained again
     assert len({r["config_digest"] for r in results}) == 1
+    # --row: only the rows whose label contains the text (Table 8's, not trained, stay untouched)
+    only = [*command, "--table=2,8", "--row=(shared features)"]
+    one = subprocess.run(only, capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert len(rows.read_text().splitlines()) == len(written)
+    assert "## Table 2:" in one.stdout and "## Table 8:" not in one.stdout
+    none = subprocess.run([*only, "--row=no such row"], capture_output=True, text=True, env=env)
+    assert none.returncode != 0 and "--row ['no such row'] matches no row" in none.stderr
+    assert "1 scale, 1 ratio" in none.stderr  # the rows it could have named
     # the config file retuned since: its setting's rows are not continued from other values
     write_config_file(config_file, tmp_path / "tfds", LIGHT + "c.model.rpn.nms_threshold = 0.6\n")
     retuned = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
