@@ -475,14 +475,10 @@ def main():
     exit_on_sigterm()
     rows = Rows(args.rows)
     base = scaled(paper_setting(config_from_file(args.config)), args.steps)
-    selected = {table: chosen_rows(table_rows(table, base), args.row) for table in tables}
-    unmatched = [
-        text
-        for text in args.row
-        if not any(chosen_rows(table_rows(t, base), [text]) for t in tables)
-    ]
+    every = {table: table_rows(table, base) for table in tables}
+    labels = [row.label for table_of in every.values() for row in table_of]
+    unmatched = [text for text in args.row if not any(text in label for label in labels)]
     if unmatched:
-        labels = [r.label for t in tables for r in table_rows(t, base)]
         parser.error(f"--row {unmatched} matches no row of --table {args.table}; rows: {labels}")
     stem = pathlib.Path(args.config).stem
     setting = f"{stem}, {args.steps} steps"  # from scratch: the earlier rows' setting
@@ -509,7 +505,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     mesh = sharding.data_mesh()
     for table in tables:
-        for row in selected[table]:
+        for row in chosen_rows(every[table], args.row):
             for seed in seeds:
                 if rows.find(table=table, row=row.label, seed=seed, setting=setting):
                     continue
