@@ -58,16 +58,19 @@ def commit():
     return out.stdout.strip() or None
 
 
-def code_version(paths):
+def code_version(paths, at=None):
     """The last commit that changed `paths` (relative to the repository root), with "-dirty"
     while they have uncommitted changes: what a resumable experiment keys its rows by, so a
-    rerun skips only rows measured at the code it would measure now."""
+    rerun skips only rows measured at the code it would measure now. `at`: the last commit
+    that changed them up to that commit instead (the checkout's changes aside)."""
 
     def git(*args):
         return subprocess.run(
             ["git", *args, "--", *paths], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
 
+    if at is not None:
+        return git("log", "-1", "--format=%h", at)
     return git("log", "-1", "--format=%h") + ("-dirty" if git("status", "--porcelain") else "")
 
 

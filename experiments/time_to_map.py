@@ -23,21 +23,26 @@ step at 75% of the run, and AdamW (decoupled weight decay on kernels) with a cos
 after the config's linear warm-up; three learning rates each to start (`GRID`), extended by
 halving or doubling while the best rate is the lowest or highest tried (`next_rate`), so each
 side's best rate ends inside its grid. The schedules are fitted to the budget
-(`frcnn_jax.training.budget.fit_to_budget`): each side's steps/s is measured once (a few dozen
-steps of the config's optimizer after warm-up), and `num_steps` = budget x steps/s. Each run
-trains until the next mark of `--every` training minutes, evaluates, and continues; a side
-keeps training at its final rate if the machine is faster than measured.
+(`frcnn_jax.training.budget.fit_to_budget`): each side's steps/s is measured once per sitting
+(each run of the script: a few dozen steps of the config's optimizer after warm-up, before
+any training), and `num_steps` = budget x steps/s. Each run trains until the next mark of
+`--every` training minutes, evaluates, and continues; a side keeps training at its final rate
+if the machine is faster than measured. A run whose sustained steps/s is off its schedule's
+fitted speed by more than `--speed-tolerance` (the machine's speed changed under it: its
+budget ended before its schedule did) stays in the rows but does not count, and runs again in
+a later sitting.
 
 Every finished run is a row of `--rows` (JSON lines): a rerun skips the rows finished at the
-current code (`CODE`'s last commit) and config values (`SEARCHED` aside: the search sets those on
-every row, so retuning the config's optimizer after the search keeps its rows), so the search can
-be spread over several sittings, and a killed run loses only its own row. The two sides take
+current code (`CODE`'s last commit, or one of `SAME_RUNS_AS`) and config values (`SEARCHED`
+aside: the search sets those on every row, so retuning the config's optimizer after the search
+keeps its rows), so the search can be spread over several sittings, and a killed run loses only
+its own row. The two sides take
 turns, one run at a time, so that drifts in the machine's speed fall on both. `--race` then
 measures both sides' speed again (corrected by the ratio of the speed each side sustained in its
 search runs with the recipe's optimizer to the speed measured for them) and reruns each side's
-best recipe over `--race-seeds` (initialisation and data order), the sides alternating, so the
-final comparison is measured in one sitting: mean and standard deviation of the mAP at each
-mark, and the steps/s each side sustained. `--same-init` trains frcnn_jax's best recipe on both
+best recipe over `--race-seeds` (initialisation and data order), the sides alternating, so a
+seed's two runs share a sitting: mean and standard deviation of the mAP at each mark, and the
+steps/s each side sustained. `--same-init` trains frcnn_jax's best recipe on both
 sides from the same initial weights (the plain twin's, converted with `frcnn_jax.weights`) for
 the same number of steps on the same batches, evaluated at the same steps: per-step learning
 compared alone. `--stop-by HH:MM` starts no run that could not end by then. The tables are
@@ -70,7 +75,14 @@ from frcnn_jax.training.budget import fit_to_budget, time_steps  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIDES = ("frcnn_jax", "torchvision")
-CODE = ("frcnn_jax", "setup.cfg", "requirements.txt", "experiments/time_to_map.py")
+LIBRARY = ("frcnn_jax", "setup.cfg", "requirements.txt")
+CODE = (*LIBRARY, "experiments/time_to_map.py")
+# commits (CODE's last) whose rows still count while LIBRARY is what it was there: this script
+# changed after them only in when schedules are fitted and which rows count, not in what a run
+# computes (the twins, the loaders, the training loop and the evaluation are theirs)
+SAME_RUNS_AS = ("af0ff88",)
+# this run of the script: a sitting, whose machine speed its schedules are fitted to
+SITTING = datetime.datetime.now().isoformat(timespec="seconds")
 # the config fields each run of the search sets itself (`recipe_config`)
 SEARCHED = ("train.optimizer", "train.lr_schedule", "train.learning_rate")
 SCHEDULE = {"sgd": "step", "adamw": "cosine"}
@@ -430,7 +442,7 @@ def next_rate(rows, side, optimizer, limit=6):
     the best, `limit` rates at most."""
     tried = {
         r["learning_rate"]: r["marks"][-1]["map"]
-        for r in rows.mine("search")
+        for r in rows.counted("search")
         if r["side"] == side and r["optimizer"] == optimizer
     }
     for rate in GRID[optimizer]:
@@ -448,24 +460,62 @@ def next_rate(rows, side, optimizer, limit=6):
 
 class Rows(result_rows.Rows):
     """The finished rows of one setting (config, twin, budget, evaluation images) measured at
-    one version of the code (`CODE`'s last commit) and of `config`'s values but `SEARCHED`: a
-    rerun at changed code or values starts afresh."""
+    one version of the code (`CODE`'s last commit, or one of `SAME_RUNS_AS` while the library
+    is unchanged since) and of `config`'s values but `SEARCHED`: a rerun at changed code or
+    values starts afresh. `tolerance`: see `on_schedule`."""
 
-    def __init__(self, path, setting, config):
+    def __init__(self, path, setting, config, tolerance):
         super().__init__(path)
-        self.setting = setting
+        self.setting, self.tolerance = setting, tolerance
         digest = result_rows.config_digest(config, ignore=SEARCHED)
         self.code = f"{result_rows.code_version(CODE)} config {digest}"
+        library = result_rows.code_version(LIBRARY)
+        self.codes = {self.code} | {
+            f"{earlier} config {digest}"
+            for earlier in SAME_RUNS_AS
+            if result_rows.code_version(LIBRARY, at=earlier) == library
+        }
 
     def mine(self, kind):
-        return super().find(kind=kind, setting=self.setting, code=self.code)
+        return [
+            r for r in super().find(kind=kind, setting=self.setting) if r.get("code") in self.codes
+        ]
 
     def find(self, kind, **match):
-        found = super().find(kind=kind, setting=self.setting, code=self.code, **match)
+        found = [r for r in self.mine(kind) if all(r.get(k) == v for k, v in match.items())]
         return found[0] if found else None
 
     def add(self, kind, **fields):
         return super().add({"kind": kind, "setting": self.setting, "code": self.code, **fields})
+
+    def fitted_speed(self, row):
+        """The steps/s `row`'s schedule was fitted to (None if unknown): the row's own record,
+        or, for rows from before the fits were per sitting, its code's one fit."""
+        if "fit_steps_per_second" in row:
+            return row["fit_steps_per_second"]
+        kind = "race-fit" if row["kind"] == "race" else "fit"
+        fit = next(
+            (
+                r
+                for r in self.mine(kind)
+                if r["side"] == row["side"] and r["code"] == row["code"] and "sitting" not in r
+            ),
+            None,
+        )
+        return fit and fit["steps_per_second"]
+
+    def on_schedule(self, row):
+        """Whether `row` ran at the speed its schedule was fitted to, within `tolerance` (a
+        fraction): a run on a machine that turned slower (another sitting, a busy neighbour)
+        ends its budget before its schedule does, and does not count (runs by steps always
+        do)."""
+        speed = self.fitted_speed(row)
+        if row["kind"] not in ("search", "race") or not speed:
+            return True
+        return abs(row["steps_per_second"] / speed - 1) <= self.tolerance
+
+    def counted(self, kind):
+        return [r for r in self.mine(kind) if self.on_schedule(r)]
 
 
 class StopBy(Exception):
@@ -473,16 +523,15 @@ class StopBy(Exception):
 
 
 def sustained_ratio(rows, side, optimizer):
-    """Median, over `side`'s search rows with `optimizer`, of the steps/s a run sustained over
-    its budget to the steps/s measured for the search's schedules (the config's optimizer, a
-    few dozen steps); 1.0 before any such row of 2+ steps."""
-    fitted = rows.find("fit", side=side)
+    """Median, over `side`'s counted search rows with `optimizer`, of the steps/s a run
+    sustained over its budget to the steps/s measured for its schedule (the config's
+    optimizer, a few dozen steps); 1.0 before any such row of 2+ steps."""
     ratios = [
-        r["steps_per_second"] / fitted["steps_per_second"]
-        for r in rows.mine("search")
+        r["steps_per_second"] / rows.fitted_speed(r)
+        for r in rows.counted("search")
         if r["side"] == side
         and r["optimizer"] == optimizer
-        and fitted
+        and rows.fitted_speed(r)
         and r["steps_per_second"] > 0
     ]
     return float(np.median(ratios)) if ratios else 1.0
@@ -579,7 +628,7 @@ def same_init_table(rows):
 
 
 def tables(rows_file, command, twin):
-    search, race = rows_file.mine("search"), rows_file.mine("race")
+    search, race = rows_file.counted("search"), rows_file.counted("race")
     lines = [f"# Time to accuracy: {rows_file.setting}", ""]
     lines += result_rows.provenance(command)
     lines += [f"The torchvision twin: {TWINS[twin]} (`torch_twin` in the script).", ""]
@@ -587,9 +636,10 @@ def tables(rows_file, command, twin):
         fits = rows_file.mine(kind)
         if fits:
             lines.append(
-                f"{name}: "
+                f"{name}, each sitting's: "
                 + "; ".join(
-                    f"{r['side']} {r['steps_per_second']:.3f} steps/s"
+                    f"{r.get('sitting', r['finished'])[:16]} {r['side']} "
+                    f"{r['steps_per_second']:.3f} steps/s"
                     + (
                         f" ({r['measured_steps_per_second']:.3f} measured x "
                         f"{r['sustained_ratio']:.3f} sustained in the search)"
@@ -602,24 +652,38 @@ def tables(rows_file, command, twin):
                 + "."
             )
     lines += ["", "## Search (one row per run; mAP@0.5 at each mark, steps in brackets)", ""]
-    marks = [m["minutes"] for m in (search or race or [{"marks": []}])[0]["marks"]]
+    every = rows_file.mine("search")
+    marks = [m["minutes"] for m in (every or race or [{"marks": []}])[0]["marks"]]
     head = "| side | recipe | " + " | ".join(f"{m:g} min" for m in marks)
-    lines += [head + " | steps/s | load | commit | finished |", "|---" * (len(marks) + 6) + "|"]
-    for row in sorted(search, key=lambda r: (r["side"], r["optimizer"], r["learning_rate"])):
+    lines += [
+        head + " | steps/s (of fitted) | load | commit | finished |",
+        "|---" * (len(marks) + 6) + "|",
+    ]
+    for row in sorted(every, key=lambda r: (r["side"], r["optimizer"], r["learning_rate"])):
         cells = [f"{m['map']:.3f} ({m['steps']})" for m in row["marks"]]
+        fitted = rows_file.fitted_speed(row)
+        of = f" ({row['steps_per_second'] / fitted:.2f})" if fitted else ""
+        late = "" if rows_file.on_schedule(row) else " (not counted)"
         lines.append(
-            f"| {row['side']} | {recipe_name(row)} | "
+            f"| {row['side']} | {recipe_name(row)}{late} | "
             + " | ".join(cells)
-            + f" | {row['steps_per_second']:.2f} | {row['load_average']:.1f} "
+            + f" | {row['steps_per_second']:.2f}{of} | {row['load_average']:.1f} "
             f"| {row['commit']} | {row['finished']} |"
         )
+    if len(every) > len(search):
+        lines += [
+            "",
+            f"Not counted: a run whose steps/s was off the speed its schedule was fitted to by "
+            f"more than {rows_file.tolerance:.0%} (the machine's speed changed under it, and "
+            "its schedule did not end with its budget); the recipe runs again in a later sitting.",
+        ]
     if {r["side"] for r in race} >= set(SIDES):
         lines += ["", "## Best against best: the race (best recipes rerun back to back)", ""]
         lines += race_table(race)
     elif all(best(search, side) for side in SIDES):
         lines += ["", "## Best against best, from the search (no race yet)", ""]
         lines += race_table([best(search, side) for side in SIDES])
-    same = rows_file.mine("same-init")
+    same = rows_file.counted("same-init")
     if {r["side"] for r in same} >= set(SIDES):
         lines += ["", "## Per-step learning from the same initial weights", ""]
         lines += same_init_table(same)
@@ -699,6 +763,13 @@ def main():
     parser.add_argument(
         "--workers", type=int, default=2, help="loader worker processes (both sides' loaders)"
     )
+    parser.add_argument(
+        "--speed-tolerance",
+        type=float,
+        default=0.15,
+        help="a run whose steps/s is off its schedule's fitted speed by more than this fraction "
+        "does not count, and runs again in a later sitting",
+    )
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
     parser.add_argument(
         "--stop-by",
@@ -717,7 +788,7 @@ def main():
         f"{config.train.batch_size}), {args.minutes:g} training minutes, "
         f"{args.eval_images or 'all'} test images, {args.twin} twin"
     )
-    rows = Rows(args.rows, setting, config)
+    rows = Rows(args.rows, setting, config, args.speed_tolerance)
 
     def evaluate(detect):
         batches, info = make_batches(
@@ -734,9 +805,10 @@ def main():
         return evaluate_detections(detect, batches, info, coco=False)["voc"]["mAP"]
 
     def fit(kind, side, optimizer=None):
-        """The side's fitted schedule (`kind` "fit": the search's, measured once; "race-fit":
-        measured again right before the race, so it matches the code and machine of then)."""
-        row = rows.find(kind, side=side)
+        """The side's fitted schedule in this sitting (`kind` "fit": the search's; "race-fit":
+        the race's, corrected by the speed the search's runs sustained), measured at its first
+        use: each sitting's schedules fit the machine's speed of then."""
+        row = rows.find(kind, side=side, sitting=SITTING)
         if row is None:
             measured = measure(side, config, args.fit_steps, args.twin)
             # a few dozen steps of the config's optimizer run faster than 20 minutes of the
@@ -748,6 +820,7 @@ def main():
             row = rows.add(
                 kind,
                 side=side,
+                sitting=SITTING,
                 steps_per_second=round(speed, 3),
                 measured_steps_per_second=round(measured, 3),
                 sustained_ratio=round(ratio, 3),
@@ -758,14 +831,20 @@ def main():
                 f"for {args.minutes:g} min",
                 flush=True,
             )
+        return row
+
+    def schedule(fit_row):
         return {
-            "num_steps": row["num_steps"],
-            "lr_steps": tuple(row["lr_steps"]),
-            "warmup_steps": row["warmup_steps"],
+            "num_steps": fit_row["num_steps"],
+            "lr_steps": tuple(fit_row["lr_steps"]),
+            "warmup_steps": fit_row["warmup_steps"],
         }
 
     def run(kind, side, optimizer, lr, seed=0):
-        if rows.find(kind, side=side, optimizer=optimizer, learning_rate=lr, seed=seed):
+        recipe = {"side": side, "optimizer": optimizer, "learning_rate": lr, "seed": seed}
+        done = [r for r in rows.mine(kind) if all(r[k] == v for k, v in recipe.items())]
+        # counted, or run in this sitting already (its rerun waits for another sitting)
+        if any(rows.on_schedule(r) or r.get("sitting") == SITTING for r in done):
             return
         if args.stop_by and time.time() + row_seconds(rows, args.minutes) > args.stop_by:
             print(
@@ -776,13 +855,15 @@ def main():
             raise StopBy
         twin, by, run_marks = args.twin, "seconds", marks
         if kind == "same-init":  # frcnn_jax's schedule on both sides, marks in steps
-            fitted = fit("fit", "frcnn_jax")
+            fit_row = fit("fit", "frcnn_jax")
+            fitted = schedule(fit_row)
             twin, by = "plain", "steps"
             run_marks = [
                 round(fitted["num_steps"] * (i + 1) / len(marks)) for i in range(len(marks))
             ]
         else:
-            fitted = fit("race-fit" if kind == "race" else "fit", side)
+            fit_row = fit("race-fit" if kind == "race" else "fit", side)
+            fitted = schedule(fit_row)
         recipe = recipe_config(config, optimizer, lr, fitted)
         recipe.train.seed = seed
         if kind == "same-init" and side == "frcnn_jax":
@@ -791,7 +872,15 @@ def main():
         print(f"{kind}: {side}, {optimizer} lr {lr:g}, seed {seed}, {fitted}:", flush=True)
         measured = train_for(side, recipe, run_marks, evaluate, twin, by)
         rows.add(
-            kind, side=side, optimizer=optimizer, learning_rate=lr, seed=seed, **fitted, **measured
+            kind,
+            side=side,
+            optimizer=optimizer,
+            learning_rate=lr,
+            seed=seed,
+            sitting=SITTING,
+            fit_steps_per_second=fit_row["steps_per_second"],
+            **fitted,
+            **measured,
         )
 
     try:
@@ -814,14 +903,14 @@ def main():
             for side, optimizer, lr in todo:
                 run("search", side, optimizer, lr)
         if args.race and not args.report:
-            tops = {side: best(rows.mine("search"), side) for side in sides}
+            tops = {side: best(rows.counted("search"), side) for side in sides}
             for side in sides:  # both measured first, then the races back to back
                 fit("race-fit", side, tops[side]["optimizer"])
             for seed in (int(s) for s in args.race_seeds.split(",")):
                 for side, top in tops.items():
                     run("race", side, top["optimizer"], top["learning_rate"], seed)
         if args.same_init and not args.report:
-            top = best(rows.mine("search"), "frcnn_jax")
+            top = best(rows.counted("search"), "frcnn_jax")
             for side in sides:
                 run("same-init", side, top["optimizer"], top["learning_rate"])
     except StopBy:

@@ -154,9 +154,9 @@ def test_fit_budget_command_measures_the_loop_and_prints_overrides(data_dir, tmp
 
 def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     """experiments/time_to_map.py end to end with a tiny budget: one recipe per side, the fitted
-    schedules, the rows and tables; then the race (fitted again, the best recipes rerun) and
-    the same-initialisation comparison, which find every search row done and train none of
-    them again."""
+    schedules, the rows and tables; then, in a second sitting, the race (fitted again, the best
+    recipes rerun) and the same-initialisation comparison, which find every search row done and
+    train none of them again."""
     # torchvision's RPNHead keeps the FPN's 64 channels (the tiny overrides narrow frcnn_jax's)
     config_file = write_config_file(tmp_path / "cfg.py", data_dir, "c.model.rpn.channels = 64\n")
     rows = tmp_path / "rows.jsonl"
@@ -171,6 +171,9 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         "--workers=0",  # loaders in the process: no worker start-ups for 4-image evaluations
         "--eval-images=4",
         f"--rows={rows}",
+        # 3-second runs sustain any speed: all count (test_runs_off_their_schedule_... checks
+        # the tolerance)
+        "--speed-tolerance=100",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
@@ -207,6 +210,8 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
     assert race.returncode == 0, race.stderr[-3000:]
     added = [json.loads(line) for line in rows.read_text().splitlines()][4:]
     assert [(r["kind"], r["side"], r.get("seed")) for r in added] == [
+        ("fit", "frcnn_jax", None),  # this sitting's speed
+        ("fit", "torchvision", None),
         ("race-fit", "frcnn_jax", None),
         ("race-fit", "torchvision", None),
         ("race", "frcnn_jax", 0),
@@ -215,7 +220,8 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         ("same-init", "torchvision", 0),
     ]
     assert "search:" not in race.stdout  # the search's rows were all done
-    for fit in added[:2]:  # corrected by what the side's search run sustained
+    assert added[0]["sitting"] != written[0]["sitting"]
+    for fit in added[2:4]:  # corrected by what the side's search run sustained
         search = next(r for r in written[2:] if r["side"] == fit["side"])
         first = next(r for r in written[:2] if r["side"] == fit["side"])
         ratio = search["steps_per_second"] / first["steps_per_second"] or 1.0  # 0: one step
@@ -223,7 +229,7 @@ def test_time_to_map_runs_its_search_and_resumes(data_dir, tmp_path):
         assert abs(fit["steps_per_second"] - fit["measured_steps_per_second"] * ratio) < 2e-2
     same = added[-2:]  # the same steps on both sides: frcnn_jax's fitted schedule
     assert [m["steps"] for m in same[0]["marks"]] == [m["steps"] for m in same[1]["marks"]]
-    assert same[0]["marks"][-1]["steps"] == written[0]["num_steps"]
+    assert same[0]["marks"][-1]["steps"] == added[0]["num_steps"]  # this sitting's schedule
     table = rows.with_suffix(".md").read_text()
     assert "## Best against best: the race" in table and "+- " in table
     assert "## Per-step learning from the same initial weights" in table
@@ -244,7 +250,7 @@ def test_the_search_extends_its_grid_until_the_best_rate_is_inside(monkeypatch):
                 for lr, m in results.items()
             ]
 
-        def mine(self, kind):
+        def counted(self, kind):
             return self.rows
 
     grid = time_to_map.GRID["sgd"]
@@ -281,7 +287,7 @@ def test_time_to_map_rows_survive_a_retuned_optimizer_but_not_other_values(tmp_p
         sys.path.remove(str(ROOT / "experiments"))
 
     def key(config):
-        return time_to_map.Rows(tmp_path / "rows.jsonl", "a setting", config).code
+        return time_to_map.Rows(tmp_path / "rows.jsonl", "a setting", config, 0.15).code
 
     config = base_config()
     first = key(config)
@@ -289,3 +295,46 @@ def test_time_to_map_rows_survive_a_retuned_optimizer_but_not_other_values(tmp_p
     assert key(config) == first
     config.train.warmup_steps += 1
     assert key(config) != first
+
+
+def test_runs_off_their_schedule_do_not_count_and_run_again_in_another_sitting(
+    tmp_path, monkeypatch
+):
+    """A run that sustained a speed far from the one its schedule was fitted to (the machine
+    slowed under it) stays in the rows but counts for nothing: not in the grid's extension,
+    not the best recipe, not in the race's speed correction; rows of before the per-sitting
+    fits are judged against their code's one fit."""
+    monkeypatch.setenv("FRCNN_JAX_MALLOC", "default")  # the script's import: no re-execution
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import time_to_map
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+    path = tmp_path / "rows.jsonl"
+    rows = time_to_map.Rows(path, "a setting", base_config(), 0.15)
+
+    def search(lr, speed, final, **fields):
+        marks = [{"minutes": 20.0, "steps": 100, "map": final}]
+        return rows.add(
+            "search", side="s", optimizer="sgd", learning_rate=lr, seed=0, marks=marks,
+            steps_per_second=speed, load_average=2.0, **fields,
+        )  # fmt: skip
+
+    rows.add("fit", side="s", steps_per_second=2.0, num_steps=2400)  # a fit of before sittings
+    slow = search(0.04, 1.6, 0.9)  # 0.80 of its fit's speed: its schedule ended late
+    on = [search(0.02, 1.9, 0.5), search(0.01, 2.0, 0.3, fit_steps_per_second=2.0)]
+    fast = search(0.005, 2.0, 0.8, fit_steps_per_second=1.5)  # its own fit: 1.33x it
+    assert rows.fitted_speed(slow) == 2.0 and rows.fitted_speed(fast) == 1.5
+    assert [rows.on_schedule(r) for r in (slow, *on, fast)] == [False, True, True, False]
+    assert rows.counted("search") == on
+    # the best counted rate is the highest tried: the grid goes on past the uncounted 0.04
+    assert time_to_map.next_rate(rows, "s", "sgd") == 0.04
+    assert time_to_map.best(rows.counted("search"), "s") is on[0]
+    assert time_to_map.sustained_ratio(rows, "s", "sgd") == pytest.approx((0.95 + 1.0) / 2)
+    assert time_to_map.Rows(path, "a setting", base_config(), 0.25).counted("search") == [
+        slow,
+        *on,
+    ]  # a wider tolerance counts the slow run
+    table = time_to_map.tables(rows, "cmd", "batchnorm")
+    assert "| s | sgd+step lr 0.04 (not counted) |" in table and "| 1.60 (0.80) |" in table
