@@ -338,3 +338,36 @@ def test_runs_off_their_schedule_do_not_count_and_run_again_in_another_sitting(
     ]  # a wider tolerance counts the slow run
     table = time_to_map.tables(rows, "cmd", "batchnorm")
     assert "| s | sgd+step lr 0.04 (not counted) |" in table and "| 1.60 (0.80) |" in table
+
+
+def test_the_readme_line_waits_for_every_race_seed_and_the_same_init_comparison(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FRCNN_JAX_MALLOC", "default")  # the script's import: no re-execution
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import time_to_map
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+    rows = time_to_map.Rows(tmp_path / "rows.jsonl", "a setting", base_config(), 0.15)
+
+    def run(kind, side, seed, final):
+        return rows.add(
+            kind, side=side, optimizer="adamw", learning_rate=1e-3, seed=seed,
+            marks=[{"minutes": 20.0, "steps": 100, "map": final}], steps_per_second=2.0,
+            fit_steps_per_second=2.0, load_average=2.0, first_step_s=1.0, data_s=1.0,
+            step_s=50.0, eval_s=5.0,
+        )  # fmt: skip
+
+    for side in time_to_map.SIDES:
+        run("search", side, 0, 0.5)
+        run("race", side, 0, 0.5)
+    assert "README:" not in time_to_map.tables(rows, "cmd", "batchnorm", (0, 1))  # seed 1 left
+    for side in time_to_map.SIDES:
+        run("race", side, 1, 0.7)
+    assert "README:" not in time_to_map.tables(rows, "cmd", "batchnorm", (0, 1))  # same-init left
+    for side in time_to_map.SIDES:
+        run("same-init", side, 0, 0.4)
+    table = time_to_map.tables(rows, "cmd", "batchnorm", (0, 1))
+    assert "README: mAP@0.5 after 20 training minutes" in table and "2 seeds: 0.600" in table
