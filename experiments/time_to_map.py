@@ -81,7 +81,7 @@ CODE = (*LIBRARY, "experiments/time_to_map.py")
 # changed after them only in when schedules are fitted, which rows count and how they are
 # reported, not in what a run computes (the twins, the loaders, the training loop and the
 # evaluation are theirs)
-SAME_RUNS_AS = ("af0ff88", "eb22fd5")
+SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316")
 # this run of the script: a sitting, whose machine speed its schedules are fitted to
 SITTING = datetime.datetime.now().isoformat(timespec="seconds")
 # the config fields each run of the search sets itself (`recipe_config`)
@@ -760,7 +760,9 @@ def main():
     parser.add_argument("--fit-steps", type=int, default=40, help="steps timed to fit schedules")
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
-    parser.add_argument("--race-seeds", default="0,1,2")
+    parser.add_argument(
+        "--race-seeds", default=(0, 1, 2), type=lambda s: tuple(int(x) for x in s.split(","))
+    )
     parser.add_argument(
         "--same-init",
         action="store_true",
@@ -912,7 +914,7 @@ def main():
             tops = {side: best(rows.counted("search"), side) for side in sides}
             for side in sides:  # both measured first, then the races back to back
                 fit("race-fit", side, tops[side]["optimizer"])
-            for seed in (int(s) for s in args.race_seeds.split(",")):
+            for seed in args.race_seeds:
                 for side, top in tops.items():
                     run("race", side, top["optimizer"], top["learning_rate"], seed)
         if args.same_init and not args.report:
@@ -923,8 +925,7 @@ def main():
         pass
 
     command = "python experiments/time_to_map.py " + " ".join(a for a in os.sys.argv[1:])
-    seeds = tuple(int(s) for s in args.race_seeds.split(","))
-    text = tables(rows, command.strip(), args.twin, seeds)
+    text = tables(rows, command.strip(), args.twin, args.race_seeds)
     print("\n" + text)
     pathlib.Path(args.rows).with_suffix(".md").write_text(text)
 
