@@ -386,3 +386,41 @@ def test_stability_records_a_divergence_and_a_finished_training(tmp_path):
     assert 0 <= finished["map"] <= 1 and "diverged_at" not in finished
     table = rows.with_suffix(".md").read_text()
     assert "| 0 | none | finished |" in table and "diverged at step" in table
+
+
+@pytest.mark.slow
+def test_defaults_check_pairs_each_seed_and_counts_a_divergence_as_zero(tmp_path):
+    """experiments/defaults_check.py end to end on the tiny setting: each seed trains the config
+    as it is and changed (here: a rate that diverges); the table pairs them, a diverged run
+    counts as mAP 0, and a rerun trains nothing again."""
+    config_file = write_config_file(tmp_path / "cfg.py", tmp_path / "tfds", LIGHT)
+    rows = tmp_path / "rows.jsonl"
+    change = "train.learning_rate=1e12,train.warmup_steps=0"
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "defaults_check.py"),
+        f"--config={config_file}",
+        "--steps=4",
+        "--seeds=0,1",
+        f"--change={change}",
+        f"--rows={rows}",
+        f"--runs={tmp_path / 'runs'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(2):  # the second run finds every row done
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [(r["seed"], r["change"]) for r in records] == [
+        (0, ""),
+        (0, change),
+        (1, ""),
+        (1, change),
+    ]
+    assert all(r["steps"] == 4 and r["code"] == records[0]["code"] for r in records)
+    table = rows.with_suffix(".md").read_text()
+    for r in records[::2]:
+        cell = f"{100 * r['map']:.1f}"
+        assert f"| {r['seed']} | {cell} | diverged at step " in table
+        assert f"| {0.0 - 100 * r['map']:+.1f} |" in table
+    assert "Over 2 seeds:" in table and "too few seeds for a finding (2 of 5)" in table
