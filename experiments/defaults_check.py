@@ -58,9 +58,9 @@ def table(rows, match, change):
     result = paper_report.compare([value(c) - value(b) for _, b, c in pairs], shared=False)
     means = [statistics.mean(value(p[i]) for p in pairs) if pairs else 0.0 for i in (1, 2)]
     summary = (
-        f"Over {result['n']} seeds: {means[0]:.1f} as configured, {means[1]:.1f} changed; "
-        f"paired difference {paper_report.described(result)}, 95% t-interval: "
-        f"{verdict(result)}."
+        f"Over {result['n']} seed{'s' * (result['n'] != 1)}: {means[0]:.1f} as configured, "
+        f"{means[1]:.1f} changed; paired difference (mean [95% t-interval] (p)) "
+        f"{paper_report.described(result)}: {verdict(result)}."
     )
     return [*lines, "", summary]
 
