@@ -99,7 +99,10 @@ def main():
             config = paper_tables.with_fields(base, (*parse_change(change), ("train.seed", seed)))
             check_config(config)
             name = paper_tables.training_name(parse_change(change))
-            workdir = pathlib.Path(args.runs) / f"steps{steps}-{match['config_digest']}"
+            # the code in the name too: a rerun at other code never resumes these checkpoints
+            workdir = pathlib.Path(args.runs) / "-".join(
+                (f"steps{steps}", match["config_digest"], match["code"])
+            )
             minutes, result, diverged_at = paper_tables.train(
                 config, workdir / name / f"seed{seed}"
             )
