@@ -20,13 +20,13 @@ import sys
 import paper_report
 import paper_tables  # sets up the CPU runtime before JAX is imported
 import result_rows
+from reproduce import LIBRARY
 from result_rows import Rows
 from stability import parse_change
 
 from frcnn_jax.config import check_config, config_from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIBRARY = ("frcnn_jax", "setup.cfg", "requirements.txt")
 
 
 def value(row):
@@ -96,9 +96,10 @@ def main():
         for change in ("", args.change):  # the pair back to back: drifts fall on both
             if rows.find(**match, seed=seed, change=change):
                 continue
-            config = paper_tables.with_fields(base, (*parse_change(change), ("train.seed", seed)))
+            pairs = parse_change(change)
+            config = paper_tables.with_fields(base, (*pairs, ("train.seed", seed)))
             check_config(config)
-            name = paper_tables.training_name(parse_change(change))
+            name = paper_tables.training_name(pairs)
             # the code in the name too: a rerun at other code never resumes these checkpoints
             workdir = pathlib.Path(args.runs) / "-".join(
                 (f"steps{steps}", match["config_digest"], match["code"])
