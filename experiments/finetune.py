@@ -2,7 +2,7 @@
 
     python experiments/finetune.py [--workdir runs/finetune] [--source_steps 1500]
         [--finetune_steps 600] [--seeds 0,1,2]
-        [--backbone configs/pretrain_shapes_tiny_fpn.py]
+        [--pretrain configs/pretrain_shapes_tiny_fpn.py] [--pretrain-steps N]
 
 Target: shapes/512 (other images than the source's, objects 16-300 px) with 4 of the 8 shapes
 classes (`data.class_subset`, `model.num_classes=4`), `configs/shapes_512.py`'s recipe
@@ -11,32 +11,29 @@ Starts, each over `--seeds`:
 - "fine-tuned": from a detector trained on the source task (`configs/shapes_tiny.py`, 8
   classes, shapes/320, `--source_steps`, seed 0; `model.init_checkpoint=<its workdir>`: every
   tensor loads but the predictor's, re-initialised for 4 classes);
-- "pretrained backbone": from a classification-pretrained backbone (`--backbone`, `python -m
-  frcnn_jax.pretrain`'s weights file; its pretraining, like ImageNet's, is not counted), the
-  usual start, for the same steps;
+- "pretrained backbone": from a classification-pretrained backbone (`--pretrain`'s weights
+  file, `python -m frcnn_jax.pretrain`; the one `experiments/paper_tables.py` starts from,
+  committed in `experiments/backbones/` with its record, or pretrained here when missing; its
+  pretraining, like ImageNet's, is not counted), the usual start, for the same steps;
 - "from scratch, equal time": from random weights for as many steps as the source training
   and the fine-tuning took together (the fine-tuned runs' minutes per step, which this config
   shares): the alternative with the same training time.
-Every run is resumable (a rerun skips finished trainings, `--workdir/<start>_seed<k>`); the
-table (mean and standard deviation over the seeds, each run's minutes) goes to
-`experiments/results_finetune.md`.
+Every run is resumable, its minutes summed over the sittings that trained it (a rerun skips
+finished trainings, `--workdir/<start>_seed<k>`); the table (mean and standard deviation over
+the seeds, each run's minutes) goes to `experiments/results_finetune.md`.
 """
 
 import argparse
 import pathlib
 import statistics
-import time
 
-from frcnn_jax.runtime import configure_runtime
+import paper_tables  # sets up the CPU runtime before JAX is imported
+import result_rows
+from paper_report import repo_name
+from result_rows import Rows
 
-configure_runtime()
-
-import result_rows  # noqa: E402
-
-from frcnn_jax import pretraining, training  # noqa: E402
-from frcnn_jax.cli import exit_on_sigterm, setup_logging  # noqa: E402
-from frcnn_jax.config import check_config, config_from_file  # noqa: E402
-from frcnn_jax.pretraining.config import check_pretrain_config  # noqa: E402
+from frcnn_jax.cli import exit_on_sigterm, setup_logging
+from frcnn_jax.config import check_config, config_from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBSET = ("rectangle", "triangle", "star", "ring")
@@ -64,18 +61,23 @@ def target_config(steps, seed, init=None):
     return config
 
 
-def timed(train, config, workdir):
-    """(mAP, minutes) of `train(config, workdir)`; the minutes are recorded in the workdir the
-    first time, so a rerun that finds the training done reports them again."""
-    record = pathlib.Path(workdir) / "finetune_minutes.txt"
-    start = time.perf_counter()
-    result = train(config, workdir)
+def trained(config, workdir):
+    """(test mAP@0.5, minutes summed over the sittings that trained it) of `config` trained, or
+    resumed, in `workdir` (`paper_tables.train`: a finished training is not run again)."""
+    minutes, result, diverged_at = paper_tables.train(config, workdir)
     if result is None:
-        raise SystemExit(f"stopped while training {workdir}; rerun the same command to resume")
-    if not record.is_file():
-        record.write_text(f"{(time.perf_counter() - start) / 60:.3f}")
-    value = result["voc"]["mAP"] if "voc" in result else result["top1"]
-    return value, float(record.read_text())
+        raise SystemExit(f"{workdir}: the loss became non-finite at step {diverged_at}")
+    return result["voc"]["mAP"], minutes
+
+
+def pretrained_backbone(args):
+    """(weights file, its pretraining record: top-1, minutes) of `args.pretrain`'s backbone,
+    as `paper_tables` finds or makes it (records in `args.rows`)."""
+    rows = Rows(args.rows)
+    weights, backbone = paper_tables.pretrained_backbone(args, rows)
+    steps = paper_tables.pretraining_config(args).train.num_steps
+    records = paper_tables.pretraining_records(rows, args.pretrain, steps)
+    return weights, [r for r in records if r["backbone"] == backbone][-1]
 
 
 def mean_sd(values):
@@ -88,45 +90,52 @@ def main():
     parser.add_argument("--source_steps", type=int, default=1500)
     parser.add_argument("--finetune_steps", type=int, default=600)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--backbone", default=str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"))
+    parser.add_argument("--pretrain", default=str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py"))
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--backbones",
+        default=str(ROOT / "experiments" / "backbones"),
+        help="committed pretrained backbones (paper_tables.py's)",
+    )
+    parser.add_argument(
+        "--rows",
+        default=str(ROOT / "experiments" / "results_paper.jsonl"),
+        help="the backbones' pretraining records (top-1, minutes)",
+    )
     args = parser.parse_args()
     setup_logging()
     exit_on_sigterm()
     root = pathlib.Path(args.workdir)
+    args.runs = str(root)  # a missing backbone is pretrained in <workdir>/pretrain
     seeds = [int(s) for s in args.seeds.split(",")]
 
     source = schedule(config_from_file(ROOT / "configs" / "shapes_tiny.py"), args.source_steps)
     check_config(source)
-    source_map, source_minutes = timed(training.train_and_evaluate, source, root / "source")
-    backbone = config_from_file(args.backbone)
-    check_pretrain_config(backbone)
-    backbone_top1, backbone_minutes = timed(
-        pretraining.pretrain_and_evaluate, backbone, root / "backbone"
-    )
-    weights = root / "backbone" / pretraining.WEIGHTS_FILE
+    source_map, source_minutes = trained(source, root / "source")
+    weights, backbone = pretrained_backbone(args)
 
     runs = {}  # start -> [(seed, mAP, minutes, steps)]
     for name, init in (("fine-tuned", str(root / "source")), ("pretrained backbone", weights)):
         for seed in seeds:
             config = target_config(args.finetune_steps, seed, str(init))
             workdir = root / f"{name.replace(' ', '_')}_seed{seed}"
-            runs.setdefault(name, []).append(
-                (seed, *timed(training.train_and_evaluate, config, workdir), args.finetune_steps)
-            )
+            runs.setdefault(name, []).append((seed, *trained(config, workdir), args.finetune_steps))
     per_step = statistics.mean(m for _, _, m, _ in runs["fine-tuned"]) / args.finetune_steps
     equal_steps = round(args.finetune_steps + source_minutes / per_step)
     for seed in seeds:
         config = target_config(equal_steps, seed)
         workdir = root / f"scratch_{equal_steps}_seed{seed}"
         runs.setdefault("from scratch, equal time", []).append(
-            (seed, *timed(training.train_and_evaluate, config, workdir), equal_steps)
+            (seed, *trained(config, workdir), equal_steps)
         )
 
     body = [
         f"Source detector: `configs/shapes_tiny.py` (8 classes, shapes/320), {args.source_steps} "
         f"steps, seed 0: test mAP@0.5 {source_map:.3f} ({source_minutes:.1f} min). Backbone: "
-        f"`{pathlib.Path(args.backbone).relative_to(ROOT)}` (`python -m frcnn_jax.pretrain`), "
-        f"top-1 {backbone_top1:.3f} ({backbone_minutes:.1f} min, not counted).",
+        f"`{repo_name(args.pretrain)}`, {backbone['pretrain_steps']} steps (`python -m "
+        f"frcnn_jax.pretrain`; `{backbone['weights']}`, recorded in "
+        f"`{pathlib.Path(args.rows).name}`), top-1 {backbone['top1']:.3f} "
+        f"({backbone['minutes']:.1f} min, not counted).",
         f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), batch 4, test "
         "split (300 images); minutes are each run's training and final evaluation.",
         "",

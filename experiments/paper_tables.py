@@ -400,7 +400,13 @@ def pretrained_backbone(args, rows):
 
 
 def pretraining_records(rows, pretrain, steps):
-    return [r for r in rows.find(pretrain=pretrain, pretrain_steps=steps) if "table" not in r]
+    """The records of `pretrain`'s pretrainings of `steps` steps; a repo config matches by its
+    name in the repo (`configs/<name>`), so a checkout elsewhere finds the committed records."""
+    return [
+        r
+        for r in rows.find(pretrain_steps=steps)
+        if "table" not in r and repo_name(r.get("pretrain", "")) == repo_name(pretrain)
+    ]
 
 
 def pretraining_config(args):

@@ -148,8 +148,14 @@ FIGURES = (
         "backbone and training from scratch for the same time, CPU",
         script("finetune.py"),
         "experiments/results_finetune.md",
-        code=(*LIBRARY, "experiments/finetune.py", "configs"),
-        minutes=130,
+        code=(
+            *LIBRARY,
+            "experiments/finetune.py",
+            "experiments/paper_tables.py",
+            "experiments/backbones",
+            "configs",
+        ),
+        minutes=80,
     ),
     Figure(
         "fit_budget",

@@ -235,6 +235,16 @@ with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
     assert record["diverged_at"] == 66 and record["minutes"] >= 0, record
     assert paper_tables.training_record(rows, base, pathlib.Path(tmp) / "run") == record
     assert len(rows.all) == 1
+# a repo config's pretraining records are found from a checkout at another path
+with tempfile.TemporaryDirectory() as tmp:
+    rows = paper_tables.Rows(pathlib.Path(tmp) / "rows.jsonl")
+    for name, backbone in (("pretrain_shapes_tiny_fpn", "ours"), ("pretrain_other", "other")):
+        rows.add({"pretrain": f"/elsewhere/configs/{name}.py", "pretrain_steps": 3,
+                  "backbone": backbone})
+    here = str(ROOT / "configs" / "pretrain_shapes_tiny_fpn.py")
+    found = paper_tables.pretraining_records(rows, here, 3)
+    assert [r["backbone"] for r in found] == ["ours"], found
+    assert not paper_tables.pretraining_records(rows, here, 4)
 # the paper's lambda stays the tables' reference when a config's own box weight is retuned
 shapes = paper_tables.scaled(config_from_file(ROOT / "configs" / "shapes_tiny.py"), 100)
 tuned = paper_tables.with_fields(shapes, (("model.rpn.box_weight", 3.0),))  # any retuning
