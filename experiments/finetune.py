@@ -77,7 +77,7 @@ def pretrained_backbone(args):
     weights, backbone = paper_tables.pretrained_backbone(args, rows)
     steps = paper_tables.pretraining_config(args).train.num_steps
     records = paper_tables.pretraining_records(rows, args.pretrain, steps)
-    return weights, [r for r in records if r["backbone"] == backbone][-1]
+    return weights, [r for r in records if r.get("backbone") == backbone][-1]
 
 
 def mean_sd(values):
