@@ -18,8 +18,9 @@ Starts, each over `--seeds`:
 - "from scratch, equal time": from random weights for as many steps as the source training
   and the fine-tuning took together (the fine-tuned runs' minutes per step, which this config
   shares): the alternative with the same training time.
-Every run is resumable, its minutes summed over the sittings that trained it (a rerun skips
-finished trainings, `--workdir/<start>_seed<k>`); the table (mean and standard deviation over
+The datasets are made first, outside every run's minutes. Every run is resumable, its minutes
+summed over the sittings that trained it (a rerun skips finished trainings,
+`--workdir/<start>_seed<k>`); the table (mean and standard deviation over
 the seeds, each run's minutes) goes to `experiments/results_finetune.md`.
 """
 
@@ -34,6 +35,7 @@ from result_rows import Rows
 
 from frcnn_jax.cli import exit_on_sigterm, setup_logging
 from frcnn_jax.config import check_config, config_from_file
+from frcnn_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBSET = ("rectangle", "triangle", "star", "ring")
@@ -111,6 +113,8 @@ def main():
 
     source = schedule(config_from_file(ROOT / "configs" / "shapes_tiny.py"), args.source_steps)
     check_config(source)
+    for data in (source.data, target_config(args.finetune_steps, 0).data):
+        sources.prepare_all(data)  # made once, before any run's minutes are counted
     source_map, source_minutes = trained(source, root / "source")
     weights, backbone = pretrained_backbone(args)
 
