@@ -139,7 +139,7 @@ def main():
         f"`{repo_name(args.pretrain)}`, {backbone['pretrain_steps']} steps (`python -m "
         f"frcnn_jax.pretrain`; `{backbone['weights']}`, recorded in "
         f"`{pathlib.Path(args.rows).name}`), top-1 {backbone['top1']:.3f} "
-        f"({backbone['minutes']:.1f} min, not counted).",
+        f"({backbone['minutes'] or 'unrecorded'} min, not counted).",
         f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), batch 4, test "
         "split (300 images); minutes are each run's training and final evaluation.",
         "",
