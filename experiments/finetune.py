@@ -3,6 +3,7 @@
     python experiments/finetune.py [--workdir runs/finetune] [--source_steps 1500]
         [--finetune_steps 600] [--seeds 0,1,2]
         [--pretrain configs/pretrain_shapes_tiny_fpn.py] [--pretrain-steps N]
+        [--scratch-recipe adamw:0.001]
 
 Target: shapes/512 (other images than the source's, objects 16-300 px) with 4 of the 8 shapes
 classes (`data.class_subset`, `model.num_classes=4`), `configs/shapes_512.py`'s recipe
@@ -17,7 +18,13 @@ Starts, each over `--seeds`:
   pretraining, like ImageNet's, is not counted), the usual start, for the same steps;
 - "from scratch, equal time": from random weights for as many steps as the source training
   and the fine-tuning took together (the fine-tuned runs' minutes per step, which this config
-  shares): the alternative with the same training time.
+  shares): the alternative with the same training time, in the target's recipe (SGD with a
+  step decay, as the fine-tuning);
+- "from scratch, equal time, <recipe>": the same steps in `--scratch-recipe`, the best
+  from-scratch recipe of the time-to-accuracy search on shapes/512
+  (`experiments/results_time_to_map.md`: AdamW lr 1e-3 with a cosine to zero), its schedule
+  fitted to those steps as that search fits it (`budget.fit_schedule`): what a user training
+  from scratch in this time would pick.
 The datasets are made first, outside every run's minutes. Every run is resumable, its minutes
 summed over the sittings that trained it (a rerun skips finished trainings,
 `--workdir/<start>_seed<k>`); the table (mean and standard deviation over
@@ -30,12 +37,14 @@ import statistics
 
 import paper_tables  # sets up the CPU runtime before JAX is imported
 import result_rows
+import time_to_map
 from paper_report import repo_name
 from result_rows import Rows
 
 from frcnn_jax.cli import exit_on_sigterm, setup_logging
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.data import sources
+from frcnn_jax.training.budget import fit_schedule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBSET = ("rectangle", "triangle", "star", "ring")
@@ -61,6 +70,16 @@ def target_config(steps, seed, init=None):
     config.train.seed = seed
     check_config(config)
     return config
+
+
+def scratch_config(steps, seed, recipe):
+    """`target_config` from random weights in `recipe` ("optimizer:learning_rate", a recipe of
+    time_to_map's search) with the config's schedule fitted to `steps` as that search fits it."""
+    optimizer, learning_rate = recipe.split(":")
+    base = config_from_file(ROOT / "configs" / "shapes_512.py").train
+    return time_to_map.recipe_config(
+        target_config(steps, seed), optimizer, float(learning_rate), fit_schedule(base, steps)
+    )
 
 
 def trained(config, workdir):
@@ -104,6 +123,12 @@ def main():
         default=str(ROOT / "experiments" / "results_paper.jsonl"),
         help="the backbones' pretraining records (top-1, minutes)",
     )
+    parser.add_argument(
+        "--scratch-recipe",
+        default="adamw:0.001",
+        help="optimizer:learning_rate of the second from-scratch start (default: the best "
+        "from-scratch recipe of experiments/time_to_map.py's search on shapes/512)",
+    )
     args = parser.parse_args()
     setup_logging()
     exit_on_sigterm()
@@ -130,6 +155,13 @@ def main():
         config = target_config(equal_steps, seed)
         workdir = root / f"scratch_{equal_steps}_seed{seed}"
         runs.setdefault("from scratch, equal time", []).append(
+            (seed, *trained(config, workdir), equal_steps)
+        )
+    recipe = args.scratch_recipe
+    for seed in seeds:
+        config = scratch_config(equal_steps, seed, recipe)
+        workdir = root / f"scratch_{recipe.replace(':', '-')}_{equal_steps}_seed{seed}"
+        runs.setdefault(f"from scratch, equal time, {recipe}", []).append(
             (seed, *trained(config, workdir), equal_steps)
         )
 
