@@ -82,6 +82,11 @@ def scratch_config(steps, seed, recipe):
     )
 
 
+def recipe_label(config):
+    train = config.train
+    return f"{train.optimizer} lr {train.learning_rate:g}, {train.lr_schedule} schedule"
+
+
 def trained(config, workdir):
     """(test mAP@0.5, minutes summed over the sittings that trained it) of `config` trained, or
     resumed, in `workdir` (`paper_tables.train`: a finished training is not run again)."""
@@ -154,14 +159,14 @@ def main():
     for seed in seeds:
         config = target_config(equal_steps, seed)
         workdir = root / f"scratch_{equal_steps}_seed{seed}"
-        runs.setdefault("from scratch, equal time", []).append(
+        runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
             (seed, *trained(config, workdir), equal_steps)
         )
     recipe = args.scratch_recipe
     for seed in seeds:
         config = scratch_config(equal_steps, seed, recipe)
         workdir = root / f"scratch_{recipe.replace(':', '-')}_{equal_steps}_seed{seed}"
-        runs.setdefault(f"from scratch, equal time, {recipe}", []).append(
+        runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
             (seed, *trained(config, workdir), equal_steps)
         )
 
@@ -173,7 +178,10 @@ def main():
         f"`{pathlib.Path(args.rows).name}`), top-1 {backbone['top1']:.3f} "
         f"({backbone['minutes'] or 'unrecorded'} min, not counted).",
         f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), batch 4, test "
-        "split (300 images); minutes are each run's training and final evaluation.",
+        "split (300 images); minutes are each run's training and final evaluation. From "
+        "scratch for the same time: in the fine-tuning's recipe, and in the best from-scratch "
+        f"recipe of the time-to-accuracy search on shapes/512 (`--scratch-recipe {recipe}`, "
+        "`results_time_to_map.md`), its schedule fitted to the steps as that search fits it.",
         "",
         "| start | steps | mAP@0.5, mean +- sd over seeds | per seed (minutes) | training minutes "
         "counted |",
