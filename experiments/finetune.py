@@ -16,12 +16,12 @@ Starts, each over `--seeds`:
   file, `python -m frcnn_jax.pretrain`; the one `experiments/paper_tables.py` starts from,
   committed in `experiments/backbones/` with its record, or pretrained here when missing; its
   pretraining, like ImageNet's, is not counted), the usual start, for the same steps;
-- "from scratch, equal time": from random weights for as many steps as the source training
-  and the fine-tuning took together (the fine-tuned runs' minutes per step, which this config
-  shares): the alternative with the same training time, in the target's recipe (SGD with a
-  step decay, as the fine-tuning);
-- "from scratch, equal time, <recipe>": the same steps in `--scratch-recipe`, the best
-  from-scratch recipe of the time-to-accuracy search on shapes/512
+- "from scratch, equal time, <recipe>": from random weights for as many steps as the source
+  training and the fine-tuning took together (the fine-tuned runs' minutes per step, which
+  this config shares): the alternative with the same training time, in the target's recipe
+  (SGD with a step decay, as the fine-tuning);
+- the same steps in `--scratch-recipe`, the best from-scratch recipe of the time-to-accuracy
+  search on shapes/512
   (`experiments/results_time_to_map.md`: AdamW lr 1e-3 with a cosine to zero), its schedule
   fitted to those steps as that search fits it (`budget.fit_schedule`): what a user training
   from scratch in this time would pick.

@@ -152,6 +152,7 @@ FIGURES = (
             *LIBRARY,
             "experiments/finetune.py",
             "experiments/paper_tables.py",
+            "experiments/time_to_map.py",
             "experiments/backbones",
             "configs",
         ),
