@@ -21,10 +21,9 @@ Starts, each over `--seeds`:
   this config shares): the alternative with the same training time, in the target's recipe
   (SGD with a step decay, as the fine-tuning);
 - the same steps in `--scratch-recipe`, the best from-scratch recipe of the time-to-accuracy
-  search on shapes/512
-  (`experiments/results_time_to_map.md`: AdamW lr 1e-3 with a cosine to zero), its schedule
-  fitted to those steps as that search fits it (`budget.fit_schedule`): what a user training
-  from scratch in this time would pick.
+  search on shapes/512 (`experiments/results_time_to_map.md`: AdamW lr 1e-3 with a cosine to
+  zero), its schedule fitted to those steps as that search fits it (`budget.fit_schedule`):
+  what a user training from scratch in this time would pick.
 The datasets are made first, outside every run's minutes. Every run is resumable, its minutes
 summed over the sittings that trained it (a rerun skips finished trainings,
 `--workdir/<start>_seed<k>`); the table (mean and standard deviation over
@@ -106,6 +105,10 @@ def pretrained_backbone(args):
     return weights, [r for r in records if r.get("backbone") == backbone][-1]
 
 
+def shown_minutes(value):
+    return "unrecorded minutes" if value is None else f"{value:.1f} min"
+
+
 def mean_sd(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -156,19 +159,20 @@ def main():
             runs.setdefault(name, []).append((seed, *trained(config, workdir), args.finetune_steps))
     per_step = statistics.mean(m for _, _, m, _ in runs["fine-tuned"]) / args.finetune_steps
     equal_steps = round(args.finetune_steps + source_minutes / per_step)
-    for seed in seeds:
-        config = target_config(equal_steps, seed)
-        workdir = root / f"scratch_{equal_steps}_seed{seed}"
-        runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
-            (seed, *trained(config, workdir), equal_steps)
-        )
     recipe = args.scratch_recipe
-    for seed in seeds:
-        config = scratch_config(equal_steps, seed, recipe)
-        workdir = root / f"scratch_{recipe.replace(':', '-')}_{equal_steps}_seed{seed}"
-        runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
-            (seed, *trained(config, workdir), equal_steps)
-        )
+    scratch = (  # (workdir prefix, config of a seed): the target's recipe, then `recipe`
+        (f"scratch_{equal_steps}", lambda seed: target_config(equal_steps, seed)),
+        (
+            f"scratch_{recipe.replace(':', '-')}_{equal_steps}",
+            lambda seed: scratch_config(equal_steps, seed, recipe),
+        ),
+    )
+    for prefix, config_of in scratch:
+        for seed in seeds:
+            config = config_of(seed)
+            runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
+                (seed, *trained(config, root / f"{prefix}_seed{seed}"), equal_steps)
+            )
 
     body = [
         f"Source detector: `configs/shapes_tiny.py` (8 classes, shapes/320), {args.source_steps} "
@@ -176,7 +180,7 @@ def main():
         f"`{repo_name(args.pretrain)}`, {backbone['pretrain_steps']} steps (`python -m "
         f"frcnn_jax.pretrain`; `{backbone['weights']}`, recorded in "
         f"`{pathlib.Path(args.rows).name}`), top-1 {backbone['top1']:.3f} "
-        f"({backbone['minutes'] or 'unrecorded'} min, not counted).",
+        f"({shown_minutes(backbone['minutes'])}, not counted).",
         f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), batch 4, test "
         "split (300 images); minutes are each run's training and final evaluation. From "
         "scratch for the same time: in the fine-tuning's recipe, and in the best from-scratch "
