@@ -1,5 +1,7 @@
-"""Does a fitted run end when its budget is spent? `python -m frcnn_jax.fit_budget`, then the
-run it fitted, for two settings, as a user runs them (separate processes).
+"""Does a budgeted run end when its budget is spent? `python -m frcnn_jax.fit_budget`, then the
+run it fitted (its printed flags: the fitted steps and `train.budget_minutes`, so the run
+re-fits its steps to the speed it sustains), for two settings, as a user runs them (separate
+processes).
 
     python experiments/fit_check.py [--minutes 10] [--settings shapes_tiny,voc_folder]
         [--rows experiments/results_fit_budget.jsonl]
@@ -7,10 +9,11 @@ run it fitted, for two settings, as a user runs them (separate processes).
 Settings: `shapes_tiny` (configs/shapes_tiny.py, the offline shapes set), and `voc_folder`
 (the same model on a VOC-layout folder of 500x375 JPEGs written for this run, which neither the
 fit nor the run has seen before: TFDS prepares it first). Each row: what fit_budget measured
-and predicted, and the training loop's wall time of the fitted run (`train/loop_s` in its
-metrics.jsonl: compilation, steps, loader, logging and checkpoint saves; the final evaluation
-is not training). A rerun skips rows measured at the current code (`CODE`'s last commit); the
-table is written next to the rows (.md).
+and predicted, the steps the run took, and the training loop's wall time of the run
+(`train/loop_s` in its metrics.jsonl: compilation, steps, loader, logging and checkpoint saves;
+the final evaluation is not training). Rows of code before `train.budget_minutes` ran exactly
+the fitted steps ("re-fit: no"). A rerun skips rows measured at the current code (`CODE`'s
+last commit); the table is written next to the rows (.md).
 """
 
 import argparse
@@ -87,8 +90,9 @@ def check(setting, minutes, probe_minutes, scratch):
         LOGS / f"{setting}_train.log",
     )
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    loop_s = next(r["train/loop_s"] for r in records if "train/loop_s" in r)
+    loop_s, steps_run = next((r["train/loop_s"], r["step"]) for r in records if "train/loop_s" in r)
     num_steps = int(flags[0].split("=")[1])
+    refit = any(flag.startswith("--config.train.budget_minutes=") for flag in flags)
     progress = [r for r in records if "train/steps_per_s" in r]
     return {
         "setting": setting,
@@ -101,8 +105,10 @@ def check(setting, minutes, probe_minutes, scratch):
         "fit_predicted_minutes": predicted,
         "num_steps": num_steps,
         "flags": flags,
+        "refit": refit,
+        "steps_run": steps_run,
         "loop_minutes": round(loop_s / 60, 3),
-        "sustained_steps_per_second": round(num_steps / loop_s, 3),
+        "sustained_steps_per_second": round(steps_run / loop_s, 3),
         "first_log": [progress[0]["step"], round(progress[0]["train/elapsed_s"], 1)],
         "steps_per_second_after_first_log": round(
             (progress[-1]["step"] - progress[0]["step"])
@@ -115,17 +121,22 @@ def check(setting, minutes, probe_minutes, scratch):
 
 
 def table(rows, command):
-    lines = ["# Schedules fitted to a time budget: where the fitted run ends", ""]
+    lines = ["# Runs with a time budget: where they end", ""]
     lines += result_rows.provenance(command)
     lines += [
+        "Re-fit: whether the run re-fitted its steps to its speed (`train.budget_minutes`; "
+        "code before it ran exactly the fitted steps).",
+        "",
         "| setting | budget min | fit: steps/s sustained | fitted steps | predicted end min "
-        "| the run's loop min | off by | commit | finished |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| re-fit | steps run | the run's loop min | off by | commit | finished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        refit = r.get("refit", False)
         lines.append(
             f"| {r['setting']} | {r['budget_minutes']:g} | {r['fit_steps_per_second']:.3f} | "
-            f"{r['num_steps']} | {r['fit_predicted_minutes']:.2f} | {r['loop_minutes']:.2f} | "
+            f"{r['num_steps']} | {r['fit_predicted_minutes']:.2f} | {'yes' if refit else 'no'} "
+            f"| {r.get('steps_run', r['num_steps'])} | {r['loop_minutes']:.2f} | "
             f"{100 * r['off_by']:+.1f}% | {r['commit']} | {r['finished']} |"
         )
     latest = {r["setting"]: r for r in rows}  # each setting's last row
@@ -137,7 +148,7 @@ def table(rows, command):
         budgets = sorted({r["budget_minutes"] for r in latest.values()})
         lines += [
             "",
-            f"README: fitted to {' / '.join(f'{b:g}' for b in budgets)} minutes, the runs' "
+            f"README: a budget of {' / '.join(f'{b:g}' for b in budgets)} minutes, the runs' "
             f"training loops took {ends}",
         ]
     return "\n".join(lines) + "\n"

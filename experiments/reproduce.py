@@ -160,7 +160,8 @@ FIGURES = (
     ),
     Figure(
         "fit_budget",
-        "a schedule fitted to a time budget (`python -m frcnn_jax.fit_budget`), then the run, CPU",
+        "a run with a time budget (`--config.train.budget_minutes`, its schedule first fitted "
+        "by `python -m frcnn_jax.fit_budget`), CPU",
         script("fit_check.py", "--minutes", "10"),
         "experiments/results_fit_budget.md",
         code=(*LIBRARY, "experiments/fit_check.py", "experiments/bench_input.py", "configs"),

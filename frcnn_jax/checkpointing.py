@@ -42,7 +42,7 @@ class DiskFull(UserError, OSError):
 
 
 class TensorMismatch(UserError, ValueError):
-    """A checkpoint's tensors do not fit the model it is restored into."""
+    """A checkpoint's tensors do not fit the model (or the optimizer) it is restored into."""
 
 
 class Checkpoints:
@@ -126,15 +126,48 @@ class Checkpoints:
         self._check_step(step)
         self.verify(step)
         self.check_tensors(step, abstract_state)
-        restored = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                loader=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    loader=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # verified intact: the state it is restored into differs
+            raise self._mismatch(step, abstract_state, e) from e
         return restored.state, restored.loader, restored.meta
+
+    def _mismatch(self, step, abstract_state, error):
+        """`TensorMismatch` for an intact checkpoint whose training state does not restore into
+        `abstract_state` (the model's tensors fit, so the optimizer's state differs)."""
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(int(step)) / "state")
+        saved = getattr(saved, "item_metadata", saved)
+        ours = getattr(abstract_state, "opt_state", None)
+        theirs = saved.get("opt_state") if hasattr(saved, "get") else None
+        counts = ""
+        if ours is not None and theirs is not None:
+            counts = (
+                f" (its optimizer state holds {len(jax.tree.leaves(theirs))} arrays, this "
+                f"config's {len(jax.tree.leaves(ours))})"
+            )
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return TensorMismatch(
+            f"checkpoint step {step} in {self.directory} is intact but does not fit this "
+            f"config's training state{counts}: was config.train.optimizer changed, or "
+            "budget_minutes switched on or off? A run keeps them; use the run's config or a new "
+            "--workdir "
+            f"({type(error).__name__}: {first})"
+        )
+
+    def meta(self, step):
+        """The metadata saved with checkpoint `step` (a dict)."""
+        self._check_step(step)
+        restored = self.manager.restore(
+            int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+        return dict(restored.meta or {})
 
     def restore_variables(self, step):
         """The model's variables at `step` ({"params", ...frozen collections}, what
@@ -201,7 +234,8 @@ class Checkpoints:
         """(step, state, loader_state, meta) of the newest checkpoint that restores, or None
         when there is none. A newer one that fails to restore (a truncated or missing file, say)
         is named in a warning and moved to `<workdir>/checkpoints_damaged/<step>`, kept for
-        inspection; a `TensorMismatch` (the model changed) is raised, not set aside."""
+        inspection; a `TensorMismatch` (the model or the optimizer changed: the checkpoint is
+        intact) is raised, not set aside."""
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 return (step, *self.restore(step, abstract_state))

@@ -104,6 +104,12 @@ def base_config():
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # steps between evaluations on eval.periodic_split; 0: only at the end
+    # > 0: the training loop ends after about this many minutes (compilation, steps, loading,
+    # logging, checkpoint saves, periodic evaluations): the schedule of num_steps steps is
+    # stretched or shrunk to the steps that fit, re-fitted at each progress record from the
+    # speed the run sustains (`training.budget.Budget`); `python -m frcnn_jax.fit_budget`
+    # fits num_steps itself as a first guess. 0: exactly num_steps steps.
+    c.train.budget_minutes = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"  # the final evaluation; paper: VOC 2007 test
@@ -197,6 +203,7 @@ TRAIN_RULES = {
     "checkpoint_every": fields.count(),
     "keep_checkpoints": fields.count(),
     "eval_every": fields.count(low=0),
+    "budget_minutes": fields.number(low=0),
 }
 EVAL_RULES = {
     "split": fields.text(),
@@ -243,6 +250,11 @@ def check_config(c):
     if sizes and len(sizes) != 4:
         raise ConfigError(
             f"config.train.alternating_phase_batch_sizes: need 4 positive sizes, got {sizes}"
+        )
+    if c.train.budget_minutes and c.train.scheme == "alternating":
+        raise ConfigError(
+            "config.train.budget_minutes: the alternating scheme's four phases have their own "
+            "step counts (alternating_phase_steps) and are not fitted to a budget; set 0"
         )
     if c.train.scheme == "non_approximate_joint" and c.model.head.pooler != "align":
         raise ConfigError(

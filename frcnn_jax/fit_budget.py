@@ -1,13 +1,17 @@
 """python -m frcnn_jax.fit_budget --config configs/<name>.py --minutes 20 [--config.a.b=value ...]
 
 Measures what the config's training costs on this machine and prints the `python -m
-frcnn_jax.train` overrides (number of steps, decay points) that make its schedule end when the
-budget is spent. The measurement runs the training loop itself for about `--probe_minutes`
-(the model, optimizer, loader and devices, progress logging at the config's log_every and a
-checkpoint save), so the budget is the loop's wall time: compilation, steps, waiting for data,
-logging and checkpoint saves. Building the model before it and evaluations (at the end, or
-every `train.eval_every` steps) are not in it. Training itself never reads the clock, so the
-fitted run stays deterministic and resumable.
+frcnn_jax.train` overrides (number of steps, decay points, and `train.budget_minutes`) that
+make its schedule end when the budget is spent. The measurement runs the training loop itself
+for about `--probe_minutes` (the model, optimizer, loader and devices, progress logging at the
+config's log_every and a checkpoint save), so the budget is the loop's wall time: compilation,
+steps, waiting for data, logging and checkpoint saves. Building the model before it and the
+final evaluation are not in it.
+
+The fitted steps are the run's first guess: a machine's speed drifts by more than a probe can
+foresee, so the run, with `train.budget_minutes`, re-fits its remaining steps to the speed it
+sustains (`frcnn_jax.training.budget.Budget`) and ends when the budget does. Drop that flag
+for a run of exactly the fitted steps (deterministic: it never reads the clock).
 """
 
 import tempfile
@@ -61,7 +65,7 @@ def main(argv):
     )
     every = config.train.checkpoint_every
     num_steps = speed.steps_within(60 * FLAGS.minutes, every)
-    overrides = budget.fit_schedule(config.train, num_steps)
+    overrides = {**budget.fit_schedule(config.train, num_steps), "budget_minutes": FLAGS.minutes}
     print(
         f"measured {1 / speed.step_s:.3f} steps/s sustained over {speed.probed_steps} steps of "
         f"the training loop (batch {config.train.batch_size}; first step {speed.first_s:.1f} s, "
@@ -73,11 +77,12 @@ def main(argv):
         f"{speed.seconds(num_steps, every) / 60:.2f} minutes after training starts, for "
         f"{FLAGS.minutes:g} minutes of training"
         + (
-            "; evaluations every train.eval_every steps add their own time"
+            "; evaluations every train.eval_every steps add their own time (budget_minutes "
+            "counts them)"
             if config.train.eval_every
             else ""
         )
-        + ":"
+        + " (budget_minutes: the run re-fits them to the speed it sustains):"
     )
     print(" ".join(budget.as_flags(overrides)), flush=True)
 

@@ -64,6 +64,16 @@ def hosts_agree():
     return lambda counts: np.asarray(multihost_utils.process_allgather(counts))
 
 
+def first_host_value():
+    """Several hosts: a function that gives every host the first host's value of a number
+    (a decision taken from a clock must be the same on all); one host: None."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    return lambda value: float(multihost_utils.broadcast_one_to_all(np.float32(value)))
+
+
 def gather_batch(batch):
     """A `frcnn_jax.data.loader.Batch` of every host's examples (in global batch order), with
     this host's own as its `local`."""

@@ -131,9 +131,10 @@ def test_fit_budget_command_measures_the_loop_and_prints_overrides(data_dir, tmp
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-3].startswith("measured ") and "steps/s sustained" in lines[-3]
-    assert "for 2 minutes of training:" in lines[-2]
+    assert "for 2 minutes of training (budget_minutes: the run re-fits them" in lines[-2]
     fitted = dict(flag.split("=", 1) for flag in lines[-1].split())
     num_steps = int(fitted["--config.train.num_steps"])
+    assert float(fitted["--config.train.budget_minutes"]) == 2.0
     assert lines[-2].startswith(f"{num_steps} steps with a checkpoint every")
     assert float(lines[-2].split(" end ")[1].split()[0]) <= 2.0
     assert list((tmp_path / "probe").iterdir()) == []  # the probe's checkpoints deleted

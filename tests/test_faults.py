@@ -177,6 +177,14 @@ def test_a_changed_model_is_named_and_can_be_allowed(data_dir, straight, tmp_pat
     free.model.rpn.test_post_nms_top_n = 20  # a test-time setting may change
     assert training.evaluate_checkpoint(free, straight)["voc"] is not None
 
+    # another optimizer: the checkpoint is intact and kept, the error names the likely fields
+    copy = shutil.copytree(straight, tmp_path / "adamw")
+    adamw = config(data_dir, num_steps=8, optimizer="adamw")
+    with pytest.raises(checkpointing.TensorMismatch, match=r"intact but does not fit.*optimizer"):
+        training.train_and_evaluate(adamw, copy)
+    assert checkpointing.Checkpoints(copy).all_steps()[-1] == 6
+    assert not (copy / "checkpoints_damaged").exists()
+
     config_file = write_config_file(tmp_path / "cfg.py", data_dir)
     done = subprocess.run(
         [
@@ -334,8 +342,9 @@ def test_an_evaluation_called_in_a_users_process_frees_its_shared_memory(data_di
 
 def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tmp_path):
     """Two runs with grain workers, side by side: one ends in an error (a non-finite loss,
-    after its workers started), the other by SIGTERM mid-training. Neither leaves a worker
-    process, a shared memory segment or a "leaked shared_memory" warning."""
+    after its workers started), the other by Ctrl-C mid-training (SIGINT to its whole process
+    group, workers included: they leave it to the trainer). Neither leaves a worker process, a
+    shared memory segment, a traceback or a "leaked shared_memory" warning."""
     workers = "c.data.workers = 2\n"
     exploding = workers + "c.train.learning_rate = 1e12\nc.train.warmup_steps = 0\n"
     sources.prepare_all(config(data_dir).data)  # once, before two runs would race to
@@ -358,7 +367,7 @@ def test_the_loaders_workers_and_shared_memory_are_released_at_exit(data_dir, tm
         time.sleep(0.2)
     started = descendants(stopped.pid)
     assert started, "the run has no worker processes"
-    stopped.send_signal(signal.SIGTERM)
+    os.killpg(stopped.pid, signal.SIGINT)  # as Ctrl-C in a terminal
     output, _ = stopped.communicate(timeout=300)
     assert stopped.returncode == 0 and "stopped at step" in output
     assert "leaked shared_memory" not in output and "Traceback" not in output

@@ -2,6 +2,7 @@
 rules with the same parameter groups (kernels decayed, biases at their own rate, frozen layers
 still)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,3 +162,46 @@ def test_unknown_optimizer_and_schedule_are_named():
     config.train.weight_decay_on = "biases"
     with pytest.raises(ValueError, match=r"config\.train\.weight_decay_on must be one of"):
         check_config(config)
+
+
+def test_a_budgeted_run_updates_as_a_plain_one_until_its_schedule_is_refitted():
+    """`train.budget_minutes` wraps the optimizer (`optim.Stretched`) without changing its
+    updates: the schedule is stretched only when `training.budget.Budget` re-fits it."""
+    fields = dict(learning_rate=0.05, warmup_steps=1, lr_steps=(2,), momentum=0.9)
+    grads = gradients(4)
+    plain = run_ours(train_config(**fields), 4, grads)
+    budgeted = run_ours(train_config(budget_minutes=5.0, **fields), 4, grads)
+    for k, d in plain.items():
+        for n, want in d.items():
+            np.testing.assert_allclose(budgeted[k][n], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_stretched_schedule_moves_at_its_rate_from_its_last_fit(jit):
+    """Update `count` takes the schedule at `at + rate * (count - since)`: from schedule step
+    2 at half pace, the decay at step 3 comes two updates later."""
+    train = train_config(
+        learning_rate=0.1,
+        lr_steps=(3,),
+        momentum=0.0,
+        weight_decay=0.0,
+        budget_minutes=1.0,
+    )
+    tx = optim.make_optimizer(train, TRAINABLE)
+    p = {
+        k: {n: jnp.zeros(np.shape(v), jnp.float32) for n, v in d.items()}
+        for k, d in params().items()
+    }
+    state = tx.init(p)
+    state = state._replace(
+        count=jnp.int32(2), since=jnp.int32(2), at=jnp.float32(2.0), rate=jnp.float32(0.5)
+    )
+    ones = jax.tree.map(jnp.ones_like, p)
+    update = jax.jit(tx.update) if jit else tx.update
+    rates = []
+    for _ in range(4):
+        assert float(optim.stretched_step(state)) == 2.0 + 0.5 * (int(state.count) - 2)
+        updates, state = update(ones, state, p)
+        rates.append(-float(updates["conv"]["kernel"][0, 0]))  # SGD: -lr x gradient 1
+    np.testing.assert_allclose(rates, [0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+    assert int(state.count) == 6

@@ -83,7 +83,7 @@ def run_train(config_file, workdir, *args, env=None, wait=True):
         *args,
     ]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    if not wait:
+    if not wait:  # its own process group: a test may signal the group, as Ctrl-C does
         return subprocess.Popen(
             command,
             env=full_env,
@@ -91,6 +91,7 @@ def run_train(config_file, workdir, *args, env=None, wait=True):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
     return subprocess.run(
         command, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=600

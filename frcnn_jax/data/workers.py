@@ -1,7 +1,8 @@
-"""grain's worker processes: they end with the loader's process (`exit_with_owner`), and they
-need absl's flags parsed (`grain_flags_ready`)."""
+"""grain's worker processes: they end with the loader's process (`exit_with_owner`), leave
+SIGINT / SIGTERM to it, and need absl's flags parsed (`grain_flags_ready`)."""
 
 import os
+import signal
 import threading
 import time
 
@@ -13,11 +14,13 @@ _watching = False  # this process runs the watch thread (at most one per worker 
 def exit_with_owner(owner):
     """Start (once per process) a thread that ends this worker process within a second of the
     loader's process `owner` ending, however it ended: grain's workers otherwise outlive a
-    trainer killed with SIGKILL, holding their memory."""
+    trainer killed with SIGKILL, holding their memory. The worker also ignores SIGINT and
+    SIGTERM (`leave_stop_signals_to_owner`)."""
     global _watching
     if _watching:
         return
     _watching = True
+    leave_stop_signals_to_owner()
 
     def watch():
         while alive(owner) and os.getppid() != 1:
@@ -25,6 +28,18 @@ def exit_with_owner(owner):
         os._exit(0)
 
     threading.Thread(target=watch, name="frcnn_jax-owner-watch", daemon=True).start()
+
+
+def leave_stop_signals_to_owner():
+    """Ignore SIGINT and SIGTERM in this worker process: Ctrl-C in a terminal, or `timeout`,
+    signals the whole process group, and a worker that died of it would leave the owner's
+    loader half closed (its shared memory to Python's resource tracker, a traceback per
+    worker). The owner handles the signal (a checkpoint, then the loader closes its workers);
+    a SIGKILLed owner still ends them (`exit_with_owner`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only a process's main thread sets handlers
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def watch_owner(owner):

@@ -1,9 +1,13 @@
-"""A schedule fitted to a time budget: measure what the training loop costs on this machine
-once (`probe_run`), then fix `num_steps` and the decay points as ordinary config fields.
+"""A schedule fitted to a time budget, in two parts.
 
-Training never reads the clock: the fitted numbers go into the config (and so into run.json),
-so a fitted run is as deterministic and resumable as any other. `python -m
-frcnn_jax.fit_budget` prints them as command-line overrides.
+Before the run, `python -m frcnn_jax.fit_budget` measures what the training loop costs on this
+machine (`probe_run`) and fits `num_steps` and the decay points to the budget (`fit_schedule`)
+as ordinary config fields: a first guess. A run with `train.budget_minutes` set then corrects
+it as it goes (`Budget`): a machine's speed drifts by several percent between minutes (other
+load, the loader's workers, thermal limits), more than a few minutes' probe can foresee, so the
+run re-fits its remaining steps to the speed it sustains and its schedule (`optim.Stretched`)
+ends when the budget does. Such a run reads the clock, so its number of steps depends on the
+machine; without `budget_minutes` training never reads the clock.
 """
 
 import contextlib
@@ -16,7 +20,95 @@ import statistics
 import tempfile
 import time
 
+import jax
+import numpy as np
+
+from frcnn_jax.training.optim import learning_rate_schedule, stretched_step
+
 log = logging.getLogger(__name__)
+
+
+class Budget:
+    """Fits a run's remaining steps to `train.budget_minutes` of training-loop time while it
+    runs (`training.phase.run_steps` calls it). At each progress record (every
+    `train.log_every` steps) the seconds per step the loop sustained over its last `window`
+    seconds (steps, waiting for data, logging, checkpoint saves, periodic evaluations) say how
+    many steps the rest of the budget holds, and the optimizer's schedule (`optim.Stretched`)
+    is re-fitted so that its remaining part, of `train.num_steps` schedule steps, ends there:
+    the learning rate stays continuous and only its pace changes. A sitting's first record has
+    no speed yet (compilation comes before it), so the schedule runs at its last fit until the
+    second. The loop time of earlier sittings, up to their last checkpoint, comes from the
+    checkpoint's metadata (`meta`): a resumed run fits what is left of the budget.
+
+    `clock`: seconds (monotonic); `agree`: with several hosts, a function that makes every
+    host use the first host's number (`sharding.first_host_value`), so all re-fit alike."""
+
+    def __init__(self, train, *, clock=None, agree=None):
+        self.seconds = 60.0 * float(train.budget_minutes)
+        self.length = int(train.num_steps)  # the schedule's own steps
+        self.schedule = learning_rate_schedule(train)
+        self.window = max(60.0, self.seconds / 4)
+        self.clock = clock or _now
+        self.agree = agree or (lambda value: value)
+        self.earlier = 0.0
+        self.start = None
+        self.records = []  # (step, loop seconds) of this sitting's progress records
+
+    def begin(self, meta=None):
+        """Start this sitting's clock; `meta`: the restored checkpoint's (None: a fresh run)."""
+        self.earlier = float((meta or {}).get("budget_elapsed_s", 0.0))
+        self.start = self.clock()
+        self.records = []
+
+    def elapsed(self):
+        """Loop seconds since the run began: earlier sittings' and this one's."""
+        return float(self.agree(self.earlier + self.clock() - self.start))
+
+    def end(self, state, step):
+        """The step at which `state`'s schedule ends (`step`: the state's step)."""
+        stretch = state.opt_state
+        left = self.length - float(stretched_step(stretch))
+        rate = float(jax.device_get(stretch.rate))
+        return step + (max(round(left / rate), 0) if rate > 0 and left > 0 else 0)
+
+    def refit(self, state, step):
+        """(`state` with its schedule re-fitted, the step the run now ends at; always after
+        `step`), at a progress record written after `step`."""
+        now = self.elapsed()
+        earlier = [r for r in self.records if r[1] >= now - self.window] or self.records[-1:]
+        self.records.append((step, now))
+        if not earlier:  # the sitting's first record: no speed measured yet
+            return state, max(self.end(state, step), step + 1)
+        since_step, since_s = earlier[0]
+        per_step = (now - since_s) / (step - since_step)
+        steps = max(round((self.seconds - now) / per_step), 1)
+        stretch = state.opt_state
+        at = stretched_step(stretch)
+        refit = stretch._replace(
+            since=_like(stretch.since, stretch.count),
+            at=_like(stretch.at, at),
+            rate=_like(stretch.rate, max(self.length - float(at), 0.0) / steps),
+        )
+        return state.replace(opt_state=refit), step + steps
+
+    def learning_rate(self, state):
+        """The learning rate at `state` (its next update's; what a plain run's progress
+        records show too: the schedule at the state's step)."""
+        return float(self.schedule(stretched_step(state.opt_state)))
+
+    def meta(self):
+        """For the checkpoint saved now: the loop time so far."""
+        return {"budget_elapsed_s": self.elapsed()}
+
+
+def _now():
+    return time.perf_counter()
+
+
+def _like(leaf, value):
+    """`value` as an array of `leaf`'s dtype and placement (a re-fit changes no shapes: the
+    jitted step does not recompile)."""
+    return jax.device_put(np.asarray(jax.device_get(value), leaf.dtype), leaf.sharding)
 
 
 def time_steps(step, *, steps, warmup, block=lambda x: x):
@@ -74,8 +166,9 @@ def probe_run(config, directory, *, seconds=120.0):
     from frcnn_jax.training.phase import train_phase
 
     fit_schedule(config.train, 1)  # an alternating scheme is named before anything runs
-    rough = measure_steps_per_second(config, steps=5, warmup=2)
     config = config.copy_and_resolve_references()
+    config.train.budget_minutes = 0  # the probe measures a plain run's steps
+    rough = measure_steps_per_second(config, steps=5, warmup=2)
     steps = max(int(rough * seconds), 8)
     # The run's own logging cadence (each progress record waits for the steps before it; how
     # often that happens changes the speed of fast steps), unless the probe would then hold

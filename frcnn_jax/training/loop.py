@@ -31,20 +31,29 @@ def train_and_evaluate(config, workdir, *, allow_model_change=False):
     """
     workdir = pathlib.Path(workdir)
     train = config.train
-    last_step = final_step(train)
-    final_report = workdir / "eval" / f"step_{last_step}" / "metrics.json"
     locked = jax.process_index() == 0  # one lock per run, held by its first process
     # the lock first: a run in progress saves and deletes checkpoints while they are listed
     with rundir.WorkdirLock(workdir) if locked else contextlib.nullcontext():
         checkpoints = checkpointing.Checkpoints(workdir, max_to_keep=train.keep_checkpoints)
         latest = checkpoints.latest_step()
-        if latest is not None and latest >= last_step and final_report.is_file():
-            log.info("already trained to step %d and evaluated: %s", last_step, final_report)
-            print(f"already done: {final_report}", flush=True)
-            return json.loads(final_report.read_text())
+        last_step = final_step(train)
+        if train.budget_minutes:  # the last step is known once reached: the checkpoint says
+            ended = latest is not None and checkpoints.meta(latest).get("budget_end_step")
+            last_step = latest if ended == latest else None
+        if latest is not None and last_step is not None and latest >= last_step:
+            report = final_report(workdir, last_step)
+            if report.is_file():
+                log.info("already trained to step %d and evaluated: %s", last_step, report)
+                print(f"already done: {report}", flush=True)
+                return json.loads(report.read_text())
         if _has_checkpoints(workdir):
             rundir.check_model(workdir, config, allow_change=allow_model_change)
-        return _train_and_evaluate(config, workdir, checkpoints, final_report, last_step)
+        return _train_and_evaluate(config, workdir, checkpoints)
+
+
+def final_report(workdir, step):
+    """The final evaluation's metrics of a run that ended at `step`."""
+    return pathlib.Path(workdir) / "eval" / f"step_{step}" / "metrics.json"
 
 
 def _has_checkpoints(workdir):
@@ -53,7 +62,7 @@ def _has_checkpoints(workdir):
     )
 
 
-def _train_and_evaluate(config, workdir, checkpoints, final_report, last_step):
+def _train_and_evaluate(config, workdir, checkpoints):
     train = config.train
     mesh = sharding.data_mesh()
     model = build_model(config)
@@ -83,10 +92,12 @@ def _train_and_evaluate(config, workdir, checkpoints, final_report, last_step):
         writer.close()
         return None
     variables = {"params": state.params, **state.frozen}
-    result = evaluate(config, model, variables, mesh, workdir=final_report.parent, step=last_step)
+    last_step = int(state.step)
+    report = final_report(workdir, last_step).parent
+    result = evaluate(config, model, variables, mesh, workdir=report, step=last_step)
     writer.write(last_step, flat_scalars(result), prefix="eval/")
     writer.close()
-    print_result(config, result, final_report.parent)
+    print_result(config, result, report)
     return result
 
 

@@ -3,6 +3,7 @@ checkpoints (and the loader's position), progress, optional evaluation, and a cl
 SIGTERM / Ctrl-C. Joint training is one phase; alternating training four. `run_steps` is the
 loop itself, which classification pretraining (`frcnn_jax.pretraining`) runs too."""
 
+import functools
 import logging
 import signal
 import time
@@ -13,6 +14,7 @@ import numpy as np
 from frcnn_jax import checkpointing, sharding
 from frcnn_jax.data import make_batches
 from frcnn_jax.errors import UserError
+from frcnn_jax.training.budget import Budget
 from frcnn_jax.training.evaluation import evaluate
 from frcnn_jax.training.metrics import duration, flat_scalars, log_progress
 from frcnn_jax.training.step import jit_train_step
@@ -40,7 +42,9 @@ def train_phase(
     """Run detector training steps until `num_steps` from the latest checkpoint in
     `checkpoints` (or `state`), saving periodically; returns the final state, or None when
     stopped by a signal. `lr_fn` is the phase's learning-rate schedule, for the logs;
-    `trainable` the parameters it trains (`step.train_step`; None: all)."""
+    `trainable` the parameters it trains (`step.train_step`; None: all). With
+    `train.budget_minutes` the run ends when the budget does (`budget.Budget`), `num_steps`
+    being its schedule's length."""
     train = config.train
     batches, info = make_batches(
         config.data,
@@ -75,6 +79,7 @@ def train_phase(
         name=name,
         lr_fn=lr_fn,
         periodic=periodic_evaluation if train.eval_every else None,
+        budget=Budget(train, agree=sharding.first_host_value()) if train.budget_minutes else None,
     )
 
 
@@ -91,20 +96,27 @@ def run_steps(
     name="",
     lr_fn=None,
     periodic=None,
+    budget=None,
 ):
     """The training loop every trainer shares (the detector's phases, `frcnn_jax.pretraining`):
     `state = step_fn(state, next(batches))` until step `num_steps`, from the latest checkpoint
     in `checkpoints` (parameters, optimizer and the loader's position) or `state`. Progress and
     metrics every `train.log_every` steps, a checkpoint every `train.checkpoint_every`,
     `periodic(state, step)` every `train.eval_every`; a non-finite loss stops it naming the
-    step (`NonFinite`); SIGTERM / Ctrl-C save and return None. Closes `batches`."""
+    step (`NonFinite`); SIGTERM / Ctrl-C save and return None. A `budget.Budget` moves the
+    end (`num_steps` is then the schedule's length) at each progress record. Closes
+    `batches`."""
     restored = checkpoints.restore_latest(checkpointing.abstract_like(state))
+    saved = None
     if restored is not None:
-        latest, state, loader_state, _ = restored
+        latest, state, loader_state, saved = restored
         batches.set_state(loader_state)
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
     step = int(state.step)
     pending, start, start_step = [], time.perf_counter(), step
+    if budget is not None:
+        budget.begin(saved)
+        num_steps = budget.end(state, step)
     with batches, _Stop() as stop:  # the loader's workers end with the loop
         while step < num_steps:
             state, metrics = step_fn(state, next(batches))
@@ -113,13 +125,18 @@ def run_steps(
             last = step == num_steps
             if step % train.log_every == 0 or last or stop.requested:
                 _check_finite(state, pending, checkpoints)
+                if budget is not None:
+                    lr_fn = functools.partial(_constant, budget.learning_rate(state))
                 log_progress(
                     step, num_steps, train, pending, start, start_step, writer, name, lr_fn
                 )
                 pending = []
+                if budget is not None and not (last or stop.requested):
+                    state, num_steps = budget.refit(state, step)
             if step % train.checkpoint_every == 0 or last or stop.requested:
                 _check_finite(state, pending, checkpoints)
-                checkpoints.save(step, state, batches.get_state(), meta)
+                extra = {} if budget is None else {**budget.meta(), "budget_end_step": num_steps}
+                checkpoints.save(step, state, batches.get_state(), {**meta, **extra})
             if stop.requested:
                 checkpoints.wait()
                 log.warning("stopped at step %d; rerun the same command to resume", step)
@@ -140,6 +157,11 @@ def run_steps(
             duration(seconds),
         )
     return state
+
+
+def _constant(value, step):
+    del step
+    return value
 
 
 class NonFinite(UserError, FloatingPointError):
