@@ -26,8 +26,9 @@ Starts, each over `--seeds`:
   what a user training from scratch in this time would pick.
 The datasets are made first, outside every run's minutes. Every run is resumable, its minutes
 summed over the sittings that trained it (a rerun skips finished trainings,
-`--workdir/<start>_seed<k>`); the table (mean and standard deviation over
-the seeds, each run's minutes) goes to `experiments/results_finetune.md`.
+`--workdir/code-<last commit of CODE>/<start>_seed<k>`: changed code trains anew); the table
+(mean and standard deviation over the seeds, each run's minutes) goes to
+`experiments/results_finetune.md`.
 """
 
 import argparse
@@ -45,16 +46,26 @@ from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.data import sources
 from frcnn_jax.training.budget import fit_schedule
 
+# what the figure measures (experiments/reproduce.py keys it on the same paths)
+CODE = (
+    "frcnn_jax",
+    "setup.cfg",
+    "requirements.txt",
+    "experiments/finetune.py",
+    "experiments/paper_tables.py",
+    "experiments/time_to_map.py",
+    "experiments/backbones",
+    "configs",
+)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBSET = ("rectangle", "triangle", "star", "ring")
 
 
 def schedule(config, steps):
-    """`config.train` shortened to `steps`, decay and warm-up scaled alike."""
-    scale = steps / config.train.num_steps
-    config.train.lr_steps = tuple(max(round(s * scale), 1) for s in config.train.lr_steps)
-    config.train.warmup_steps = round(config.train.warmup_steps * scale)
-    config.train.num_steps = steps
+    """`config.train` shortened to `steps` as `budget.fit_schedule` shortens a schedule (the
+    decays at the same fractions of the run, the warm-up kept), one checkpoint at its end."""
+    config.train.update(fit_schedule(config.train, steps))
     config.train.checkpoint_every = steps
     config.train.log_every = max(steps // 10, 1)
     return config
@@ -140,8 +151,10 @@ def main():
     args = parser.parse_args()
     setup_logging()
     exit_on_sigterm()
-    root = pathlib.Path(args.workdir)
-    args.runs = str(root)  # a missing backbone is pretrained in <workdir>/pretrain
+    args.runs = args.workdir  # a missing backbone is pretrained in <workdir>/pretrain
+    # each code version trains in its own folder: a rerun at the same code resumes or finds
+    # its runs done; changed code trains them again
+    root = pathlib.Path(args.workdir) / f"code-{result_rows.code_version(CODE)}"
     seeds = [int(s) for s in args.seeds.split(",")]
 
     source = schedule(config_from_file(ROOT / "configs" / "shapes_tiny.py"), args.source_steps)
