@@ -114,6 +114,27 @@ def provenance(command):
     ]
 
 
+def write_report(path, text):
+    """Write a resumable experiment's Markdown report `text` to `path` and return the path
+    written. While `text` has no `README:` line yet (its rows at the current code are not all
+    there) but the file at `path` has one (the figure measured at earlier code), the report
+    goes to `<stem>_in_progress.md` beside it instead: the README keeps the earlier figure,
+    marked stale by experiments/reproduce.py, until the rerun is complete, which replaces it
+    and removes the in-progress file."""
+    path = pathlib.Path(path)
+    progress = path.with_name(f"{path.stem}_in_progress{path.suffix}")
+
+    def complete(text):
+        return any(line.startswith("README: ") for line in text.splitlines())
+
+    if not complete(text) and path.is_file() and complete(path.read_text()):
+        progress.write_text(text)
+        return progress
+    path.write_text(text)
+    progress.unlink(missing_ok=True)
+    return path
+
+
 def write_results(path, title, body, readme):
     """Write a results file: `# title`, its provenance (the command that is running, as
     `python <script> <args>`), the `body` lines and the `README: ...` line that

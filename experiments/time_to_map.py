@@ -46,7 +46,9 @@ steps/s each side sustained. `--same-init` trains frcnn_jax's best recipe on bot
 sides from the same initial weights (the plain twin's, converted with `frcnn_jax.weights`) for
 the same number of steps on the same batches, evaluated at the same steps: per-step learning
 compared alone. `--stop-by HH:MM` starts no run that could not end by then. The tables are
-printed and written next to the rows as Markdown (`--report`: only that).
+printed and written next to the rows as Markdown (`--report`: only that); while a rerun at new
+code is incomplete and the Markdown file holds a complete figure of earlier code, they go to
+`<rows>_in_progress.md` instead (`result_rows.write_report`).
 """
 
 import argparse
@@ -927,7 +929,8 @@ def main():
     command = "python experiments/time_to_map.py " + " ".join(a for a in os.sys.argv[1:])
     text = tables(rows, command.strip(), args.twin, args.race_seeds)
     print("\n" + text)
-    pathlib.Path(args.rows).with_suffix(".md").write_text(text)
+    written = result_rows.write_report(pathlib.Path(args.rows).with_suffix(".md"), text)
+    print(f"written to {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
 
 
 if __name__ == "__main__":

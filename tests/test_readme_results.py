@@ -10,6 +10,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import reproduce  # noqa: E402
+import result_rows  # noqa: E402
 
 sys.path.remove(str(ROOT / "experiments"))
 
@@ -50,6 +51,56 @@ def test_a_figure_is_current_only_at_the_code_it_measured(tmp_path, monkeypatch)
     assert reproduce.state(figure)[0] == "stale"
     reproduce.stamp(figure)  # restamped: one Code line
     assert figure.path.read_text().count("Code: ") == 1
+
+
+def test_a_resumable_report_keeps_the_complete_figure_until_its_rerun_completes(tmp_path):
+    path, progress = tmp_path / "r.md", tmp_path / "r_in_progress.md"
+    assert result_rows.write_report(path, "# r\n\n1 of 20 runs\n") == path  # nothing before
+    assert result_rows.write_report(path, "# r\n\n2 of 20 runs\n") == path  # nor complete
+    assert result_rows.write_report(path, "# r\n\nREADME: 1.10x\n") == path
+    for done in (1, 2):  # a rerun at new code: the complete figure stays
+        assert result_rows.write_report(path, f"# r\n\n{done} of 20 runs\n") == progress
+        assert progress.read_text() == f"# r\n\n{done} of 20 runs\n"
+        assert path.read_text() == "# r\n\nREADME: 1.10x\n"
+    assert result_rows.write_report(path, "# r\n\nREADME: 1.20x\n") == path
+    assert path.read_text() == "# r\n\nREADME: 1.20x\n"
+    assert not progress.exists()
+
+
+def test_reproduce_hands_its_stop_by_to_a_resumable_figure_and_waits_for_its_readme_line(
+    tmp_path, monkeypatch
+):
+    """A resumable figure is started whatever its minutes, gets `--stop-by` itself, and is
+    stamped only once its report is complete; a figure whose minutes do not fit is not run."""
+    log, done = tmp_path / "argv.txt", tmp_path / "complete"
+    results = tmp_path / "r.md"
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "import pathlib, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'experiments')!r})\n"
+        "import result_rows\n"
+        f"pathlib.Path({str(log)!r}).open('a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        f"complete = pathlib.Path({str(done)!r}).exists()\n"
+        f"result_rows.write_report({str(results)!r}, '# r\\n' + "
+        "('README: 1.2x\\n' if complete else 'runs so far\\n'))\n"
+    )
+    long_one = reproduce.Figure(
+        "t", "a test", (sys.executable, str(fake)), str(results), minutes=10**6, resumable=True
+    )
+    never = reproduce.Figure("u", "another", ("false",), str(tmp_path / "u.md"), minutes=10**6)
+    monkeypatch.setattr(reproduce.Figure, "path", property(lambda self: pathlib.Path(self.results)))
+    monkeypatch.setattr(reproduce, "FIGURES", (long_one, never))
+    monkeypatch.setattr(reproduce, "rewrite_readme", lambda: None)
+    monkeypatch.setattr(reproduce, "readme_table", lambda: "")
+    argv = ["reproduce.py", "--stop-by", "23:59"]
+    monkeypatch.setattr(sys, "argv", argv)
+    reproduce.main()  # "u" not started ("false" would fail); "t" runs, incomplete
+    assert log.read_text() == "--stop-by 23:59\n"
+    assert reproduce.state(long_one)[0] == "no README line"
+    done.touch()
+    reproduce.main()  # complete now: stamped
+    assert reproduce.state(long_one)[0] in ("current", "stale")  # "stale" in a dirty checkout
+    assert reproduce.field(results.read_text(), "Code") is not None
 
 
 def test_the_reproduce_command_lists_every_figure():
