@@ -16,13 +16,15 @@ Starts, each over `--seeds`:
   file, `python -m frcnn_jax.pretrain`; the one `experiments/paper_tables.py` starts from,
   committed in `experiments/backbones/` with its record, or pretrained here when missing; its
   pretraining, like ImageNet's, is not counted), the usual start, for the same steps;
-- "from scratch, equal time, <recipe>": from random weights for as many steps as the source
-  training and the fine-tuning took together (the fine-tuned runs' minutes per step, which
-  this config shares): the alternative with the same training time, in the target's recipe
-  (SGD with a step decay, as the fine-tuning);
-- the same steps in `--scratch-recipe`, the best from-scratch recipe of the time-to-accuracy
-  search on shapes/512 (`experiments/results_time_to_map.md`: AdamW lr 1e-3 with a cosine to
-  zero), its schedule fitted to those steps as that search fits it (`budget.fit_schedule`):
+- "from scratch, equal time, <recipe>": from random weights for the time the source training
+  and the fine-tuning took together: a run with a time budget (`train.budget_minutes`, its
+  schedule stretched to end with the budget) of those minutes less the minutes a fine-tuned
+  run spent outside its training loop (compilation before, the final evaluation after), so
+  that the whole run takes what the fine-tuned side took; its first guess of steps from the
+  fine-tuned runs' training loop. In the target's recipe (SGD with a step decay, as the
+  fine-tuning), and in `--scratch-recipe`, the best from-scratch recipe of the
+  time-to-accuracy search on shapes/512 (`experiments/results_time_to_map.md`: AdamW lr 1e-3
+  with a cosine to zero), its schedule fitted as that search fits it (`budget.fit_schedule`):
   what a user training from scratch in this time would pick.
 The datasets are made first, outside every run's minutes. Every run is resumable, its minutes
 summed over the sittings that trained it (a rerun skips finished trainings,
@@ -41,6 +43,7 @@ import time_to_map
 from paper_report import repo_name
 from result_rows import Rows
 
+from frcnn_jax import checkpointing
 from frcnn_jax.cli import exit_on_sigterm, setup_logging
 from frcnn_jax.config import check_config, config_from_file
 from frcnn_jax.data import sources
@@ -98,12 +101,18 @@ def recipe_label(config):
 
 
 def trained(config, workdir):
-    """(test mAP@0.5, minutes summed over the sittings that trained it) of `config` trained, or
-    resumed, in `workdir` (`paper_tables.train`: a finished training is not run again)."""
+    """(test mAP@0.5, minutes summed over the sittings that trained it, the steps it trained)
+    of `config` trained, or resumed, in `workdir` (`paper_tables.train`: a finished training
+    is not run again)."""
     minutes, result, diverged_at = paper_tables.train(config, workdir)
     if result is None:
         raise SystemExit(f"{workdir}: the loss became non-finite at step {diverged_at}")
-    return result["voc"]["mAP"], minutes
+    return result["voc"]["mAP"], minutes, checkpointing.Checkpoints(workdir).latest_step()
+
+
+def loop_minutes(workdir):
+    """The minutes of `workdir`'s training loop, summed over its sittings (`train/loop_s`)."""
+    return paper_tables.training_summary(workdir)["loop_seconds"][""] / 60
 
 
 def pretrained_backbone(args):
@@ -161,7 +170,7 @@ def main():
     check_config(source)
     for data in (source.data, target_config(args.finetune_steps, 0).data):
         sources.prepare_all(data)  # made once, before any run's minutes are counted
-    source_map, source_minutes = trained(source, root / "source")
+    source_map, source_minutes, _ = trained(source, root / "source")
     weights, backbone = pretrained_backbone(args)
 
     runs = {}  # start -> [(seed, mAP, minutes, steps)]
@@ -169,22 +178,29 @@ def main():
         for seed in seeds:
             config = target_config(args.finetune_steps, seed, str(init))
             workdir = root / f"{name.replace(' ', '_')}_seed{seed}"
-            runs.setdefault(name, []).append((seed, *trained(config, workdir), args.finetune_steps))
-    per_step = statistics.mean(m for _, _, m, _ in runs["fine-tuned"]) / args.finetune_steps
-    equal_steps = round(args.finetune_steps + source_minutes / per_step)
+            runs.setdefault(name, []).append((seed, *trained(config, workdir)))
+    # the from-scratch side's time: the fine-tuned side's (source training + fine-tuning),
+    # its training loop's share a budget, the rest (compilation, final evaluation) as a
+    # fine-tuned run spent it
+    fine_tuned = [
+        (m, loop_minutes(root / f"fine-tuned_seed{s}")) for s, _, m, _ in runs["fine-tuned"]
+    ]
+    equal_minutes = source_minutes + statistics.mean(m for m, _ in fine_tuned)
+    budget = round(equal_minutes - statistics.mean(m - loop for m, loop in fine_tuned), 2)
+    per_step = statistics.mean(loop for _, loop in fine_tuned) / args.finetune_steps
+    guess = round(budget / per_step)  # the budget re-fits it to the speed the run sustains
     recipe = args.scratch_recipe
     scratch = (  # (workdir prefix, config of a seed): the target's recipe, then `recipe`
-        (f"scratch_{equal_steps}", lambda seed: target_config(equal_steps, seed)),
-        (
-            f"scratch_{recipe.replace(':', '-')}_{equal_steps}",
-            lambda seed: scratch_config(equal_steps, seed, recipe),
-        ),
+        ("scratch", lambda seed: target_config(guess, seed)),
+        (f"scratch_{recipe.replace(':', '-')}", lambda seed: scratch_config(guess, seed, recipe)),
     )
     for prefix, config_of in scratch:
         for seed in seeds:
             config = config_of(seed)
+            config.train.budget_minutes = budget
+            workdir = root / f"{prefix}_{budget:g}min_seed{seed}"
             runs.setdefault(f"from scratch, equal time, {recipe_label(config)}", []).append(
-                (seed, *trained(config, root / f"{prefix}_seed{seed}"), equal_steps)
+                (seed, *trained(config, workdir))
             )
 
     body = [
@@ -196,9 +212,11 @@ def main():
         f"({shown_minutes(backbone['minutes'])}, not counted).",
         f"Target: shapes/512 with classes {', '.join(SUBSET)} (num_classes 4), batch 4, test "
         "split (300 images); minutes are each run's training and final evaluation. From "
-        "scratch for the same time: in the fine-tuning's recipe, and in the best from-scratch "
-        f"recipe of the time-to-accuracy search on shapes/512 (`--scratch-recipe {recipe}`, "
-        "`results_time_to_map.md`), its schedule fitted to the steps as that search fits it.",
+        f"scratch for the same time ({equal_minutes:.1f} min: a {budget:g}-minute budget "
+        "for the training loop, `train.budget_minutes`, plus a fine-tuned run's minutes "
+        "outside it): in the fine-tuning's recipe, and in the best from-scratch recipe of the "
+        f"time-to-accuracy search on shapes/512 (`--scratch-recipe {recipe}`, "
+        "`results_time_to_map.md`), its schedule fitted as that search fits it.",
         "",
         "| start | steps | mAP@0.5, mean +- sd over seeds | per seed (minutes) | training minutes "
         "counted |",
@@ -210,8 +228,10 @@ def main():
         summary[name] = (mean, sd)
         minutes = statistics.mean(m for _, _, m, _ in results)
         counted = minutes + (source_minutes if name == "fine-tuned" else 0.0)
+        steps = sorted({k for _, _, _, k in results})
         body.append(
-            f"| {name} | {results[0][3]} | {mean:.3f} +- {sd:.3f} | "
+            f"| {name} | {'-'.join(str(k) for k in steps[:: max(len(steps) - 1, 1)])} | "
+            f"{mean:.3f} +- {sd:.3f} | "
             + ", ".join(f"{v:.3f} ({m:.1f})" for _, v, m, _ in results)
             + f" | {counted:.1f} |"
         )
@@ -222,7 +242,8 @@ def main():
         "Fine-tuning a trained detector on other classes, against the alternatives",
         body,
         f"mAP@0.5 over {len(seeds)} seeds, {args.finetune_steps} fine-tuning steps: {readme} "
-        f"({equal_steps} steps: the source training's and the fine-tuning's time)",
+        f"(from scratch: {equal_minutes:.1f} minutes, the source training's and the "
+        "fine-tuning's time)",
     )
 
 

@@ -348,9 +348,15 @@ def train(config, workdir):
 
 
 def trained_to_the_end(config, workdir):
-    """Whether `workdir` holds `config`'s final checkpoint."""
-    latest = checkpointing.Checkpoints(workdir).latest_step()
-    return latest is not None and latest >= training.alternating.final_step(config.train)
+    """Whether `workdir` holds `config`'s final checkpoint (with `train.budget_minutes`: the
+    one at the step its budget ended, which that checkpoint's metadata records)."""
+    checkpoints = checkpointing.Checkpoints(workdir)
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return False
+    if config.train.budget_minutes:
+        return checkpoints.meta(latest).get("budget_end_step") == latest
+    return latest >= training.alternating.final_step(config.train)
 
 
 def pretrained_backbone(args, rows):
