@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.tiny import write_config_file
+from tests.tiny import run_train, write_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "paper_tables.py"
@@ -434,3 +434,38 @@ def test_defaults_check_pairs_each_seed_and_counts_a_divergence_as_zero(tmp_path
         assert f"| {r['seed']} | {cell} | diverged at step " in table
         assert f"| {0.0 - 100 * r['map']:+.1f} |" in table
     assert "Over 2 seeds:" in table and "too few seeds for a finding (2 of 5)" in table
+
+
+def test_a_run_with_a_time_budget_is_trained_to_the_end_at_the_step_its_budget_ended(
+    data_dir, tmp_path
+):
+    """experiments/finetune.py's from-scratch runs have `train.budget_minutes`: they end when
+    the budget does, far before `num_steps` here, and a rerun must find them finished."""
+    extra = "c.train.num_steps = 100000\nc.train.budget_minutes = 0.1\nc.train.log_every = 2\n"
+    config_file = write_config_file(tmp_path / "budget.py", data_dir, extra)
+    done = run_train(config_file, tmp_path / "run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'experiments')!r})\n"
+        "import paper_tables\n"
+        "from frcnn_jax import checkpointing\n"
+        "from frcnn_jax.config import config_from_file\n"
+        f"config = config_from_file({str(config_file)!r})\n"
+        f"workdir = {str(tmp_path / 'run')!r}\n"
+        "latest = checkpointing.Checkpoints(workdir).latest_step()\n"
+        "assert 0 < latest < config.train.num_steps, latest\n"
+        "assert paper_tables.trained_to_the_end(config, workdir)\n"
+        "config.train.budget_minutes = 0\n"  # the same checkpoints, read as a plain run's
+        "assert not paper_tables.trained_to_the_end(config, workdir)\n"
+        "print('ok', latest)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
