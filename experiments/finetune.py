@@ -228,10 +228,9 @@ def main():
         summary[name] = (mean, sd)
         minutes = statistics.mean(m for _, _, m, _ in results)
         counted = minutes + (source_minutes if name == "fine-tuned" else 0.0)
-        steps = sorted({k for _, _, _, k in results})
+        low, high = min(k for *_, k in results), max(k for *_, k in results)
         body.append(
-            f"| {name} | {'-'.join(str(k) for k in steps[:: max(len(steps) - 1, 1)])} | "
-            f"{mean:.3f} +- {sd:.3f} | "
+            f"| {name} | {low if low == high else f'{low}-{high}'} | {mean:.3f} +- {sd:.3f} | "
             + ", ".join(f"{v:.3f} ({m:.1f})" for _, v, m, _ in results)
             + f" | {counted:.1f} |"
         )
