@@ -102,7 +102,7 @@ FIGURES = (
         script("bench_model.py"),
         "experiments/results_model.md",
         code=(*LIBRARY, "experiments/bench_model.py", "experiments/timing.py"),
-        minutes=45,
+        minutes=20,
     ),
     Figure(
         "predict",
@@ -162,7 +162,7 @@ FIGURES = (
             "experiments/backbones",
             "configs",
         ),
-        minutes=80,
+        minutes=110,
     ),
     Figure(
         "fit_budget",
@@ -193,22 +193,16 @@ def code_version(figure):
     return result_rows.code_version(figure.code)
 
 
-def field(text, name):
-    """The value of the file's first `<name>: ` line (None if it has none)."""
-    match = re.search(rf"^{name}: (.*)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else None
-
-
 def state(figure):
     """("missing" | "no README line" | "stale" | "current" | "gpu", the file's text)."""
     if not figure.path.is_file():
         return "missing", ""
     text = figure.path.read_text()
-    if field(text, "README") is None:
+    if not result_rows.complete(text):
         return "no README line", text
     if figure.gpu:
         return "gpu", text
-    measured = (field(text, "Code") or "").split(" ")[0]
+    measured = (result_rows.field(text, "Code") or "").split(" ")[0]
     return ("current" if measured == code_version(figure) else "stale"), text
 
 
@@ -216,7 +210,7 @@ def stamp(figure):
     """Add (or replace) the file's `Code:` line: the code version it was measured at."""
     text = figure.path.read_text()
     line = f"Code: {code_version(figure)} (the last commit of {', '.join(figure.code)})"
-    if field(text, "Code") is not None:
+    if result_rows.field(text, "Code") is not None:
         text = re.sub(r"^Code: .*$", line, text, count=1, flags=re.MULTILINE)
     else:
         text = text.rstrip("\n") + f"\n\n{line}\n"
@@ -238,9 +232,9 @@ def readme_table():
         condition, text = state(figure)
         if condition in ("missing", "no README line"):
             continue
-        result = field(text, "README")
+        result = result_rows.field(text, "README")
         if condition == "stale":
-            measured = field(text, "Code")
+            measured = result_rows.field(text, "Code")
             result += (
                 f" (measured at {measured.split(' ')[0]}; the code has changed since)"
                 if measured
@@ -313,7 +307,7 @@ def main():
         if done.returncode:
             raise SystemExit(f"{figure.name}: {figure.shown_command()} failed ({done.returncode})")
         written = figure.path.is_file() and figure.path.stat().st_mtime >= start
-        if figure.resumable and (not written or field(figure.path.read_text(), "README") is None):
+        if figure.resumable and (not written or not result_rows.complete(figure.path.read_text())):
             print(f"{figure.name}: not complete yet (--stop-by); a later sitting continues it")
             continue
         if not written:

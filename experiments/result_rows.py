@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 
@@ -114,6 +115,18 @@ def provenance(command):
     ]
 
 
+def field(text, name):
+    """The value of the results file `text`'s first `<name>: ` line (None if it has none)."""
+    match = re.search(rf"^{name}: (.*)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def complete(text):
+    """Whether the results file `text` has its `README:` line: the figure the README's results
+    table shows, written once every row it summarises has been measured."""
+    return field(text, "README") is not None
+
+
 def write_report(path, text):
     """Write a resumable experiment's Markdown report `text` to `path` and return the path
     written. While `text` has no `README:` line yet (its rows at the current code are not all
@@ -123,10 +136,6 @@ def write_report(path, text):
     and removes the in-progress file."""
     path = pathlib.Path(path)
     progress = path.with_name(f"{path.stem}_in_progress{path.suffix}")
-
-    def complete(text):
-        return any(line.startswith("README: ") for line in text.splitlines())
-
     if not complete(text) and path.is_file() and complete(path.read_text()):
         progress.write_text(text)
         return progress

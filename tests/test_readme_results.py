@@ -31,7 +31,7 @@ def test_every_results_file_in_the_table_names_its_command_commit_date_and_machi
         assert re.search(
             r"^Commit \w+(-dirty)?, \d{4}-\d\d-\d\dT\d\d:\d\d, .+ cores", text, re.MULTILINE
         ), figure.results
-        assert reproduce.field(text, "Code") is not None, figure.results  # stamped by a run
+        assert result_rows.field(text, "Code") is not None, figure.results  # stamped by a run
 
 
 def test_a_figure_is_current_only_at_the_code_it_measured(tmp_path, monkeypatch):
@@ -44,7 +44,7 @@ def test_a_figure_is_current_only_at_the_code_it_measured(tmp_path, monkeypatch)
     assert reproduce.state(figure)[0] == "stale"  # never stamped
     reproduce.stamp(figure)
     version = reproduce.code_version(figure)
-    assert reproduce.field(figure.path.read_text(), "Code").split()[0] == version
+    assert result_rows.field(figure.path.read_text(), "Code").split()[0] == version
     assert reproduce.state(figure)[0] == ("stale" if version.endswith("-dirty") else "current")
     text = figure.path.read_text().replace(version, "0000000")
     figure.path.write_text(text)  # measured at another version of setup.cfg
@@ -100,7 +100,7 @@ def test_reproduce_hands_its_stop_by_to_a_resumable_figure_and_waits_for_its_rea
     done.touch()
     reproduce.main()  # complete now: stamped
     assert reproduce.state(long_one)[0] in ("current", "stale")  # "stale" in a dirty checkout
-    assert reproduce.field(results.read_text(), "Code") is not None
+    assert result_rows.field(results.read_text(), "Code") is not None
 
 
 def test_the_reproduce_command_lists_every_figure():
