@@ -289,6 +289,8 @@ def main():
     if args.stop_by:
         hours, minutes = (int(x) for x in args.stop_by.split(":"))
         deadline = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0)
+        if deadline < datetime.datetime.now():  # past midnight: tomorrow's HH:MM
+            deadline += datetime.timedelta(days=1)
     for figure in figures if not args.readme else ():
         condition, _ = state(figure)
         if condition == "gpu" or (condition == "current" and not args.rerun):

@@ -83,7 +83,7 @@ CODE = (*LIBRARY, "experiments/time_to_map.py")
 # changed after them only in when schedules are fitted, which rows count and how they are
 # reported, not in what a run computes (the twins, the loaders, the training loop and the
 # evaluation are theirs)
-SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316")
+SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316", "509b483")
 # this run of the script: a sitting, whose machine speed its schedules are fitted to
 SITTING = datetime.datetime.now().isoformat(timespec="seconds")
 # the config fields each run of the search sets itself (`recipe_config`)
@@ -851,11 +851,12 @@ def main():
         }
 
     def run(kind, side, optimizer, lr, seed=0):
+        """Train the recipe unless it has a counted row or ran in this sitting already (its
+        rerun waits for another sitting); whether it trained."""
         recipe = {"side": side, "optimizer": optimizer, "learning_rate": lr, "seed": seed}
         done = [r for r in rows.mine(kind) if all(r[k] == v for k, v in recipe.items())]
-        # counted, or run in this sitting already (its rerun waits for another sitting)
         if any(rows.on_schedule(r) or r.get("sitting") == SITTING for r in done):
-            return
+            return False
         if args.stop_by and time.time() + row_seconds(rows, args.minutes) > args.stop_by:
             print(
                 f"{kind}: {side}, {optimizer} lr {lr:g}: not started, it could not end by "
@@ -892,6 +893,7 @@ def main():
             **fitted,
             **measured,
         )
+        return True
 
     try:
         for side in sides if not args.report else ():  # before any training: same schedules
@@ -908,10 +910,11 @@ def main():
                 for side in sides
             ]
             todo = [t for t in todo if t[2] is not None]
-            if not todo:
+            # a round that trained nothing: what is left waits for another sitting (a run
+            # here drifted off its fitted speed); the race goes on from the counted rows
+            trained = [run("search", side, optimizer, lr) for side, optimizer, lr in todo]
+            if not any(trained):
                 break
-            for side, optimizer, lr in todo:
-                run("search", side, optimizer, lr)
         if args.race and not args.report:
             tops = {side: best(rows.counted("search"), side) for side in sides}
             for side in sides:  # both measured first, then the races back to back
