@@ -83,7 +83,7 @@ CODE = (*LIBRARY, "experiments/time_to_map.py")
 # changed after them only in when schedules are fitted, which rows count and how they are
 # reported, not in what a run computes (the twins, the loaders, the training loop and the
 # evaluation are theirs)
-SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316", "509b483")
+SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316", "509b483", "acce355")
 # this run of the script: a sitting, whose machine speed its schedules are fitted to
 SITTING = datetime.datetime.now().isoformat(timespec="seconds")
 # the config fields each run of the search sets itself (`recipe_config`)
@@ -759,7 +759,12 @@ def main():
         "--recipes", help="only these, e.g. 'adamw:0.001,sgd:0.02' (default: the grid, extended)"
     )
     parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--fit-steps", type=int, default=40, help="steps timed to fit schedules")
+    parser.add_argument(
+        "--fit-steps",
+        type=int,
+        default=150,  # 40 moved by 15-20% between measurements minutes apart
+        help="steps timed to fit schedules",
+    )
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--race", action="store_true", help="rerun each side's best recipe")
     parser.add_argument(
