@@ -27,7 +27,6 @@ shows each figure's state.
 
 import argparse
 import dataclasses
-import datetime
 import pathlib
 import re
 import subprocess
@@ -285,19 +284,17 @@ def main():
         for figure in figures:
             print(f"{figure.name:14} {state(figure)[0]:15} {figure.results}")
         return
-    deadline = None
-    if args.stop_by:
-        hours, minutes = (int(x) for x in args.stop_by.split(":"))
-        deadline = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0)
-        if deadline < datetime.datetime.now():  # past midnight: tomorrow's HH:MM
-            deadline += datetime.timedelta(days=1)
+    try:
+        deadline = args.stop_by and result_rows.clock_time(args.stop_by)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     for figure in figures if not args.readme else ():
         condition, _ = state(figure)
         if condition == "gpu" or (condition == "current" and not args.rerun):
             print(f"{figure.name}: {condition}, skipped", flush=True)
             continue
         command = figure.command
-        ends = datetime.datetime.now() + datetime.timedelta(minutes=figure.minutes)
+        ends = time.time() + 60 * figure.minutes
         if deadline and figure.resumable:
             command = (*command, "--stop-by", args.stop_by)
         elif deadline and ends > deadline:

@@ -1,6 +1,7 @@
 """Rows of a resumable experiment: a JSON-lines file, one finished row per line, so a rerun can
 skip what is done and a killed run loses only the row it was working on."""
 
+import argparse
 import datetime
 import functools
 import hashlib
@@ -153,3 +154,15 @@ def write_results(path, title, body, readme):
     command = " ".join(["python", str(name), *sys.argv[1:]])
     lines = [f"# {title}", "", *provenance(command), *body, "", f"README: {readme}", ""]
     pathlib.Path(path).write_text("\n".join(lines))
+
+
+def clock_time(text):
+    """`HH:MM` today (tomorrow if already past) as a time.time() value."""
+    try:
+        hours, minutes = (int(part) for part in text.split(":"))
+        at = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0, microsecond=0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--stop-by wants HH:MM, got {text!r}") from error
+    if at < datetime.datetime.now():
+        at += datetime.timedelta(days=1)
+    return at.timestamp()

@@ -83,7 +83,7 @@ CODE = (*LIBRARY, "experiments/time_to_map.py")
 # changed after them only in when schedules are fitted, which rows count and how they are
 # reported, not in what a run computes (the twins, the loaders, the training loop and the
 # evaluation are theirs)
-SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316", "509b483", "acce355")
+SAME_RUNS_AS = ("af0ff88", "eb22fd5", "7398316", "509b483", "acce355", "5b0f575")
 # this run of the script: a sitting, whose machine speed its schedules are fitted to
 SITTING = datetime.datetime.now().isoformat(timespec="seconds")
 # the config fields each run of the search sets itself (`recipe_config`)
@@ -551,18 +551,6 @@ def row_seconds(rows, minutes):
     return max(done) + 60 if done else 1.2 * 60 * minutes
 
 
-def clock_time(text):
-    """`HH:MM` today (tomorrow if already past) as a time.time() value."""
-    try:
-        hours, minutes = (int(part) for part in text.split(":"))
-        at = datetime.datetime.now().replace(hour=hours, minute=minutes, second=0, microsecond=0)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--stop-by wants HH:MM, got {text!r}") from error
-    if at < datetime.datetime.now():
-        at += datetime.timedelta(days=1)
-    return at.timestamp()
-
-
 def best(rows, side):
     """`side`'s row with the highest mAP at the last mark (None if it has none)."""
     mine = [r for r in rows if r["side"] == side]
@@ -788,7 +776,7 @@ def main():
     parser.add_argument("--report", action="store_true", help="only the tables; train nothing")
     parser.add_argument(
         "--stop-by",
-        type=clock_time,
+        type=result_rows.clock_time,
         help="HH:MM: start no run that could not end by then (estimated from the finished rows)",
     )
     args = parser.parse_args()
